@@ -1,0 +1,1 @@
+"""Experiment configs, comparison scripts and benchmarks."""

@@ -1,0 +1,28 @@
+"""Keys every family's config shares, with their defaults."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.family = ''
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 64              # global, over all devices and processes
+  c.grad_accum_steps = 1         # micro-batches per step (the batch is split, grads averaged)
+  c.log_every = 100
+  c.eval_every = 500             # 0: only at the end
+  c.checkpoint_every = 1000      # 0: only at the end (and on SIGTERM)
+  c.keep_checkpoints = 3
+  c.sample_every = 0             # 0: samples only at the end
+  c.ema_decay = 0.0              # 0: no EMA; else EMA params are used for sampling
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ''
+  c.data.data_dir = config_dict.placeholder(str)   # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.raw_dir = config_dict.placeholder(str)    # raw files to prepare the dataset from
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='adamw', lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=1000, min_lr=1e-4,
+      b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+  return c

@@ -1,0 +1,1 @@
+"""genlab's shared train loop: `python -m train --config=... --workdir=...`."""

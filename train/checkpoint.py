@@ -1,0 +1,73 @@
+"""Orbax checkpoints of the train state plus the data position.
+
+The workdir is the resume key: `Checkpointer(workdir/checkpoints)` finds the latest finished
+checkpoint and restores it straight into the shardings of the current mesh (which may differ
+from the mesh that wrote it). Orbax writes each step to a temporary directory and renames it
+when complete, so a crash or kill mid-save never replaces the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from train.errors import UserError
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints of {'state': train state, 'meta': JSON}."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Starts saving (async: returns once arrays are copied off the devices)."""
+    if step in self._manager.all_steps():
+      return  # e.g. the final save of a run that ended on a checkpoint step
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores `step` into the shapes, dtypes and shardings of `abstract_state`.
+
+    `abstract_state` leaves are `jax.ShapeDtypeStruct`s carrying a `sharding`.
+    """
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax raises many types (ValueError, FileNotFoundError, tensorstore errors) for a
+      # damaged or incompatible checkpoint; all mean the same to the user. Nothing is deleted.
+      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      others = [s for s in self.all_steps() if s != step]
+      hint = (f'; other checkpoints: steps {others} (move the damaged one aside to use them)'
+              if others else '; move it aside to start afresh')
+      raise UserError(f'checkpoint {self.directory}/{step} cannot be restored '
+                      f'({type(e).__name__}: {first_line}){hint}') from None
+    return restored['state'], dict(restored['meta'])
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+

@@ -1,0 +1,28 @@
+"""Registry of model families: `config.family` names one of these.
+
+A family is imported only when a config asks for it, so one family's dependencies never slow
+down or break another's runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from train.errors import UserError
+
+# name -> "module:Class"
+_FAMILIES = {
+    'gpt': 'train.families.gpt:GPTFamily',
+}
+
+
+def register(name: str, target: str) -> None:
+  """Adds a family (e.g. from a test or an out-of-tree project): `target` is 'module:Class'."""
+  _FAMILIES[name] = target
+
+
+def get(name: str):
+  if name not in _FAMILIES:
+    raise UserError(f'config.family={name!r}: unknown family (known: {", ".join(sorted(_FAMILIES))})')
+  module, _, cls = _FAMILIES[name].partition(':')
+  return getattr(importlib.import_module(module), cls)
