@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from train.errors import UserError
 
@@ -22,7 +22,11 @@ def run(main: Callable[[Sequence[str]], None], *, config_overrides: bool = False
       if config_overrides:
         from train import config as config_lib  # pylint: disable=import-outside-toplevel
         argv, OVERRIDES = config_lib.split_overrides(argv)
-      return flags.FLAGS(argv)
+      argv = flags.FLAGS(argv)
+      if not flags.FLAGS['verbosity'].present:
+        # Orbax and TFDS log every file operation at INFO; the loop prints its own progress.
+        logging.set_verbosity(logging.WARNING)
+      return argv
     except UserError as e:
       _die(str(e))
     except flags.Error as e:

@@ -196,8 +196,11 @@ class Family(abc.ABC):
     """How many `unit`s one global batch holds (for throughput)."""
     return int(self.config.batch_size)
 
-  def flops_per_step(self) -> float | None:
-    """Training FLOPs of one global batch from a stated formula, or None (then XLA's count)."""
+  def flops_per_step(self, abstract_params: dict[str, Any]) -> float | None:
+    """Training FLOPs of one global batch from a stated formula, or None (then XLA's count).
+
+    `abstract_params` maps each network's name to its params' shapes.
+    """
     return None
 
   def metadata(self) -> dict[str, Any]:

@@ -253,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
   first_batch = sharding_lib.put_batch(family.train_batch(start), mesh)
   compiled = train_step.lower(state, first_batch).compile()
   compile_s = time.perf_counter() - t0
-  flops = family.flops_per_step()
+  flops = family.flops_per_step(builder.abstract['params'])
   if flops is None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
