@@ -1,0 +1,530 @@
+"""Decoder-only transformer (nanoGPT architecture) in Flax NNX, with KV-cache sampling.
+
+Architecture (as nanoGPT): token + learned position embeddings, dropout, pre-LayerNorm
+blocks (causal multi-head self-attention, 4x GELU MLP), final LayerNorm, output
+projection tied to the token embedding. Init as nanoGPT: normal(0.02) weights,
+normal(0.02 / sqrt(2 * num_layers)) for the two residual projections of each block,
+zero biases.
+
+XLA:CPU speed note: the residual stream is kept 2-D, `[batch * seq, embed_dim]`, and
+every matmul runs on 2-D operands; only attention sees 4-D `[batch, seq, heads,
+head_dim]`. On XLA:CPU dense layers on 3-D activations backpropagate ~2x slower
+(see shared/TECH.md); on TPU/GPU the reshapes are free.
+
+Mixed precision: `dtype` is the activation (and KV cache) dtype, `param_dtype` the
+parameter dtype. Logits are always float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+# A KV cache: one {'k': ..., 'v': ...} dict per layer, each [batch, block_size, heads, head_dim].
+KVCache = tuple[dict[str, jax.Array], ...]
+
+# top_p_filter counts a set of tokens as reaching mass p when it falls short of p by
+# less than this (float32 rounding of softmax and cumsum; see top_p_filter).
+_TOP_P_TOLERANCE = 1e-6
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; identity when `key` is None or `rate` is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as torch's nn.GELU().
+
+  Same function as `jax.nn.gelu(x, approximate=False)` (max grad difference 2e-7), but
+  that one is written with erfc, whose derivative costs ~2x more on XLA:CPU.
+  """
+  return 0.5 * x * (1.0 + lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, rate: float,
+                      key: jax.Array | None) -> jax.Array:
+  """Causal self-attention over a full sequence.
+
+  Spelled out with einsums rather than `jax.nn.dot_product_attention(is_causal=True)`:
+  on XLA:CPU its gradient took 1.24 ms vs 0.65 ms for this at [12, 64, 4, 32], and it
+  has no attention-probability dropout. On GPU, swap in
+  `jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')`
+  (bf16, no attention dropout) here.
+
+  Args:
+    q, k, v: `[batch, seq, heads, head_dim]`.
+    rate: dropout rate on the attention probabilities.
+    key: dropout key; None means no dropout.
+
+  Returns:
+    `[batch, seq, heads, head_dim]` in v's dtype.
+  """
+  seq, head_dim = q.shape[1], q.shape[-1]
+  # Scores and softmax in float32 also under bf16 activations.
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / math.sqrt(head_dim))
+  causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+  scores = jnp.where(causal, scores, -jnp.inf)
+  probs = _dropout(jax.nn.softmax(scores, axis=-1), rate, key).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+class CausalSelfAttention(nnx.Module):
+  """Multi-head causal self-attention with a fused qkv projection."""
+
+  def __init__(self, *, embed_dim: int, num_heads: int, num_layers: int, dropout: float,
+               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    if embed_dim % num_heads:
+      raise ValueError(f'embed_dim {embed_dim} not divisible by num_heads {num_heads}')
+    self.num_heads = num_heads
+    self.head_dim = embed_dim // num_heads
+    self.dropout = dropout
+    init = nnx.initializers.normal(0.02)
+    resid_init = nnx.initializers.normal(0.02 / math.sqrt(2 * num_layers))
+    self.qkv = nnx.Linear(embed_dim, 3 * embed_dim, kernel_init=init, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+    self.proj = nnx.Linear(embed_dim, embed_dim, kernel_init=resid_init, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+
+  def _split_heads(self, x: jax.Array, batch: int, seq: int):
+    """`[batch * seq, 3 * embed]` -> three `[batch, seq, heads, head_dim]`."""
+    qkv = self.qkv(x).reshape(batch, seq, 3, self.num_heads, self.head_dim)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+  def __call__(self, x: jax.Array, batch: int, seq: int,
+               keys: tuple[jax.Array | None, jax.Array | None] = (None, None)):
+    """Full causal pass.
+
+    Args:
+      x: `[batch * seq, embed]` (layer-normed input).
+      batch, seq: static sizes.
+      keys: dropout keys (attention probabilities, residual), None for none.
+
+    Returns:
+      (out `[batch * seq, embed]`, k, v each `[batch, seq, heads, head_dim]`).
+    """
+    q, k, v = self._split_heads(x, batch, seq)
+    y = _causal_attention(q, k, v, self.dropout, keys[0]).reshape(batch * seq, -1)
+    return _dropout(self.proj(y), self.dropout, keys[1]), k, v
+
+  def decode(self, x: jax.Array, pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
+    """One new position attending to cached positions [0, pos].
+
+    Args:
+      x: `[batch, embed]` (layer-normed input at position `pos`).
+      pos: int32 scalar, position written in the cache.
+      k_cache, v_cache: `[batch, block_size, heads, head_dim]`.
+
+    Returns:
+      (out `[batch, embed]`, k_cache, v_cache) with position `pos` written.
+    """
+    batch = x.shape[0]
+    q, k, v = self._split_heads(x, batch, 1)
+    zero = jnp.zeros((), jnp.int32)
+    k_cache = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, pos, zero, zero))
+    v_cache = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, pos, zero, zero))
+    scores = jnp.einsum('bhd,bthd->bht', q[:, 0], k_cache, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(self.head_dim)
+    # Positions past `pos` hold stale entries from earlier windows: mask them.
+    valid = jnp.arange(k_cache.shape[1]) <= pos
+    scores = jnp.where(valid, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    y = jnp.einsum('bht,bthd->bhd', probs, v_cache).reshape(batch, -1)
+    return self.proj(y), k_cache, v_cache
+
+
+class MLP(nnx.Module):
+  """4x GELU MLP on `[tokens, embed]`."""
+
+  def __init__(self, *, embed_dim: int, num_layers: int, dropout: float, dtype: Any,
+               param_dtype: Any, rngs: nnx.Rngs):
+    self.dropout = dropout
+    self.fc = nnx.Linear(embed_dim, 4 * embed_dim, kernel_init=nnx.initializers.normal(0.02),
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.proj = nnx.Linear(4 * embed_dim, embed_dim,
+                           kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * num_layers)),
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    return _dropout(self.proj(_gelu(self.fc(x))), self.dropout, key)
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm transformer block on the 2-D residual stream."""
+
+  def __init__(self, *, embed_dim: int, num_heads: int, num_layers: int, dropout: float,
+               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    ln = functools.partial(nnx.LayerNorm, embed_dim, epsilon=1e-5, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+    self.ln1 = ln()
+    self.attn = CausalSelfAttention(embed_dim=embed_dim, num_heads=num_heads,
+                                    num_layers=num_layers, dropout=dropout, dtype=dtype,
+                                    param_dtype=param_dtype, rngs=rngs)
+    self.ln2 = ln()
+    self.mlp = MLP(embed_dim=embed_dim, num_layers=num_layers, dropout=dropout, dtype=dtype,
+                   param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, batch: int, seq: int, key: jax.Array | None = None):
+    """x `[batch * seq, embed]` -> (x, k, v); k, v `[batch, seq, heads, head_dim]`."""
+    keys = (None, None, None) if key is None else tuple(jax.random.split(key, 3))
+    y, k, v = self.attn(self.ln1(x), batch, seq, keys[:2])
+    x = x + y
+    x = x + self.mlp(self.ln2(x), keys[2])
+    return x, k, v
+
+  def decode(self, x: jax.Array, pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
+    """x `[batch, embed]` at position `pos` -> (x, k_cache, v_cache)."""
+    y, k_cache, v_cache = self.attn.decode(self.ln1(x), pos, k_cache, v_cache)
+    x = x + y
+    x = x + self.mlp(self.ln2(x))
+    return x, k_cache, v_cache
+
+
+class GPT(nnx.Module):
+  """nanoGPT-style decoder-only transformer with tied input/output embeddings."""
+
+  def __init__(self, *, vocab_size: int, block_size: int, num_layers: int, num_heads: int,
+               embed_dim: int, dropout: float = 0.0, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.vocab_size = vocab_size
+    self.block_size = block_size
+    self.num_layers = num_layers
+    self.num_heads = num_heads
+    self.embed_dim = embed_dim
+    self.dropout = dropout
+    self.dtype = dtype
+    init = nnx.initializers.normal(0.02)
+    self.wte = nnx.Embed(vocab_size, embed_dim, embedding_init=init, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+    self.wpe = nnx.Embed(block_size, embed_dim, embedding_init=init, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+    self.blocks = nnx.List([
+        Block(embed_dim=embed_dim, num_heads=num_heads, num_layers=num_layers,
+              dropout=dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for _ in range(num_layers)])
+    self.ln_f = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
+
+  def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """tokens `[...]`, positions broadcastable -> `[..., embed]` in `dtype`."""
+    wpe = self.wpe.embedding[...].astype(self.dtype)
+    return self.wte(tokens) + wpe[positions]
+
+  def _logits(self, h: jax.Array) -> jax.Array:
+    """h `[n, embed]` (pre final LayerNorm) -> float32 logits `[n, vocab]` (tied to wte)."""
+    h = self.ln_f(h)
+    wte = self.wte.embedding[...].astype(h.dtype)
+    # h @ wte.T without materializing the transpose; accumulate and return in float32.
+    return lax.dot_general(h, wte, (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+  def _trunk(self, tokens: jax.Array, dropout_key: jax.Array | None = None):
+    """tokens `[batch, seq]` -> (h `[batch * seq, embed]`, [(k, v)] per layer)."""
+    batch, seq = tokens.shape
+    if seq > self.block_size:
+      raise ValueError(f'sequence length {seq} > block_size {self.block_size}')
+    keys = ([None] * (self.num_layers + 1) if dropout_key is None
+            else list(jax.random.split(dropout_key, self.num_layers + 1)))
+    x = self._embed(tokens, jnp.arange(seq)[None, :]).reshape(batch * seq, self.embed_dim)
+    x = _dropout(x, self.dropout, keys[0])
+    kvs = []
+    for block, key in zip(self.blocks, keys[1:]):
+      x, k, v = block(x, batch, seq, key)
+      kvs.append((k, v))
+    return x, kvs
+
+  def __call__(self, tokens: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Full forward pass.
+
+    Args:
+      tokens: `[batch, seq]` int32, seq <= block_size.
+      dropout_key: PRNG key for dropout; None is deterministic (eval).
+
+    Returns:
+      float32 logits `[batch, seq, vocab]`.
+    """
+    batch, seq = tokens.shape
+    h, _ = self._trunk(tokens, dropout_key)
+    return self._logits(h).reshape(batch, seq, self.vocab_size)
+
+  def init_cache(self, batch_size: int) -> KVCache:
+    """Zero KV cache: per layer k, v `[batch, block_size, heads, head_dim]` in `dtype`."""
+    shape = (batch_size, self.block_size, self.num_heads, self.embed_dim // self.num_heads)
+    return tuple({'k': jnp.zeros(shape, self.dtype), 'v': jnp.zeros(shape, self.dtype)}
+                 for _ in range(self.num_layers))
+
+  def prefill(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Runs tokens `[batch, seq]` at positions [0, seq), writing them into the cache.
+
+    Returns:
+      (float32 logits `[batch, seq, vocab]`, cache). Cache entries at positions >= seq
+      are left as they were; decode masks them out.
+    """
+    batch, seq = tokens.shape
+    h, kvs = self._trunk(tokens)
+    new_cache = tuple(
+        {'k': lax.dynamic_update_slice_in_dim(c['k'], k.astype(c['k'].dtype), 0, axis=1),
+         'v': lax.dynamic_update_slice_in_dim(c['v'], v.astype(c['v'].dtype), 0, axis=1)}
+        for c, (k, v) in zip(cache, kvs))
+    return self._logits(h).reshape(batch, seq, self.vocab_size), new_cache
+
+  def decode(self, token: jax.Array, pos: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One decoding step.
+
+    Args:
+      token: `[batch]` int32, the token at position `pos`.
+      pos: int32 scalar (may be traced), 0 <= pos < block_size.
+      cache: KV cache holding positions [0, pos).
+
+    Returns:
+      (float32 logits `[batch, vocab]` for the next token, cache with `pos` written).
+    """
+    pos = jnp.asarray(pos, jnp.int32)
+    x = self._embed(token, pos)
+    new_cache = []
+    for block, c in zip(self.blocks, cache):
+      x, k, v = block.decode(x, pos, c['k'], c['v'])
+      new_cache.append({'k': k, 'v': v})
+    return self._logits(x), tuple(new_cache)
+
+  def logits_at(self, tokens: jax.Array, index: jax.Array) -> jax.Array:
+    """tokens `[batch, seq]` -> float32 logits `[batch, vocab]` at position `index` only."""
+    batch, seq = tokens.shape
+    h, _ = self._trunk(tokens)
+    h = lax.dynamic_index_in_dim(h.reshape(batch, seq, -1), index, axis=1, keepdims=False)
+    return self._logits(h)
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling.
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+  """Keeps exactly the `k` largest logits along the last axis, sets the rest to -inf.
+
+  Ties at the threshold go to the lower index (as `lax.top_k`): exactly min(k, vocab)
+  entries are kept, whatever the ties.
+
+  Args:
+    logits: `[..., vocab]`.
+    k: static int >= 1; k >= vocab keeps everything.
+
+  Returns:
+    `[..., vocab]`, same dtype.
+  """
+  if k < 1:
+    raise ValueError(f'top_k must be >= 1, got {k}')
+  if k >= logits.shape[-1]:
+    return logits
+  _, idx = lax.top_k(logits, k)
+  keep = jnp.put_along_axis(jnp.zeros(logits.shape, bool), idx, True, axis=-1, inplace=False)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+  """Nucleus filter: keeps the smallest set of most probable tokens with mass >= p.
+
+  Tokens are ranked by probability (ties toward the lower index, stable sort); the token
+  at rank r is kept iff the mass of ranks < r is below p, so the kept set is the
+  shortest prefix whose mass reaches p, and the top-1 token is always kept. A prefix
+  whose mass falls short of p by less than 1e-6 counts as reaching it, so that float32
+  rounding of softmax/cumsum does not add a token when the mass equals p exactly
+  (probs [0.5, 0.3, 0.15, 0.05]: p=0.8 keeps 2 tokens, p=0.81 keeps 3).
+
+  Args:
+    logits: `[..., vocab]`.
+    p: static float in (0, 1]; p >= 1 keeps every token of nonzero probability.
+
+  Returns:
+    `[..., vocab]` float32 with the dropped entries at -inf.
+  """
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  order = jnp.argsort(-probs, axis=-1, stable=True)
+  sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+  keep_sorted = mass_before < p - _TOP_P_TOLERANCE
+  keep_sorted = keep_sorted.at[..., 0].set(True)
+  keep = jnp.put_along_axis(jnp.zeros(logits.shape, bool), order, keep_sorted, axis=-1,
+                            inplace=False)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+  """Samples token ids from logits `[..., vocab]` -> `[...]` int32.
+
+  Order as HF/nanoGPT: divide by temperature, then top-k, then top-p. temperature 0 is
+  greedy argmax (ties toward the lower index) and ignores top_k/top_p and the key.
+  `temperature` may be a Python number or a traced scalar.
+  """
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if isinstance(temperature, (int, float)) and temperature == 0:
+    return greedy
+  safe_t = jnp.where(jnp.asarray(temperature) == 0, 1.0, temperature)
+  logits = logits / safe_t
+  if top_k is not None:
+    logits = top_k_filter(logits, top_k)
+  if top_p is not None:
+    logits = top_p_filter(logits, top_p)
+  sampled = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return jnp.where(jnp.asarray(temperature) == 0, greedy, sampled)
+
+
+_STATIC = ('max_new_tokens', 'temperature', 'top_k', 'top_p')
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=_STATIC)
+def _generate_cached(graphdef, state, prompt, key, *, max_new_tokens, temperature, top_k,
+                     top_p):
+  """See `generate`."""
+  model = nnx.merge(graphdef, state)
+  block = model.block_size
+  prompt = prompt[:, -block:].astype(jnp.int32)
+  batch, prompt_len = prompt.shape
+  half = max(1, block // 2)
+  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  keys = jax.random.split(key, max_new_tokens)
+  logits, cache = model.prefill(prompt, model.init_cache(batch))
+  first = sample(logits[:, -1], keys[0])
+  if max_new_tokens == 1:
+    return first[:, None]
+  # Tokens currently in cache positions [0, pos); needed to re-prefill when full.
+  window = jnp.zeros((batch, block), jnp.int32).at[:, :prompt_len].set(prompt)
+
+  def step(carry, step_key):
+    cache, window, pos, token = carry
+
+    def decode(cache, window):
+      logits, cache = model.decode(token, pos, cache)
+      window = lax.dynamic_update_slice_in_dim(window, token[:, None], pos, axis=1)
+      return logits, cache, window, pos + 1
+
+    def reprefill(cache, window):
+      # Window full: restart it from the last `half` tokens of the context.
+      context = jnp.concatenate([window[:, block - half + 1:], token[:, None]], axis=1)
+      logits, cache = model.prefill(context, cache)
+      window = lax.dynamic_update_slice_in_dim(jnp.zeros_like(window), context, 0, axis=1)
+      return logits[:, -1], cache, window, jnp.int32(half)
+
+    logits, cache, window, pos = lax.cond(pos < block, decode, reprefill, cache, window)
+    token = sample(logits, step_key)
+    return (cache, window, pos, token), token
+
+  _, rest = lax.scan(step, (cache, window, jnp.int32(prompt_len), first), keys[1:])
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def generate(model: GPT, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None) -> jax.Array:
+  """Autoregressive sampling with a KV cache, one jitted call.
+
+  A prefill fills the cache with the prompt (cropped to its last block_size tokens),
+  then a `lax.scan` decodes one token per step. When the cache is full the context
+  slides: the last block_size // 2 tokens are re-prefilled at positions [0, bs // 2)
+  and decoding resumes, so the cost is one prefill per ~block_size/2 tokens instead of a
+  full recompute per token.
+
+  Equivalence with `generate_full_recompute` (nanoGPT's generate): with the same key
+  the emitted tokens are identical while prompt_len + tokens so far <= block_size, i.e.
+  the first block_size - prompt_len + 1 tokens. Past that nanoGPT conditions each token
+  on the last block_size tokens, this function on the last block_size//2 .. block_size
+  tokens (the window restarts at half size), so the tokens differ.
+
+  Args:
+    model: the GPT (dropout is off).
+    prompt: `[batch, prompt_len]` int32, prompt_len >= 1.
+    key: PRNG key; token i uses `jax.random.split(key, max_new_tokens)[i]`.
+    max_new_tokens, temperature, top_k, top_p: static; see `sample_logits`.
+
+  Returns:
+    `[batch, max_new_tokens]` int32.
+  """
+  if max_new_tokens == 0:
+    return jnp.zeros((prompt.shape[0], 0), jnp.int32)
+  graphdef, state = nnx.split(model)
+  return _generate_cached(graphdef, state, prompt, key, max_new_tokens=max_new_tokens,
+                          temperature=float(temperature), top_k=top_k, top_p=top_p)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=_STATIC)
+def _generate_full(graphdef, state, prompt, key, *, max_new_tokens, temperature, top_k,
+                   top_p):
+  """See `generate_full_recompute`."""
+  model = nnx.merge(graphdef, state)
+  block = model.block_size
+  prompt = prompt[:, -block:].astype(jnp.int32)
+  batch, prompt_len = prompt.shape
+  # Fixed-size buffer so the loop body compiles once; causality makes the padding after
+  # position n - 1 irrelevant to the logits at n - 1.
+  buf = jnp.zeros((batch, block), jnp.int32).at[:, :prompt_len].set(prompt)
+
+  def step(carry, step_key):
+    buf, n = carry
+    logits = model.logits_at(buf, n - 1)
+    token = sample_logits(logits, step_key, temperature, top_k, top_p)
+    appended = lax.dynamic_update_slice_in_dim(buf, token[:, None], jnp.minimum(n, block - 1),
+                                               axis=1)
+    shifted = jnp.concatenate([buf[:, 1:], token[:, None]], axis=1)
+    buf = jnp.where(n < block, appended, shifted)
+    return (buf, jnp.minimum(n + 1, block)), token
+
+  keys = jax.random.split(key, max_new_tokens)
+  _, tokens = lax.scan(step, (buf, jnp.int32(prompt_len)), keys)
+  return tokens.T
+
+
+def generate_full_recompute(model: GPT, prompt: jax.Array, key: jax.Array, *,
+                            max_new_tokens: int, temperature: float = 1.0,
+                            top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+  """nanoGPT's generate: a full forward over the last block_size tokens per new token.
+
+  Baseline for benchmarks and tests; same arguments, key use and output as `generate`.
+  """
+  if max_new_tokens == 0:
+    return jnp.zeros((prompt.shape[0], 0), jnp.int32)
+  graphdef, state = nnx.split(model)
+  return _generate_full(graphdef, state, prompt, key, max_new_tokens=max_new_tokens,
+                        temperature=float(temperature), top_k=top_k, top_p=top_p)
+
+
+# ----------------------------------------------------------------------------------------
+# Size and FLOPs.
+
+
+def num_params(model: GPT, include_embeddings: bool = True) -> int:
+  """Number of parameters (the tied token embedding counted once).
+
+  include_embeddings=False follows nanoGPT's `get_num_params(non_embedding=True)`: it
+  drops the position embedding only. The token embedding stays because it is also the
+  output projection, whose matmul is real compute; this is the N that `flops_per_token`
+  expects.
+  """
+  total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  if not include_embeddings:
+    total -= model.wpe.embedding[...].size
+  return int(total)
+
+
+def flops_per_token(num_params_non_embedding: int, num_layers: int, block_size: int,
+                    embed_dim: int) -> int:
+  """Training FLOPs per token (forward + backward), nanoGPT's / PaLM's estimate.
+
+  6 * N + 12 * L * T * d, with N = `num_params(model, include_embeddings=False)` (all
+  params minus the position embedding, as nanoGPT's estimate_mfu), and the second term
+  the attention score/value matmuls at full context T. Multiply by batch * block_size
+  tokens for a train step.
+  """
+  return 6 * num_params_non_embedding + 12 * num_layers * block_size * embed_dim

@@ -1,0 +1,122 @@
+"""The GPT family: a char-level decoder-only language model on a TFDS text dataset."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from models import gpt as gpt_lib
+from train import data as data_lib
+from train.errors import UserError
+from train.family import Family
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class GPTFamily(Family):
+  """config.model: block_size, num_layers, num_heads, embed_dim, dropout, dtype ('float32' or
+  'bfloat16' activations; params stay float32). config.data: name, data_dir, raw_dir.
+  config.eval_batches: how many validation batches each eval averages over."""
+
+  name = 'gpt'
+  unit = 'tokens'
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.tokenizer: data_lib.CharTokenizer | None = None
+    m = config.model
+    if m.dtype not in _DTYPES:
+      raise UserError(f'config.model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}')
+    if m.embed_dim % m.num_heads:
+      raise UserError(f'config.model.embed_dim={m.embed_dim} is not divisible by '
+                      f'config.model.num_heads={m.num_heads}')
+
+  # ---- data ----
+  def setup_data(self, process_index: int, process_count: int) -> None:
+    c = self.config
+    self.tokenizer, splits = data_lib.load_text(c.data.name, c.data.data_dir, c.data.raw_dir)
+    windows = lambda tokens, seed: data_lib.TokenWindows(
+        tokens, block_size=c.model.block_size, global_batch_size=c.batch_size, seed=seed,
+        process_index=process_index, process_count=process_count)
+    self._train = windows(splits['train'], c.seed)
+    # The same validation windows at every eval, so eval curves are comparable across steps.
+    val = windows(splits['validation'], c.seed + 1)
+    self._eval = [val.batch(i) for i in range(c.eval_batches)]
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    return self._train.batch(step)
+
+  def eval_batches(self) -> Iterable[dict[str, np.ndarray]]:
+    return self._eval
+
+  def metadata(self) -> dict[str, Any]:
+    return {'chars': self.tokenizer.chars}
+
+  def load_metadata(self, metadata: dict[str, Any]) -> None:
+    self.tokenizer = data_lib.CharTokenizer(metadata['chars'])
+
+  # ---- model and loss ----
+  def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
+    m = self.config.model
+    return {'model': gpt_lib.GPT(
+        vocab_size=self.tokenizer.vocab_size, block_size=m.block_size, num_layers=m.num_layers,
+        num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
+        dtype=_DTYPES[m.dtype], param_dtype=jnp.float32, rngs=rngs)}
+
+  def loss(self, models, batch, rng, *, train: bool):
+    logits = models['model'](batch['inputs'], dropout_key=rng if train else None)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets']).mean()
+    return loss, {}
+
+  def derived_eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+    loss = metrics['loss']
+    return {**metrics, 'perplexity': math.exp(min(loss, 700.0)),
+            'bits_per_char': loss / math.log(2)}
+
+  # ---- reporting ----
+  def items_per_step(self) -> int:
+    return self.config.batch_size * self.config.model.block_size
+
+  def flops_per_step(self, abstract_params) -> float:
+    """nanoGPT's estimate: 6N + 12*L*T*d training FLOPs per token, N = params less wpe."""
+    m = self.config.model
+    params = abstract_params['model']
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+    n = size(params) - size(params['wpe'])
+    return self.items_per_step() * gpt_lib.flops_per_token(n, m.num_layers, m.block_size,
+                                                           m.embed_dim)
+
+  # ---- sampling ----
+  def generate_text(self, model: gpt_lib.GPT, rng: jax.Array, *, prompt: str, num_samples: int,
+                    max_new_tokens: int, temperature: float, top_k: int | None,
+                    top_p: float | None) -> list[str]:
+    if num_samples < 1:
+      raise UserError(f'--num_samples={num_samples}: must be >= 1')
+    if max_new_tokens < 1:
+      raise UserError(f'--max_new_tokens={max_new_tokens}: must be >= 1')
+    if temperature < 0:
+      raise UserError(f'--temperature={temperature}: must be >= 0 (0 is greedy)')
+    if top_k is not None and not 1 <= top_k <= self.tokenizer.vocab_size:
+      raise UserError(f'--top_k={top_k}: must be in [1, {self.tokenizer.vocab_size}]')
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+      raise UserError(f'--top_p={top_p}: must be in (0, 1]')
+    if not prompt:
+      raise UserError('--prompt: must not be empty (the default is a newline)')
+    ids = self.tokenizer.encode(prompt)
+    prompt_ids = jnp.tile(jnp.asarray(ids, jnp.int32)[None], (num_samples, 1))
+    out = gpt_lib.generate(model, prompt_ids, rng, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p)
+    return [prompt + self.tokenizer.decode(row) for row in np.asarray(out)]
+
+  def write_samples(self, models, rng, path: str) -> None:
+    texts = self.generate_text(models['model'], rng, prompt='\n', num_samples=2,
+                               max_new_tokens=int(self.config.get('sample_tokens', 256)),
+                               temperature=1.0, top_k=None, top_p=None)
+    with open(path + '.txt', 'w', encoding='utf-8') as f:
+      f.write('\n\n-----\n'.join(texts))
