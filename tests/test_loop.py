@@ -89,14 +89,15 @@ def test_gpt_data_parallel_equals_single_device_and_pmap(tmp_path):
 
 @needs_tfds
 def test_gpt_fsdp_equals_data_parallel_and_shards_state(tmp_path):
-  config = gpt_sgd_config(**{'optimizer.name': 'adamw', 'optimizer.lr': 1e-2})
+  # SGD with momentum: an optimizer state that mirrors the params, without Adam's sign-like
+  # update that turns float reduction-order noise in near-zero gradients into lr-sized steps.
+  config = gpt_sgd_config(**{'optimizer.momentum': 0.9})
   dp = loop.train(config, str(tmp_path / 'dp'))
-  fsdp_config = gpt_sgd_config(**{'optimizer.name': 'adamw', 'optimizer.lr': 1e-2,
-                                  'mesh.data': 1, 'mesh.fsdp': -1})
+  fsdp_config = gpt_sgd_config(**{'optimizer.momentum': 0.9, 'mesh.data': 1, 'mesh.fsdp': -1})
   fsdp = loop.train(fsdp_config, str(tmp_path / 'fsdp'))
   np.testing.assert_allclose([fsdp.step_losses[s] for s in (1, 2, 3)],
                              [dp.step_losses[s] for s in (1, 2, 3)], rtol=1e-5)
-  assert_trees_close(params_of(fsdp), params_of(dp), rtol=1e-4, atol=1e-6)
+  assert_trees_close(params_of(fsdp), params_of(dp))
   # Every large matrix of params and Adam moments is split 8 ways under FSDP.
   for tree in (fsdp.state['params'], fsdp.state['opt']):
     for x in jax.tree.leaves(tree):

@@ -3,7 +3,7 @@
 Keys of an optimizer group (e.g. `config.optimizer`):
   name: 'adamw' | 'adam' | 'sgd';  lr: peak learning rate;  schedule: 'cosine' | 'constant';
   warmup_steps; decay_steps (cosine: steps from 0 to the end of decay, warmup included);
-  min_lr (cosine end value); b1, b2; weight_decay (adamw: applied to arrays with ndim >= 2 only,
+  min_lr (cosine end value); b1, b2 (adam, adamw); momentum (sgd, 0 = none); weight_decay (adamw: applied to arrays with ndim >= 2 only,
   i.e. matmul kernels and embeddings, not biases or norms, as in nanoGPT); grad_clip (global
   norm, 0 = off).
 """

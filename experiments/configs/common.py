@@ -23,6 +23,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.raw_dir = config_dict.placeholder(str)    # raw files to prepare the dataset from
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=1000, min_lr=1e-4,
-      b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0))
+      b1=0.9, b2=0.999, momentum=0.0, weight_decay=0.0, grad_clip=1.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
   return c
