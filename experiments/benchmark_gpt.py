@@ -10,8 +10,8 @@ denominator together:
     nanoGPT's GPU-config model (block 256), KV-cached `generate` against
     `generate_full_recompute` (nanoGPT's generate: the whole window for every token).
 
-  TFDS_DATA_DIR=... python experiments/benchmark_gpt.py            # CPU, default config
-  python experiments/benchmark_gpt.py --gpt2 --batch_size=8          # GPT-2 small, bf16 (GPU)
+  TFDS_DATA_DIR=... python -m experiments.benchmark_gpt            # CPU, default config
+  python -m experiments.benchmark_gpt --gpt2 --batch_size=8          # GPT-2 small, bf16 (GPU)
 
 Run it 3 times, one benchmark at a time, and report the median.
 """

@@ -2,9 +2,13 @@
 
 Architecture (as nanoGPT): token + learned position embeddings, dropout, pre-LayerNorm
 blocks (causal multi-head self-attention, 4x GELU MLP), final LayerNorm, output
-projection tied to the token embedding. Init as nanoGPT: normal(0.02) weights,
-normal(0.02 / sqrt(2 * num_layers)) for the two residual projections of each block,
+projection tied to the token embedding. Init as nanoGPT, normal(std) weights and
+normal(std / sqrt(2 * num_layers)) for the two residual projections of each block,
 zero biases.
+but std defaults to 1 / sqrt(embed_dim) (`init_std=None`) rather than GPT-2's fixed 0.02,
+which was chosen for width 768: at nanoGPT's CPU width of 128 (std 0.088) the
+Shakespeare val loss after 2000 steps drops from ~1.87 to ~1.70 (experiments/README.md).
+Pass init_std=0.02 for nanoGPT's exact init.
 
 XLA:CPU speed note: the residual stream is kept 2-D, `[batch * seq, embed_dim]`, and
 every matmul runs on 2-D operands; only attention sees 4-D `[batch, seq, heads,
@@ -83,14 +87,14 @@ class CausalSelfAttention(nnx.Module):
   """Multi-head causal self-attention with a fused qkv projection."""
 
   def __init__(self, *, embed_dim: int, num_heads: int, num_layers: int, dropout: float,
-               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+               init_std: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     if embed_dim % num_heads:
       raise ValueError(f'embed_dim {embed_dim} not divisible by num_heads {num_heads}')
     self.num_heads = num_heads
     self.head_dim = embed_dim // num_heads
     self.dropout = dropout
-    init = nnx.initializers.normal(0.02)
-    resid_init = nnx.initializers.normal(0.02 / math.sqrt(2 * num_layers))
+    init = nnx.initializers.normal(init_std)
+    resid_init = nnx.initializers.normal(init_std / math.sqrt(2 * num_layers))
     self.qkv = nnx.Linear(embed_dim, 3 * embed_dim, kernel_init=init, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(embed_dim, embed_dim, kernel_init=resid_init, dtype=dtype,
@@ -146,13 +150,13 @@ class CausalSelfAttention(nnx.Module):
 class MLP(nnx.Module):
   """4x GELU MLP on `[tokens, embed]`."""
 
-  def __init__(self, *, embed_dim: int, num_layers: int, dropout: float, dtype: Any,
-               param_dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, *, embed_dim: int, num_layers: int, dropout: float, init_std: float,
+               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     self.dropout = dropout
-    self.fc = nnx.Linear(embed_dim, 4 * embed_dim, kernel_init=nnx.initializers.normal(0.02),
+    self.fc = nnx.Linear(embed_dim, 4 * embed_dim, kernel_init=nnx.initializers.normal(init_std),
                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(4 * embed_dim, embed_dim,
-                           kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * num_layers)),
+                           kernel_init=nnx.initializers.normal(init_std / math.sqrt(2 * num_layers)),
                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
@@ -163,16 +167,17 @@ class Block(nnx.Module):
   """Pre-LayerNorm transformer block on the 2-D residual stream."""
 
   def __init__(self, *, embed_dim: int, num_heads: int, num_layers: int, dropout: float,
-               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+               init_std: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     ln = functools.partial(nnx.LayerNorm, embed_dim, epsilon=1e-5, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
     self.ln1 = ln()
     self.attn = CausalSelfAttention(embed_dim=embed_dim, num_heads=num_heads,
-                                    num_layers=num_layers, dropout=dropout, dtype=dtype,
-                                    param_dtype=param_dtype, rngs=rngs)
+                                    num_layers=num_layers, dropout=dropout,
+                                    init_std=init_std, dtype=dtype, param_dtype=param_dtype,
+                                    rngs=rngs)
     self.ln2 = ln()
-    self.mlp = MLP(embed_dim=embed_dim, num_layers=num_layers, dropout=dropout, dtype=dtype,
-                   param_dtype=param_dtype, rngs=rngs)
+    self.mlp = MLP(embed_dim=embed_dim, num_layers=num_layers, dropout=dropout,
+                   init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, batch: int, seq: int, key: jax.Array | None = None):
     """x `[batch * seq, embed]` -> (x, k, v); k, v `[batch, seq, heads, head_dim]`."""
@@ -194,8 +199,10 @@ class GPT(nnx.Module):
   """nanoGPT-style decoder-only transformer with tied input/output embeddings."""
 
   def __init__(self, *, vocab_size: int, block_size: int, num_layers: int, num_heads: int,
-               embed_dim: int, dropout: float = 0.0, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               embed_dim: int, dropout: float = 0.0, init_std: float | None = None,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """init_std: std of the weight and embedding init (residual projections get
+    init_std / sqrt(2 * num_layers)); None is 1 / sqrt(embed_dim), 0.02 is nanoGPT's."""
     self.vocab_size = vocab_size
     self.block_size = block_size
     self.num_layers = num_layers
@@ -203,14 +210,16 @@ class GPT(nnx.Module):
     self.embed_dim = embed_dim
     self.dropout = dropout
     self.dtype = dtype
-    init = nnx.initializers.normal(0.02)
+    init_std = embed_dim ** -0.5 if init_std is None else init_std
+    init = nnx.initializers.normal(init_std)
     self.wte = nnx.Embed(vocab_size, embed_dim, embedding_init=init, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.wpe = nnx.Embed(block_size, embed_dim, embedding_init=init, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.blocks = nnx.List([
         Block(embed_dim=embed_dim, num_heads=num_heads, num_layers=num_layers,
-              dropout=dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+              dropout=dropout, init_std=init_std, dtype=dtype, param_dtype=param_dtype,
+              rngs=rngs)
         for _ in range(num_layers)])
     self.ln_f = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs)

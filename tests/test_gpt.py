@@ -265,12 +265,14 @@ def test_tied_embeddings_and_param_count(model):
   assert diff[5] > 1e-3 and np.delete(diff, 5).max() == 0
 
 
-def test_init_scales():
+@pytest.mark.parametrize('init_std, std', [(None, 128 ** -0.5), (0.02, 0.02)])
+def test_init_scales(init_std, std):
   model = gpt.GPT(vocab_size=64, block_size=32, num_layers=8, num_heads=4, embed_dim=128,
-                  rngs=nnx.Rngs(0))
+                  init_std=init_std, rngs=nnx.Rngs(0))
   block = model.blocks[0]
-  assert abs(float(jnp.std(block.mlp.fc.kernel[...])) - 0.02) < 0.002
-  resid = 0.02 / math.sqrt(2 * 8)
+  assert abs(float(jnp.std(block.mlp.fc.kernel[...])) - std) < 0.1 * std
+  assert abs(float(jnp.std(model.wte.embedding[...])) - std) < 0.1 * std
+  resid = std / math.sqrt(2 * 8)
   assert abs(float(jnp.std(block.mlp.proj.kernel[...])) - resid) < 0.1 * resid
   assert abs(float(jnp.std(block.attn.proj.kernel[...])) - resid) < 0.1 * resid
   assert float(jnp.abs(block.attn.qkv.bias[...]).max()) == 0

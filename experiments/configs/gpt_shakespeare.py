@@ -20,6 +20,8 @@ Data: TFDS `tiny_shakespeare` from --config.data.data_dir or $TFDS_DATA_DIR; pre
 TensorFlow on first use (--config.data.raw_dir=DIR holding input.txt, offline).
 """
 
+from ml_collections import config_dict
+
 from experiments.configs import common
 
 
@@ -37,6 +39,8 @@ def get_config(arg: str | None = None):
   c.data.name = 'tiny_shakespeare'
   c.model = dict(block_size=64, num_layers=4, num_heads=4, embed_dim=128, dropout=0.0,
                  dtype='float32')
+  # Weight init std; None: 1/sqrt(embed_dim) (0.088 here). 0.02 is nanoGPT's (val ~1.87).
+  c.model.init_std = config_dict.placeholder(float)
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=2000,
                      min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
   if arg is None:

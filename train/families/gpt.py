@@ -20,8 +20,9 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class GPTFamily(Family):
-  """config.model: block_size, num_layers, num_heads, embed_dim, dropout, dtype ('float32' or
-  'bfloat16' activations; params stay float32). config.data: name, data_dir, raw_dir.
+  """config.model: block_size, num_layers, num_heads, embed_dim, dropout, init_std (None:
+  1/sqrt(embed_dim); 0.02 is nanoGPT's), dtype ('float32' or 'bfloat16' activations; params
+  stay float32). config.data: name, data_dir, raw_dir.
   config.eval_batches: how many validation batches each eval averages over."""
 
   name = 'gpt'
@@ -67,7 +68,7 @@ class GPTFamily(Family):
     return {'model': gpt_lib.GPT(
         vocab_size=self.tokenizer.vocab_size, block_size=m.block_size, num_layers=m.num_layers,
         num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
-        dtype=_DTYPES[m.dtype], param_dtype=jnp.float32, rngs=rngs)}
+        init_std=m.get('init_std'), dtype=_DTYPES[m.dtype], param_dtype=jnp.float32, rngs=rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):
     logits = models['model'](batch['inputs'], dropout_key=rng if train else None)
