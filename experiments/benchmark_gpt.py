@@ -6,8 +6,8 @@ denominator together:
     `make_train_step`, the default config unless --config says otherwise), with FLOPs from
     nanoGPT's formula 6N + 12*L*T*d per token, against a jitted matmul peak measured by this
     script just before (f32; bf16 when the model computes in bf16);
-  * decode: new tokens/s for 500 tokens at batch 1 and 8, for the default model (block 64) and
-    nanoGPT's GPU-config model (block 256), KV-cached `generate` against
+  * decode: new tokens/s for 500 tokens at batch 1 and 8, for the default model (4 layers,
+    width 128) at block 64 and the same model at block 256, KV-cached `generate` against
     `generate_full_recompute` (nanoGPT's generate: the whole window for every token).
 
   TFDS_DATA_DIR=... python -m experiments.benchmark_gpt            # CPU, default config
@@ -134,10 +134,9 @@ def main(argv):
           f'{r["peak_gflops"]:.1f} GFLOP/s | MFU {100 * r["mfu"]:.1f}% | '
           f'compile {r["compile_s"]:.1f}s')
   if _DECODE.value and not _GPT2.value:
-    base = gpt_shakespeare.get_config().model.to_dict()
-    big = gpt_shakespeare.get_config('gpu').model.to_dict()
-    for model_cfg in (base, big):
-      model_cfg = {k: v for k, v in model_cfg.items() if k not in ('dtype', 'dropout')}
+    base = {k: v for k, v in gpt_shakespeare.get_config().model.to_dict().items()
+            if k not in ('dtype', 'dropout', 'init_std')}
+    for model_cfg in (base, {**base, 'block_size': 256}):
       for batch in (1, 8):
         r = bench_decode(model_cfg, batch, _NEW_TOKENS.value)
         print(f'decode block {model_cfg["block_size"]} ({model_cfg["num_layers"]}x'
