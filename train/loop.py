@@ -264,11 +264,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
       f'measured matmul peak {peak / 1e9:.1f} GFLOP/s over {mesh.size} device(s)')
   log(start, {'compile_time_s': compile_s})
 
+  schedule = optim.make_schedule(config.optimizer) if 'optimizer' in config else None
   pending: list[tuple[int, dict]] = []
   interval = {'sums': {}, 'steps': 0}
   t_interval = time.perf_counter()
 
-  def flush(step):
+  def flush():
     """Fetches pending step metrics; stops the run on a non-finite loss."""
     nonlocal pending
     for s, m in jax.device_get(pending):
@@ -299,14 +300,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
         # A device sync at least every 16 steps: many queued collectives on fake CPU devices
         # time out (TECH.md), and losses are checked before any checkpoint is written.
         if is_log or is_eval or is_ckpt or is_sample or preemption.requested or len(pending) >= 16:
-          flush(step)
+          flush()
         if is_log and interval['steps']:
           dt = (time.perf_counter() - t_interval) / interval['steps']
           scalars = {k: v / interval['steps'] for k, v in interval['sums'].items()}
           scalars.update({'step_time_ms': 1e3 * dt,
                           f'{family.unit}_per_s': family.items_per_step() / dt,
-                          'lr': float(optim.make_schedule(config.optimizer)(step - 1))
-                          if 'optimizer' in config else 0.0})
+                          **({'lr': float(schedule(step - 1))} if schedule else {})})
           if flops and peak:
             scalars['mfu'] = flops / dt / peak
           log(step, scalars)
@@ -326,7 +326,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
         if preemption.requested:
           metrics_lib.print_line(f'SIGTERM: checkpointing step {step} and exiting')
           break
-    flush(step)
+    flush()
     save(step)  # the final checkpoint (on completion and on SIGTERM)
     if step == total:
       write_samples(step)
