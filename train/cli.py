@@ -27,9 +27,7 @@ def run(main: Callable[[Sequence[str]], None], *, config_overrides: bool = False
         # Orbax and TFDS log every file operation at INFO; the loop prints its own progress.
         logging.set_verbosity(logging.WARNING)
       return argv
-    except UserError as e:
-      _die(str(e))
-    except flags.Error as e:
+    except (UserError, flags.Error) as e:
       _die(str(e))
 
   def wrapped(argv):

@@ -20,8 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from absl import logging
 from flax import nnx
 
 from train import checkpoint as ckpt_lib
