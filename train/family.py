@@ -212,3 +212,13 @@ class Family(abc.ABC):
 
   def write_samples(self, models: dict[str, nnx.Module], rng: jax.Array, path: str) -> None:
     """Writes a few samples (text, image grid) to `path` (without extension)."""
+
+  #: The `train.sample` flags this family takes (train/sample.py defines them all); giving a
+  #: flag that is not listed here is an error naming it.
+  sample_flags: tuple[str, ...] = ()
+
+  def sample(self, models: dict[str, nnx.Module], rng: jax.Array, workdir: str,
+             options: dict[str, Any]) -> str:
+    """`python -m train.sample`: samples with `options` (flag name -> value, None when not
+    given), writes any files under `workdir`, and returns the text to print."""
+    raise NotImplementedError(f'family {self.name!r} does not implement sampling')

@@ -1,7 +1,11 @@
-"""`python -m train.sample --workdir=DIR [--seed=S] [--num_samples=N] [--prompt=TEXT] ...`.
+"""`python -m train.sample --workdir=DIR [--seed=S] [family flags]`.
 
-Loads DIR's latest checkpoint (EMA weights when the run kept them) and prints samples. The same
-seed gives the same output; `--temperature=0` is greedy decoding.
+Loads DIR's latest checkpoint (EMA weights when the run kept them) and samples with the family's
+own flags; giving a flag the family does not take is an error. The same seed gives the same
+output.
+  language models: --num_samples --prompt --max_new_tokens --temperature (0: greedy) --top_k --top_p
+  image families:  --num_samples --labels (all | 3 | 1,7) --out (PNG path; default
+                   DIR/samples/sample.png), and for diffusion --sampler --steps --eta --guidance
 """
 
 from __future__ import annotations
@@ -21,17 +25,38 @@ from train.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by `python -m train`.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'How many samples.')
-_PROMPT = flags.DEFINE_string('prompt', '\n', 'Text to continue (language models).')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 500, 'Tokens to generate.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 is greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', None, 'Keep only the k most likely tokens.')
-_TOP_P = flags.DEFINE_float('top_p', None, 'Nucleus sampling: keep the smallest set of tokens '
-                            'whose probability reaches p, in (0, 1].')
+# Family flags: None means "not given" (the family's default applies).
+flags.DEFINE_integer('num_samples', None, 'How many samples.')
+flags.DEFINE_string('prompt', None, 'Text to continue (language models; default a newline).')
+flags.DEFINE_integer('max_new_tokens', None, 'Tokens to generate (default 500).')
+flags.DEFINE_float('temperature', None, 'Softmax temperature; 0 is greedy (default 1).')
+flags.DEFINE_integer('top_k', None, 'Keep only the k most likely tokens.')
+flags.DEFINE_float('top_p', None, 'Nucleus sampling: keep the smallest set of tokens '
+                   'whose probability reaches p, in (0, 1].')
+flags.DEFINE_string('labels', None, 'Class-conditional images: "all", one id, or ids "1,7".')
+flags.DEFINE_string('out', None, 'Image families: PNG path of the sample grid.')
+flags.DEFINE_string('sampler', None, 'Diffusion: reverse sampler name (e.g. ddpm, ddim).')
+flags.DEFINE_integer('steps', None, 'Diffusion: number of reverse steps.')
+flags.DEFINE_float('eta', None, 'Diffusion (DDIM): noise scale in [0, 1]; 0 is deterministic.')
+flags.DEFINE_float('guidance', None, 'Diffusion: classifier-free guidance scale w.')
+
+FAMILY_FLAGS = ('num_samples', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
+                'labels', 'out', 'sampler', 'steps', 'eta', 'guidance')
 
 
-def load_models(workdir: str):
-  """The family and its networks (EMA params where kept) from `workdir`'s latest checkpoint."""
+def family_options(family) -> dict:
+  """The family's flags (None when not given); UserError for a given flag it does not take."""
+  given = [name for name in FAMILY_FLAGS if flags.FLAGS[name].present]
+  for name in given:
+    if name not in family.sample_flags:
+      raise UserError(f'--{name}: not a sampling flag of family {family.name!r} '
+                      f'(it takes: {", ".join("--" + f for f in family.sample_flags) or "none"})')
+  return {name: flags.FLAGS[name].value for name in family.sample_flags}
+
+
+def load_models(workdir: str, use_ema: bool = True):
+  """The family, its networks (EMA params where kept, unless use_ema=False) and the step of
+  `workdir`'s latest checkpoint, restored onto one device."""
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(config_path):
     raise UserError(f'--workdir={workdir}: no config.json; is it a `python -m train` workdir?')
@@ -50,7 +75,8 @@ def load_models(workdir: str):
   shardings = jax.tree.map(lambda _: one_device, builder.abstract)
   state, _ = checkpointer.restore(step, ckpt_lib.abstract_with_shardings(builder.abstract, shardings))
   checkpointer.close()
-  return family, builder.models(builder.sampling_params(state), state['rest']), step
+  params = builder.sampling_params(state) if use_ema else state['params']
+  return family, builder.models(params, state['rest']), step
 
 
 def main(argv):
@@ -59,12 +85,10 @@ def main(argv):
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
   family, models, step = load_models(_WORKDIR.value)
-  texts = family.generate_text(
-      models['model'], jax.random.key(_SEED.value), prompt=_PROMPT.value,
-      num_samples=_NUM_SAMPLES.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+  options = family_options(family)
   print(f'# {family.name} samples from step {step} of {_WORKDIR.value}', flush=True)
-  print('\n\n-----\n'.join(texts), flush=True)
+  out = family.sample(models, jax.random.key(_SEED.value), _WORKDIR.value, options)
+  print(out, flush=True)
 
 
 if __name__ == '__main__':

@@ -115,6 +115,14 @@ class GPTFamily(Family):
                            temperature=temperature, top_k=top_k, top_p=top_p)
     return [prompt + self.tokenizer.decode(row) for row in np.asarray(out)]
 
+  sample_flags = ('num_samples', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p')
+
+  def sample(self, models, rng, workdir, options) -> str:
+    defaults = dict(num_samples=1, prompt='\n', max_new_tokens=500, temperature=1.0)
+    options = {k: defaults.get(k) if v is None else v for k, v in options.items()}
+    texts = self.generate_text(models['model'], rng, **{**defaults, **options})
+    return '\n\n-----\n'.join(texts)
+
   def write_samples(self, models, rng, path: str) -> None:
     texts = self.generate_text(models['model'], rng, prompt='\n', num_samples=2,
                                max_new_tokens=int(self.config.get('sample_tokens', 256)),
