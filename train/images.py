@@ -159,6 +159,13 @@ class ImageFamily(Family):
     """
     raise NotImplementedError(f'family {self.name!r} does not implement generate_images')
 
+  def likelihood_metrics(self, models, rng: jax.Array, images: np.ndarray, labels: np.ndarray,
+                         **options) -> dict[str, float]:
+    """Likelihood-based test metrics where the family defines them (VAE: IWAE NLL in nats;
+    diffusion: variational bound in bits/dim) on uint8 test `images`; {} otherwise.
+    `train.evaluate` adds them to its report."""
+    return {}
+
   def check_sample_options(self, options: dict[str, Any]) -> dict[str, Any]:
     """Validates the family's own sampling options (UserError naming the flag); returns them."""
     return options
