@@ -13,6 +13,7 @@ from train.errors import UserError
 # name -> "module:Class"
 _FAMILIES = {
     'gpt': 'train.families.gpt:GPTFamily',
+    'classifier': 'train.families.classifier:ClassifierFamily',
 }
 
 
