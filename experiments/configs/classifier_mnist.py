@@ -7,8 +7,9 @@ Default (no ARG): MNIST, 2000 steps (~4.3 epochs).
   Command:  python -m train --config=experiments/configs/classifier_mnist.py \
               --workdir=/tmp/genlab_classifier_mnist
   Hardware: 2-core CPU (this project's CI machine).
-  Runtime:  (being measured)
-  Result:   (being measured)
+  Runtime:  157 s user CPU time (+126 s system); ~110-120 ms/step on a quiet machine, i.e.
+            about 4 min wall (11.6 min measured under a load average of ~10).
+  Result:   test accuracy 99.22% at step 2000 (98.99% at step 1000), test loss 0.023.
 
 ARG `fashion_mnist`: the same on Fashion-MNIST.
   Command:  python -m train --config=experiments/configs/classifier_mnist.py:fashion_mnist \
@@ -17,7 +18,8 @@ ARG `fashion_mnist`: the same on Fashion-MNIST.
   Runtime:  (being measured)
   Result:   (being measured)
 
-ARG `tiny`: a smoke run (8-wide convs, 30 steps) in seconds; `fashion_mnist,tiny` combines.
+ARG `tiny`: 8/16-wide convs, 300 steps of batch 32: ~96% MNIST test accuracy (640 images) in
+~18 s of CPU time (tests/test_evaluate.py trains it). `fashion_mnist,tiny` combines both.
 
 Data: TFDS `mnist` / `fashion_mnist` from --config.data.data_dir or $TFDS_DATA_DIR; prepared
 without TensorFlow on first use (--config.data.raw_dir=DIR holding the four IDX .gz files).
@@ -48,12 +50,11 @@ def get_config(arg: str | None = None):
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=2000,
                      min_lr=1e-5, weight_decay=1e-4, grad_clip=1.0)
   if 'tiny' in args:
-    c.total_steps = c.optimizer.decay_steps = 30
-    c.optimizer.warmup_steps = 3
+    c.total_steps = c.optimizer.decay_steps = c.eval_every = 300
+    c.optimizer.update(lr=3e-3, warmup_steps=10)
     c.batch_size = 32
-    c.log_every = 10
-    c.eval_every = 0
-    c.eval_batches = 2
+    c.log_every = 100
+    c.eval_batches = 20            # 640 test images
     c.checkpoint_every = 0
-    c.model.update(channels=(8, 8), hidden=32)
+    c.model.update(channels=(8, 16), hidden=32, dropout=0.1)
   return c

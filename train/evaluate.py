@@ -1,0 +1,293 @@
+"""`python -m train.evaluate --workdir=DIR --classifier=CLASSIFIER_DIR [flags]`: score an image model.
+
+Generates --num_samples images (default 10,000) from DIR's latest checkpoint (EMA weights where
+kept) in batches of --batch, with the family's own sampling flags (as `train.sample`: --labels,
+and for diffusion --sampler --steps --eta --guidance; a conditional model gets balanced labels
+over all classes unless --labels is given). A feature extractor (--features) maps generated
+and real test images to features and class probabilities, and the report gives:
+
+  frechet_distance   between Gaussian fits of generated and real test features (FID's formula)
+  precision, recall  improved precision/recall (Kynkaanniemi et al. 2019, k = --pr_k)
+  coverage           share classified with confidence > --confidence, per-class histogram,
+                     classes covered, evenness; for conditional models label_accuracy
+  reference          the same metrics for --num_samples real TRAIN images against the test
+                     split: the floor a perfect generator would reach with this extractor
+  sampling           images/s (after the first, compiling, batch)
+  likelihood         the family's `likelihood_metrics` on --likelihood_examples test images
+plus the checkpoint step, parameter counts and the sampling options. It is written as JSON to
+--report (default DIR/eval/<features>_n<N>[_options]_step<S>.json) with a PNG grid of the first
+100 samples beside it (or at --out), and summarised on stdout.
+
+Feature extractors: `classifier` (default) is a `classifier`-family workdir trained on the
+model's dataset (experiments/configs/classifier_mnist.py). Its Frechet distance is NOT
+comparable with published FIDs, which use Inception-v3 features.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from train import cli
+from train import data as data_lib
+from train import image_metrics
+from train import images as images_lib
+from train import sample
+from train.errors import UserError
+
+_CLASSIFIER = flags.DEFINE_string(
+    'classifier', None, 'Workdir of a `classifier`-family run on the same dataset (the feature '
+    'extractor of --features=classifier).')
+_FEATURES = flags.DEFINE_enum('features', 'classifier', ['classifier'], 'Feature extractor.')
+_BATCH = flags.DEFINE_integer('batch', 500, 'Images generated (and featurised) per batch.')
+_REPORT = flags.DEFINE_string('report', None, 'JSON report path (default DIR/eval/NAME.json).')
+_LIKELIHOOD_EXAMPLES = flags.DEFINE_integer(
+    'likelihood_examples', 1000, 'Test images for the family\'s likelihood metrics (0: skip).')
+_PR_K = flags.DEFINE_integer('pr_k', 3, 'k of the k-NN balls of precision/recall.')
+_CONFIDENCE = flags.DEFINE_float('confidence', 0.9, 'Confidence threshold of class coverage.')
+
+DEFAULT_NUM_SAMPLES = 10_000
+
+
+class ClassifierFeatures:
+  """Penultimate features and class probabilities of a `classifier`-family workdir."""
+
+  name = 'classifier'
+
+  def __init__(self, workdir: str | None):
+    if not workdir:
+      raise UserError('--classifier is required: the workdir of a classifier run, e.g. '
+                      '`python -m train --config=experiments/configs/classifier_mnist.py '
+                      '--workdir=CLASSIFIER_DIR`')
+    if not os.path.isdir(workdir):
+      raise UserError(f'--classifier={workdir}: no such directory')
+    try:
+      family, models, step = sample.load_models(workdir)
+    except UserError as e:
+      raise UserError(str(e).replace('--workdir=', '--classifier=', 1)) from None
+    if family.name != 'classifier':
+      raise UserError(f'--classifier={workdir}: a {family.name!r} run, not a classifier run')
+    self.workdir, self.step = workdir, step
+    self.dataset = family.config.data.name
+    self.image_shape = tuple(family.image_shape)
+    self.class_names = list(family.class_names)
+    graphdef, state = nnx.split(models['model'])
+
+    @jax.jit
+    def apply(state, images):
+      model = nnx.merge(graphdef, state)
+      feats = model.features(images_lib.to_float(images))
+      return feats, jax.nn.softmax(model.logits_from_features(feats), -1)
+
+    self._apply = lambda images: apply(state, images)
+
+  def check(self, image_shape: tuple[int, ...], dataset: str, culprit: str) -> None:
+    """UserError unless the extractor fits images of `image_shape` from `dataset`."""
+    if tuple(image_shape) != self.image_shape:
+      raise UserError(f'--classifier={self.workdir}: takes {list(self.image_shape)} images, '
+                      f'but {culprit} has {list(image_shape)}')
+    if dataset != self.dataset:
+      raise UserError(f'--classifier={self.workdir}: trained on {self.dataset!r}, but {culprit} '
+                      f'models {dataset!r}; train a classifier on {dataset!r}')
+
+  def __call__(self, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [N, H, W, C] -> (float32 [N, D] features, float32 [N, K] class probabilities)."""
+    feats, probs = [], []
+    for lo in range(0, len(images), batch):
+      chunk = images[lo:lo + batch]
+      pad = batch - len(chunk)  # a fixed batch shape: one compilation
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+      f, p = jax.device_get(self._apply(jnp.asarray(chunk)))
+      feats.append(f[:batch - pad])
+      probs.append(p[:batch - pad])
+    return np.concatenate(feats), np.concatenate(probs)
+
+  def describe(self) -> dict[str, Any]:
+    return {'name': self.name, 'workdir': os.path.abspath(self.workdir), 'step': self.step,
+            'dataset': self.dataset}
+
+
+def score(extractor, images: np.ndarray, real: dict[str, np.ndarray], *, batch: int,
+          labels: np.ndarray | None = None, k: int = 3, threshold: float = 0.9
+          ) -> tuple[dict[str, Any], np.ndarray]:
+  """Frechet distance, precision/recall and class coverage of uint8 `images` against `real`;
+  returns (those metrics, [N, K] class probabilities of `images`).
+
+  Args:
+    extractor: maps (uint8 images, batch) to (features, probabilities).
+    images: uint8 [N, H, W, C] images to score.
+    real: {'feats': [M, D] real test features, 'mu': [D], 'sigma': [D, D] their statistics}.
+    labels: [N] requested classes (conditional models), or None.
+  """
+  feats, probs = extractor(images, batch)
+  fd = image_metrics.frechet_distance(*image_metrics.feature_statistics(feats),
+                                      real['mu'], real['sigma'])
+  # Equal-sized sets: the k-NN radii of precision/recall depend on the set sizes.
+  n = min(len(feats), len(real['feats']))
+  pr = image_metrics.precision_recall(real['feats'][:n], feats[:n], k=k)
+  return {'frechet_distance': fd, **pr,
+          'coverage': image_metrics.class_coverage(probs, labels, threshold)}, probs
+
+
+def num_params(models) -> dict[str, int]:
+  return {name: int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(m, nnx.Param))))
+          for name, m in models.items()}
+
+
+def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
+             batch: int = 500, seed: int = 0, labels: str | None = None,
+             options: dict[str, Any] | None = None, likelihood_examples: int = 1000,
+             k: int = 3, threshold: float = 0.9, loaded=None
+             ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+  """Scores the image model in `workdir`.
+
+  Args:
+    workdir: a `python -m train` run of an image family.
+    extractor: e.g. `ClassifierFeatures`.
+    labels: --labels' text (None: balanced over all classes for a conditional model).
+    options: the family's sampling flags (None values: the family's defaults).
+    loaded: `sample.load_models(workdir)` when the caller already has it.
+
+  Returns:
+    (JSON-ready report, uint8 [N, H, W, C] generated images, [N, K] their class probabilities).
+  """
+  if num_samples < 2 or batch < 1 or likelihood_examples < 0 or k < 1:
+    raise UserError(f'--num_samples={num_samples} (>= 2), --batch={batch} (>= 1), '
+                    f'--likelihood_examples={likelihood_examples} (>= 0), --pr_k={k} (>= 1): '
+                    'one is out of range')
+  if not 0.0 <= threshold < 1.0:
+    raise UserError(f'--confidence={threshold}: must be in [0, 1)')
+  family, models, step = loaded or sample.load_models(workdir)
+  if not isinstance(family, images_lib.ImageFamily) or family.name == 'classifier':
+    raise UserError(f'--workdir={workdir}: family {family.name!r} does not generate images')
+  config = family.config
+  extractor.check(family.image_shape, config.data.name, f'--workdir={workdir}')
+  requested = images_lib.parse_labels(labels, num_samples, family.num_classes)
+  if requested is None:
+    requested = family.default_labels(num_samples)
+  options = family.check_sample_options(
+      {key: v for key, v in (options or {}).items() if v is not None})
+
+  # Real data: the test split is the reference; as many train images give the floor.
+  ds = data_lib.load_images(config.data.name, config.data.data_dir, config.data.raw_dir)
+  test_images, test_labels = ds['test']
+  train_images = ds['train'][0]
+  real_feats, real_probs = extractor(test_images, batch)
+  real = {'feats': real_feats}
+  real['mu'], real['sigma'] = image_metrics.feature_statistics(real_feats)
+  pick = np.random.default_rng(seed).permutation(len(train_images))[:num_samples]
+  reference, _ = score(extractor, train_images[pick], real, batch=batch, k=k,
+                       threshold=threshold)
+  reference['test_coverage'] = image_metrics.class_coverage(real_probs, test_labels, threshold)
+
+  gen_key, likelihood_key = jax.random.split(jax.random.key(seed))
+  chunks, times = [], []
+  for i, lo in enumerate(range(0, num_samples, batch)):
+    num = min(batch, num_samples - lo)
+    t0 = time.perf_counter()
+    images = family.generate_images(
+        models, jax.random.fold_in(gen_key, i), num,
+        None if requested is None else requested[lo:lo + num], **options)
+    times.append((num, time.perf_counter() - t0))
+    images = np.asarray(images)
+    if images.shape != (num,) + tuple(family.image_shape) or images.dtype != np.uint8:
+      raise RuntimeError(f'{family.name}.generate_images returned {images.dtype} '
+                         f'{images.shape}, expected uint8 {(num,) + tuple(family.image_shape)}')
+    chunks.append(images)
+  generated = np.concatenate(chunks)
+  scores, probs = score(extractor, generated, real, batch=batch, labels=requested, k=k,
+                        threshold=threshold)
+  steady = times[1:] or times  # the first batch includes compilation
+  sampling = {'images_per_s': sum(n for n, _ in steady) / sum(t for _, t in steady),
+              'first_batch_s': times[0][1], 'total_s': sum(t for _, t in times)}
+
+  likelihood = {}
+  if likelihood_examples:
+    t0 = time.perf_counter()
+    likelihood = family.likelihood_metrics(
+        models, likelihood_key, test_images[:likelihood_examples],
+        test_labels[:likelihood_examples])
+    if likelihood:
+      likelihood = {**likelihood, 'examples': min(likelihood_examples, len(test_images)),
+                    'seconds': time.perf_counter() - t0}
+
+  report = {
+      'workdir': os.path.abspath(workdir), 'family': family.name, 'checkpoint_step': step,
+      'num_params': num_params(models), 'dataset': config.data.name,
+      'num_samples': num_samples, 'seed': seed, 'sampling_options': options,
+      'labels': None if requested is None else (labels or 'balanced'),
+      'features': extractor.describe(), 'pr_k': k, 'confidence_threshold': threshold,
+      **scores, 'reference_train_vs_test': reference, 'sampling': sampling,
+      'likelihood': likelihood}
+  return report, generated, probs
+
+
+def report_name(report: dict[str, Any]) -> str:
+  """e.g. 'classifier_n10000_sampler-ddim_steps-50_step20000'."""
+  opts = ''.join(f'_{k}-{v}' for k, v in sorted(report['sampling_options'].items()))
+  labels = '' if report['labels'] in (None, 'balanced') else f'_labels-{report["labels"]}'
+  return (f'{report["features"]["name"]}_n{report["num_samples"]}{opts}{labels}'
+          f'_step{report["checkpoint_step"]}').replace('/', '-').replace(',', '-')
+
+
+def summary(report: dict[str, Any]) -> str:
+  cov, ref = report['coverage'], report['reference_train_vs_test']
+  lines = [
+      f'{report["family"]} step {report["checkpoint_step"]}: {report["num_samples"]} samples, '
+      f'{report["sampling"]["images_per_s"]:.1f} images/s',
+      f'  frechet_distance {report["frechet_distance"]:.3f} (real train vs test: '
+      f'{ref["frechet_distance"]:.3f}) [{report["features"]["name"]} features]',
+      f'  precision {report["precision"]:.3f} recall {report["recall"]:.3f} (real: '
+      f'{ref["precision"]:.3f} / {ref["recall"]:.3f})',
+      f'  confident (> {report["confidence_threshold"]}) {cov["confident_share"]:.3f}, '
+      f'classes covered {cov["classes_covered"]}/{len(cov["class_histogram"])}, '
+      f'evenness {cov["evenness"]:.3f}' + (
+          f', label accuracy {cov["label_accuracy"]:.3f}' if 'label_accuracy' in cov else '')]
+  if report['likelihood']:
+    lines.append('  likelihood: ' + ', '.join(
+        f'{k} {v:.4g}' for k, v in report['likelihood'].items()))
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  workdir = flags.FLAGS.workdir
+  if not workdir:
+    raise UserError('--workdir is required')
+  extractor = ClassifierFeatures(_CLASSIFIER.value)
+  loaded = sample.load_models(workdir)
+  options = sample.family_options(loaded[0])
+  num = options.pop('num_samples', None) or DEFAULT_NUM_SAMPLES
+  labels = options.pop('labels', None)
+  grid_path = options.pop('out', None)
+  report, images, probs = evaluate(
+      workdir, extractor, num_samples=num, batch=_BATCH.value, seed=flags.FLAGS.seed,
+      labels=labels, options=options, likelihood_examples=_LIKELIHOOD_EXAMPLES.value,
+      k=_PR_K.value, threshold=_CONFIDENCE.value, loaded=loaded)
+  path = _REPORT.value or os.path.join(workdir, 'eval', report_name(report) + '.json')
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(report, f, indent=1)
+  # Captions: the class the extractor sees, '?' when not confident.
+  names = extractor.class_names
+  captions = [names[int(p.argmax())] if p.max() > report['confidence_threshold'] else '?'
+              for p in probs[:100]]
+  grid = images_lib.save_grid(grid_path or os.path.splitext(path)[0] + '.png', images[:100],
+                              captions)
+  print(summary(report), flush=True)
+  print(f'wrote {path} and {grid}', flush=True)
+
+
+if __name__ == '__main__':
+  cli.run(main)
