@@ -10,7 +10,7 @@ import math
 import warnings
 
 import numpy as np
-from scipy import linalg
+from scipy import linalg, stats
 
 
 def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,11 +130,10 @@ def class_coverage(probs: np.ndarray, requested_labels: np.ndarray | None = None
   confident = probs.max(1) > threshold
   hist = np.bincount(top[confident], minlength=num_classes)
   total = hist.sum()
-  if total:
-    p = hist[hist > 0] / total
-    evenness = float(-(p * np.log(p)).sum() / math.log(num_classes)) if num_classes > 1 else 1.0
-  else:
+  if not total:
     evenness = 0.0
+  else:
+    evenness = float(stats.entropy(hist) / math.log(num_classes)) if num_classes > 1 else 1.0
   out = {'confident_share': float(confident.mean()) if n else 0.0,
          'class_histogram': hist.tolist(),
          'classes_covered': int((hist >= max(1.0, min_share * total / num_classes)).sum()),
