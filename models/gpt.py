@@ -105,9 +105,14 @@ class CausalSelfAttention(nnx.Module):
                            param_dtype=param_dtype, rngs=rngs)
 
   def _split_heads(self, x: jax.Array, batch: int, seq: int):
-    """`[batch * seq, 3 * embed]` -> three `[batch, seq, heads, head_dim]`."""
-    qkv = self.qkv(x).reshape(batch, seq, 3, self.num_heads, self.head_dim)
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    """`[batch * seq, 3 * embed]` -> three `[batch, seq, heads, head_dim]`.
+
+    The qkv columns are head-major, `[heads, 3, head_dim]`: splitting them into contiguous
+    blocks over a tensor-parallel mesh axis gives each device whole heads (Megatron), with no
+    resharding of activations.
+    """
+    qkv = self.qkv(x).reshape(batch, seq, self.num_heads, 3, self.head_dim)
+    return qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
 
   def __call__(self, x: jax.Array, batch: int, seq: int,
                keys: tuple[jax.Array | None, jax.Array | None] = (None, None)):
