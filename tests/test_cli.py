@@ -107,7 +107,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     (['--config.nope=1'], ['--config.nope', 'unknown config key']),
     (['--config.batch_size=abc'], ['--config.batch_size=abc', 'expected int']),
     (['--config.model.dropout=high'], ['--config.model.dropout=high', 'expected float']),
-    (['--config.mesh.tensor=2'], ['--config.mesh.tensor', 'unknown config key']),
+    (['--config.mesh.model=2'], ['--config.mesh.model', 'unknown config key']),
 ])
 def test_bad_config_is_one_line(tmp_path, args, fragments):
   assert_one_line_error(train(str(tmp_path), *args), *fragments)

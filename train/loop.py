@@ -9,6 +9,7 @@ which family runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,7 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from train import checkpoint as ckpt_lib
 from train import config as config_lib
@@ -134,10 +137,75 @@ def make_train_step(builder: StateBuilder, config, mesh):
   return train_step
 
 
-def make_eval_step(builder: StateBuilder):
+def jit_train_step(builder: StateBuilder, config, mesh, shardings):
+  """The train step jitted over `mesh`: state in `shardings`, batch split, metrics replicated."""
+  return jax.jit(make_train_step(builder, config, mesh),
+                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def make_eval_step(builder: StateBuilder, mesh):
   def eval_step(params, rest, batch):
     return builder.family.eval_step(builder.models(params, rest), batch)
-  return jax.jit(eval_step)
+  # Replicated metrics: every process can read them without a collective.
+  return jax.jit(eval_step, out_shardings=sharding_lib.replicated(mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up shared by training and compile-ahead (train/compile.py).
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+  mesh: jax.sharding.Mesh
+  family: Family
+  builder: StateBuilder
+  shardings: Any        # NamedSharding per state leaf
+  share: tuple[int, int]  # (index, count): which share of each global batch this process reads
+
+
+def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
+  """Mesh, rules, family with its data, state shapes and shardings; all checks before compiling."""
+  mesh = sharding_lib.make_mesh(config, devices)
+  rules = sharding_lib.parse_rules(config, dict(mesh.shape))
+  sharding_lib.check_batch(config, mesh)
+  family = families.get(config.family)(config)
+  share = sharding_lib.process_batch_share(mesh, int(config.batch_size))
+  if jax.process_count() > 1:
+    # Process 0 prepares a missing dataset on first use; the others wait, then read it.
+    if jax.process_index() == 0:
+      family.setup_data(*share)
+    multihost_utils.sync_global_devices('genlab:setup_data')
+    if jax.process_index() != 0:
+      family.setup_data(*share)
+  else:
+    family.setup_data(*share)
+  builder = StateBuilder(family, config)
+  shardings = sharding_lib.state_shardings(builder.abstract, mesh, rules)
+  return Setup(mesh, family, builder, shardings, share)
+
+
+def memory_report(compiled, abstract_state, shardings) -> tuple[dict[str, int], str]:
+  """Per-device bytes: state groups from their shardings, and XLA's `memory_analysis()`."""
+  report = {f'{k}_bytes': sharding_lib.per_device_bytes(abstract_state[k], shardings[k])
+            for k in ('params', 'opt', 'ema') if k in abstract_state}
+  stats = compiled.memory_analysis()
+  stats = stats[0] if isinstance(stats, (list, tuple)) else stats
+  if stats is not None:
+    for key in ('argument', 'output', 'alias', 'temp', 'generated_code'):
+      report[f'{key}_bytes'] = int(getattr(stats, f'{key}_size_in_bytes', 0))
+    # Donated state aliases its output: live at once are arguments, new outputs and temps.
+    report['peak_bytes'] = (report['argument_bytes'] + report['output_bytes']
+                            - report['alias_bytes'] + report['temp_bytes']
+                            + report['generated_code_bytes'])
+  mib = lambda b: f'{b / 2**20:,.2f} MiB'
+  parts = [f'{k[:-6]} {mib(report[k])}' for k in ('params_bytes', 'opt_bytes', 'ema_bytes')
+           if k in report]
+  if 'peak_bytes' in report:
+    parts += [f'XLA: arguments {mib(report["argument_bytes"])}',
+              f'temporaries {mib(report["temp_bytes"])}',
+              f'peak ~{mib(report["peak_bytes"])}']
+  return report, 'per-device memory: ' + ' | '.join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,15 +233,25 @@ class _Preemption:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def _matmul_peak(devices: tuple[jax.Device, ...]) -> float:
+  """Measured once per process and device set (it takes seconds on a CPU)."""
+  return metrics_lib.matmul_peak_flops(list(devices))
+
+
+def _any_process(flag: bool) -> bool:
+  return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
   validate(config)
   prepare_workdir(workdir)
   is_main = jax.process_index() == 0
-  mesh = sharding_lib.make_mesh(config, devices)
-  sharding_lib.check_batch(config, mesh)
-  family = families.get(config.family)(config)
-  family.setup_data(jax.process_index(), jax.process_count())
+  multi_process = jax.process_count() > 1
+  s = setup(config, devices)
+  mesh, family, builder, shardings = s.mesh, s.family, s.builder, s.shardings
+  put_batch = lambda batch: sharding_lib.put_batch(batch, mesh, s.share[1])
 
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
@@ -181,8 +259,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
     with open(os.path.join(workdir, 'family.json'), 'w', encoding='utf-8') as f:
       json.dump(family.metadata(), f)
 
-  builder = StateBuilder(family, config)
-  shardings = sharding_lib.state_shardings(builder.abstract, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                        keep=int(config.get('keep_checkpoints', 3)))
   latest = checkpointer.latest_step()
@@ -201,11 +277,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
       f'{family.name}: {n_params:,} params | mesh {dict(mesh.shape)} | batch {config.batch_size}'
       f' | steps {start}->{total}')
 
-  train_step = jax.jit(make_train_step(builder, config, mesh),
-                       in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-                       out_shardings=(shardings, sharding_lib.replicated(mesh)),
-                       donate_argnums=0)
-  eval_step = make_eval_step(builder)
+  train_step = jit_train_step(builder, config, mesh, shardings)
+  eval_step = make_eval_step(builder, mesh)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   history: list[dict[str, float]] = []
   step_losses: dict[int, float] = {}
@@ -222,7 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
     for prefix, params in variants:
       sums, count = {}, 0
       for batch in family.eval_batches():
-        m = jax.device_get(eval_step(params, state['rest'], sharding_lib.put_batch(batch, mesh)))
+        m = jax.device_get(eval_step(params, state['rest'], put_batch(batch)))
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
         count += 1
       means = family.derived_eval_metrics({k: v / count for k, v in sums.items()})
@@ -232,9 +305,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
         f'{k} {v:.4f}' for k, v in sorted(scalars.items())))
 
   def write_samples(step):
+    params, rest = builder.sampling_params(state), state['rest']
+    if multi_process:
+      # Process 0 samples alone, so it must not touch arrays that span other processes:
+      # every process takes part in gathering the weights to the host first.
+      params, rest = multihost_utils.process_allgather((params, rest), tiled=True)
     if is_main:
-      models = builder.models(builder.sampling_params(state), state['rest'])
-      family.write_samples(models, jax.random.fold_in(jax.random.key(config.seed), 2 + step),
+      family.write_samples(builder.models(params, rest),
+                           jax.random.fold_in(jax.random.key(config.seed), 2 + step),
                            os.path.join(workdir, 'samples', f'step_{step:07d}'))
 
   def save(step):
@@ -248,15 +326,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
 
   # Compile ahead of the first step, so compile time is reported on its own.
   t0 = time.perf_counter()
-  first_batch = sharding_lib.put_batch(family.train_batch(start), mesh)
+  first_batch = put_batch(family.train_batch(start))
   compiled = train_step.lower(state, first_batch).compile()
   compile_s = time.perf_counter() - t0
+  if is_main:
+    metrics_lib.print_line(sharding_lib.describe_mesh(mesh))
+    for line in sharding_lib.sharding_table(builder.abstract['params'], shardings['params']):
+      metrics_lib.print_line(line)
+    metrics_lib.print_line(memory_report(compiled, builder.abstract, shardings)[1])
   flops = family.flops_per_step(builder.abstract['params'])
   if flops is None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get('flops', 0.0)) * mesh.size if cost else 0.0
-  peak = metrics_lib.matmul_peak_flops(list(mesh.devices.flat)) if flops else 0.0
+  # Each process measures its own devices (a measurement must not need a collective).
+  local = tuple(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+  peak = _matmul_peak(local) * mesh.size / len(local) if flops else 0.0
   metrics_lib.print_line(
       f'compiled train step in {compile_s:.1f}s | {flops / 1e9:.3f} GFLOP/step | '
       f'measured matmul peak {peak / 1e9:.1f} GFLOP/s over {mesh.size} device(s)')
@@ -290,14 +375,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
         pending.append((step, m))
         step += 1
         if step < total:
-          batch = sharding_lib.put_batch(family.train_batch(step), mesh)  # overlaps the step
+          batch = put_batch(family.train_batch(step))  # overlaps the step
         is_log = step % config.log_every == 0 or step == total
         is_eval = config.eval_every and (step % config.eval_every == 0 or step == total)
         is_ckpt = config.checkpoint_every and step % config.checkpoint_every == 0
         is_sample = config.get('sample_every', 0) and step % config.sample_every == 0
         # A device sync at least every 16 steps: many queued collectives on fake CPU devices
         # time out (TECH.md), and losses are checked before any checkpoint is written.
-        if is_log or is_eval or is_ckpt or is_sample or preemption.requested or len(pending) >= 16:
+        sync = bool(is_log or is_eval or is_ckpt or is_sample or len(pending) >= 16)
+        if multi_process:
+          # SIGTERM may reach some processes only: all agree at the same (deterministic)
+          # steps, or one would leave the loop while the others wait in a collective.
+          stop = sync and _any_process(preemption.requested)
+        else:
+          stop = preemption.requested
+        if sync or stop:
           flush()
         if is_log and interval['steps']:
           dt = (time.perf_counter() - t_interval) / interval['steps']
@@ -321,7 +413,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
           t_interval = time.perf_counter()
         elif is_log:
           t_interval = time.perf_counter()
-        if preemption.requested:
+        if stop:
           metrics_lib.print_line(f'SIGTERM: checkpointing step {step} and exiting')
           break
     flush()

@@ -24,5 +24,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=1000, min_lr=1e-4,
       b1=0.9, b2=0.999, momentum=0.0, weight_decay=0.0, grad_clip=1.0))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+  # Device mesh (train/sharding.py): the batch is split over data x fsdp; params, optimizer
+  # state and EMA over fsdp; `sharding.rules` choose what tensor splits. -1: the rest.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding = ml_collections.ConfigDict()
+  # (regex on a state path, (mesh axis or None per dim)); first match wins, FSDP fills a free dim.
+  c.sharding.rules = ()
+  # (mesh axis, config key): the axis must divide that config value (checked before compiling).
+  c.sharding.divides = ()
   return c

@@ -44,6 +44,18 @@ def get_config(arg: str | None = None):
   c.model.init_std = config_dict.placeholder(float)
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=2000,
                      min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
+  # Megatron tensor parallelism, active with --config.mesh.tensor=N: qkv (head-major columns)
+  # and MLP fc split by columns, both output projections by rows, so each device computes
+  # whole heads and a slice of the MLP hidden layer; one all-reduce after each projection.
+  c.sharding.rules = (
+      (r'attn/qkv/kernel$', (None, 'tensor')),
+      (r'attn/qkv/bias$', ('tensor',)),
+      (r'attn/proj/kernel$', ('tensor', None)),
+      (r'mlp/fc/kernel$', (None, 'tensor')),
+      (r'mlp/fc/bias$', ('tensor',)),
+      (r'mlp/proj/kernel$', ('tensor', None)),
+  )
+  c.sharding.divides = (('tensor', 'model.num_heads'),)
   if arg is None:
     return c
   if arg == 'gpu':
