@@ -13,7 +13,9 @@ from train.errors import UserError
 # name -> "module:Class"
 _FAMILIES = {
     'gpt': 'train.families.gpt:GPTFamily',
+    'diffusion': 'train.families.diffusion:DiffusionFamily',
     'classifier': 'train.families.classifier:ClassifierFamily',
+    'vae': 'train.families.vae:VAEFamily',
 }
 
 
