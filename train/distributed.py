@@ -65,5 +65,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   cluster = detect_cluster()
   if cluster is None:
     return 'single'
-  jax.distributed.initialize(initialization_timeout=INIT_TIMEOUT_S)
+  local_device_ids = None
+  if cluster == 'slurm' and os.environ.get('SLURM_NTASKS_PER_NODE') == '1':
+    # JAX assumes one task per GPU under SLURM (device SLURM_LOCALID); one task per node
+    # takes all the node's GPUs.
+    gpus = int(os.environ.get('SLURM_GPUS_ON_NODE', '0') or 0)
+    local_device_ids = list(range(gpus)) or None
+  jax.distributed.initialize(local_device_ids=local_device_ids,
+                             initialization_timeout=INIT_TIMEOUT_S)
   return cluster
