@@ -16,6 +16,7 @@ _FAMILIES = {
     'diffusion': 'train.families.diffusion:DiffusionFamily',
     'classifier': 'train.families.classifier:ClassifierFamily',
     'vae': 'train.families.vae:VAEFamily',
+    'gan': 'train.families.gan:GANFamily',
 }
 
 
