@@ -101,6 +101,8 @@ def test_fsdp_params_and_optimizer_take_one_nth_of_data_parallel():
   batch = dp['argument_bytes'] - state(dp)
   assert 0 <= batch < 4096
   assert fsdp['argument_bytes'] - batch <= (dp['argument_bytes'] - batch) / 8 + 1024
+  # FSDP gathers weights where they are used; it never reshards activations (all-to-all).
+  assert fsdp['collectives']['all-gather'] > 0 and fsdp['collectives']['all-to-all'] == 0
 
 
 def test_checkpoint_from_8_devices_restores_on_4_and_continues(tmp_path):

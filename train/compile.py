@@ -79,12 +79,24 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any] | Non
   report, memory_line = loop.memory_report(compiled, setup.builder.abstract, setup.shardings)
   report['compile_s'] = time.perf_counter() - t0
   report['num_params'] = loop.num_params(setup.builder.abstract['params'])
+  report['collectives'] = count_collectives(compiled.as_text())
   lines = [f'{setup.family.name}: {report["num_params"]:,} params | batch {config.batch_size}',
            sharding_lib.describe_mesh(setup.mesh),
            *sharding_lib.sharding_table(setup.builder.abstract['params'],
                                         setup.shardings['params']),
-           memory_line, f'compiled in {report["compile_s"]:.1f}s']
+           memory_line,
+           'collectives in the step: ' + (', '.join(
+               f'{op} {n}' for op, n in report['collectives'].items() if n) or 'none'),
+           f'compiled in {report["compile_s"]:.1f}s']
   return report, lines
+
+
+COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """How many of each collective the compiled HLO holds (async '-start' halves counted once)."""
+  return {op: len(re.findall(rf' {op}(?:-start)?\(', hlo_text)) for op in COLLECTIVES}
 
 
 def topology_devices(name: str) -> list[Any]:

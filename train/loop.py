@@ -115,8 +115,31 @@ def num_params(abstract_params) -> int:
 # ---------------------------------------------------------------------------------------------
 # The jitted steps.
 # ---------------------------------------------------------------------------------------------
-def make_train_step(builder: StateBuilder, config, mesh):
+class _FsdpStepContext(StepContext):
+  """FSDP as ZeRO-3: networks are built from params all-gathered over 'fsdp'.
+
+  Without this hint XLA may keep a weight split over 'fsdp' and reshard the activations to
+  match it instead (all-to-alls, heads split over the batch devices); with it, each weight is
+  gathered where it is used and its gradient reduce-scattered back to the stored sharding.
+  """
+
+  def __init__(self, *args, compute_shardings, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._compute_shardings = compute_shardings
+
+  def models(self, params=None, rest=None):
+    params = {**self.state['params'], **(params or {})}
+    params = {n: jax.tree.map(jax.lax.with_sharding_constraint, p, self._compute_shardings[n])
+              for n, p in params.items()}
+    return super().models(params, rest)
+
+
+def make_train_step(builder: StateBuilder, config, mesh, shardings=None):
   family = builder.family
+  gather = shardings is not None and mesh.shape['fsdp'] > 1
+  context = functools.partial(
+      _FsdpStepContext, compute_shardings=sharding_lib.without_axis(
+          shardings['params'], 'fsdp')) if gather else StepContext
   step_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   micro_sharding = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES))
@@ -125,7 +148,7 @@ def make_train_step(builder: StateBuilder, config, mesh):
     # Randomness is a pure function of (seed, step): a resumed run draws exactly what an
     # uninterrupted one would, with no RNG state to checkpoint.
     rng = jax.random.fold_in(step_key, state['step'])
-    ctx = StepContext(builder.graphdefs, state, builder.optimizers,
+    ctx = context(builder.graphdefs, state, builder.optimizers,
                       accum_steps=int(config.get('grad_accum_steps', 1)),
                       ema_decay=builder.ema_decay,
                       micro_batch_constraint=lambda x: jax.lax.with_sharding_constraint(
@@ -139,7 +162,7 @@ def make_train_step(builder: StateBuilder, config, mesh):
 
 def jit_train_step(builder: StateBuilder, config, mesh, shardings):
   """The train step jitted over `mesh`: state in `shardings`, batch split, metrics replicated."""
-  return jax.jit(make_train_step(builder, config, mesh),
+  return jax.jit(make_train_step(builder, config, mesh, shardings),
                  in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding_lib.replicated(mesh)),
                  donate_argnums=0)

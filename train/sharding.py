@@ -160,6 +160,12 @@ def _axis_size(entry, mesh_shape) -> int:
   return math.prod(mesh_shape[a] for a in axes if a is not None)
 
 
+def _drop_unit_axes(entry, mesh_shape):
+  axes = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,))
+               if a is not None and mesh_shape[a] > 1)
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
 def leaf_spec(path: str, shape: Sequence[int], rules, mesh_shape: dict[str, int]) -> P:
   """The first matching rule's spec, then FSDP on the largest free divisible dimension."""
   spec: list[Any] = [None] * len(shape)
@@ -174,7 +180,9 @@ def leaf_spec(path: str, shape: Sequence[int], rules, mesh_shape: dict[str, int]
           raise UserError(f'sharding rule {pattern.pattern!r} splits dim {dim} of {path} '
                           f'{list(shape)} over {entry}={size}, which does not divide '
                           f'{shape[dim]}')
-      spec = list(rule_spec)
+      # Axes of size 1 shard nothing: drop them, so that with tensor=1 the FSDP rule below
+      # sees the same free dimensions as without rules.
+      spec = [_drop_unit_axes(e, mesh_shape) for e in rule_spec]
       break
   fsdp = mesh_shape.get('fsdp', 1)
   used = {a for e in spec for a in (e if isinstance(e, tuple) else (e,))}
@@ -209,6 +217,15 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules=()) -> Any:
   return jax.tree_util.tree_map_with_path(
       lambda p, x: NamedSharding(mesh, leaf_spec(leaf_path(p), x.shape, rules, shape)),
       abstract_state)
+
+
+def without_axis(shardings: Any, axis: str) -> Any:
+  """The same shardings with `axis` removed (replicated over it)."""
+  def drop(s):
+    spec = [_drop_unit_axes(tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a != axis),
+                            {**s.mesh.shape, axis: 1}) for e in s.spec]
+    return NamedSharding(s.mesh, P(*spec))
+  return jax.tree.map(drop, shardings, is_leaf=lambda t: isinstance(t, NamedSharding))
 
 
 def sharding_table(abstract_params: Any, shardings: Any) -> list[str]:
