@@ -18,9 +18,12 @@ plus the checkpoint step, parameter counts and the sampling options. It is writt
 --report (default DIR/eval/<features>_n<N>[_options]_step<S>.json) with a PNG grid of the first
 100 samples beside it (or at --out), and summarised on stdout.
 
-Feature extractors: `classifier` (default) is a `classifier`-family workdir trained on the
-model's dataset (experiments/configs/classifier_mnist.py). Its Frechet distance is NOT
-comparable with published FIDs, which use Inception-v3 features.
+Feature extractors (--features): `classifier` (default) is a `classifier`-family workdir
+trained on the model's dataset (experiments/configs/classifier_mnist.py); its Frechet distance
+is NOT comparable with published FIDs, which use Inception-v3 features. `inception` with
+--inception_weights=FILE.npz (pytorch-fid's weights, see models/inception.py) computes the
+standard FID (2048 pool3 features of images resized to 299 x 299); it gives no class
+probabilities, so no coverage. Every extractor featurises the whole test split.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from models import inception as inception_lib
 from train import cli
 from train import data as data_lib
 from train import image_metrics
@@ -47,7 +51,12 @@ from train.errors import UserError
 _CLASSIFIER = flags.DEFINE_string(
     'classifier', None, 'Workdir of a `classifier`-family run on the same dataset (the feature '
     'extractor of --features=classifier).')
-_FEATURES = flags.DEFINE_enum('features', 'classifier', ['classifier'], 'Feature extractor.')
+_FEATURES = flags.DEFINE_enum(
+    'features', 'classifier', ['classifier', 'inception'], 'Feature extractor: the project\'s '
+    'classifier (--classifier), or FID\'s Inception-v3 (--inception_weights).')
+_INCEPTION_WEIGHTS = flags.DEFINE_string(
+    'inception_weights', None, '--features=inception: pytorch-fid\'s pt_inception-2015-12-05 '
+    'state_dict saved as .npz (see models/inception.py).')
 _BATCH = flags.DEFINE_integer('batch', 500, 'Images generated (and featurised) per batch.')
 _REPORT = flags.DEFINE_string('report', None, 'JSON report path (default DIR/eval/NAME.json).')
 _LIKELIHOOD_EXAMPLES = flags.DEFINE_integer(
@@ -117,6 +126,44 @@ class ClassifierFeatures:
             'dataset': self.dataset}
 
 
+class InceptionFeatures:
+  """FID's Inception-v3 pool3 features (2048) of any image size; no class probabilities."""
+
+  name = 'inception'
+  class_names = None
+
+  def __init__(self, weights: str | None):
+    if not weights:
+      raise UserError('--features=inception needs --inception_weights=PATH.npz '
+                      '(see models/inception.py for how to make it)')
+    if not os.path.isfile(weights):
+      raise UserError(f'--inception_weights={weights}: no such file')
+    self.weights = weights
+    # Built abstractly: every array comes from the file (an eager init takes a minute on CPU).
+    model = nnx.eval_shape(lambda: inception_lib.InceptionV3(rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(inception_lib.load_torch_npz(model, weights))
+    apply = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images_lib.to_float(images)))
+    self._apply = lambda images: apply(state, images)
+
+  def check(self, image_shape, dataset, culprit) -> None:
+    del image_shape, dataset, culprit  # any image is resized to 299 x 299 RGB
+
+  def __call__(self, images: np.ndarray, batch: int) -> tuple[np.ndarray, None]:
+    """uint8 [N, H, W, C] -> (float32 [N, 2048] features, None)."""
+    batch = min(batch, 100)  # 299 x 299 activations: ~5 MB per image
+    feats = []
+    for lo in range(0, len(images), batch):
+      chunk = images[lo:lo + batch]
+      pad = batch - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+      feats.append(jax.device_get(self._apply(jnp.asarray(chunk)))[:batch - pad])
+    return np.concatenate(feats), None
+
+  def describe(self) -> dict[str, Any]:
+    return {'name': self.name, 'weights': os.path.abspath(self.weights)}
+
+
 def score(extractor, images: np.ndarray, real: dict[str, np.ndarray], *, batch: int,
           labels: np.ndarray | None = None, k: int = 3, threshold: float = 0.9
           ) -> tuple[dict[str, Any], np.ndarray]:
@@ -135,8 +182,10 @@ def score(extractor, images: np.ndarray, real: dict[str, np.ndarray], *, batch: 
   # Equal-sized sets: the k-NN radii of precision/recall depend on the set sizes.
   n = min(len(feats), len(real['feats']))
   pr = image_metrics.precision_recall(real['feats'][:n], feats[:n], k=k)
-  return {'frechet_distance': fd, **pr,
-          'coverage': image_metrics.class_coverage(probs, labels, threshold)}, probs
+  out = {'frechet_distance': fd, **pr}
+  if probs is not None:  # class coverage needs class probabilities (not Inception's)
+    out['coverage'] = image_metrics.class_coverage(probs, labels, threshold)
+  return out, probs
 
 
 def num_params(models) -> dict[str, int]:
@@ -188,7 +237,8 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
   pick = np.random.default_rng(seed).permutation(len(train_images))[:num_samples]
   reference, _ = score(extractor, train_images[pick], real, batch=batch, k=k,
                        threshold=threshold)
-  reference['test_coverage'] = image_metrics.class_coverage(real_probs, test_labels, threshold)
+  if real_probs is not None:
+    reference['test_coverage'] = image_metrics.class_coverage(real_probs, test_labels, threshold)
 
   gen_key, likelihood_key = jax.random.split(jax.random.key(seed))
   chunks, times = [], []
@@ -241,18 +291,21 @@ def report_name(report: dict[str, Any]) -> str:
 
 
 def summary(report: dict[str, Any]) -> str:
-  cov, ref = report['coverage'], report['reference_train_vs_test']
+  ref = report['reference_train_vs_test']
   lines = [
       f'{report["family"]} step {report["checkpoint_step"]}: {report["num_samples"]} samples, '
       f'{report["sampling"]["images_per_s"]:.1f} images/s',
       f'  frechet_distance {report["frechet_distance"]:.3f} (real train vs test: '
       f'{ref["frechet_distance"]:.3f}) [{report["features"]["name"]} features]',
       f'  precision {report["precision"]:.3f} recall {report["recall"]:.3f} (real: '
-      f'{ref["precision"]:.3f} / {ref["recall"]:.3f})',
-      f'  confident (> {report["confidence_threshold"]}) {cov["confident_share"]:.3f}, '
-      f'classes covered {cov["classes_covered"]}/{len(cov["class_histogram"])}, '
-      f'evenness {cov["evenness"]:.3f}' + (
-          f', label accuracy {cov["label_accuracy"]:.3f}' if 'label_accuracy' in cov else '')]
+      f'{ref["precision"]:.3f} / {ref["recall"]:.3f})']
+  if 'coverage' in report:
+    cov = report['coverage']
+    lines.append(
+        f'  confident (> {report["confidence_threshold"]}) {cov["confident_share"]:.3f}, '
+        f'classes covered {cov["classes_covered"]}/{len(cov["class_histogram"])}, '
+        f'evenness {cov["evenness"]:.3f}' + (
+            f', label accuracy {cov["label_accuracy"]:.3f}' if 'label_accuracy' in cov else ''))
   if report['likelihood']:
     lines.append('  likelihood: ' + ', '.join(
         f'{k} {v:.4g}' for k, v in report['likelihood'].items()))
@@ -265,7 +318,10 @@ def main(argv):
   workdir = flags.FLAGS.workdir
   if not workdir:
     raise UserError('--workdir is required')
-  extractor = ClassifierFeatures(_CLASSIFIER.value)
+  if _FEATURES.value == 'inception':
+    extractor = InceptionFeatures(_INCEPTION_WEIGHTS.value)
+  else:
+    extractor = ClassifierFeatures(_CLASSIFIER.value)
   loaded = sample.load_models(workdir)
   options = sample.family_options(loaded[0])
   num = options.pop('num_samples', None) or DEFAULT_NUM_SAMPLES
@@ -281,8 +337,9 @@ def main(argv):
     json.dump(report, f, indent=1)
   # Captions: the class the extractor sees, '?' when not confident.
   names = extractor.class_names
-  captions = [names[int(p.argmax())] if p.max() > report['confidence_threshold'] else '?'
-              for p in probs[:100]]
+  captions = None if probs is None else [
+      names[int(p.argmax())] if p.max() > report['confidence_threshold'] else '?'
+      for p in probs[:100]]
   grid = images_lib.save_grid(grid_path or os.path.splitext(path)[0] + '.png', images[:100],
                               captions)
   print(summary(report), flush=True)
