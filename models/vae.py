@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from models.upsample import UpConv
+
 LIKELIHOODS = ('bernoulli', 'gaussian')
 ARCHITECTURES = ('mlp', 'conv')
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -85,19 +87,19 @@ class ConvEncoderTrunk(nnx.Module):
 
 
 class ConvDecoderHead(nnx.Module):
-  """[batch, H/4 * W/4 * c2] -> [batch, H, W, C]: two stride-2 4x4 transposed convolutions."""
+  """[batch, H/4 * W/4 * c2] -> [batch, H, W, C]: two 2x sub-pixel upsampling convolutions."""
 
   def __init__(self, image_shape: tuple[int, int, int], channels: tuple[int, int],
                activation: str, *, rngs: nnx.Rngs):
     h, w, c = image_shape
     self.start = (h // 4, w // 4, channels[1])
-    self.deconv1 = nnx.ConvTranspose(channels[1], channels[0], (4, 4), strides=2, rngs=rngs)
-    self.deconv2 = nnx.ConvTranspose(channels[0], c, (4, 4), strides=2, rngs=rngs)
+    self.up1 = UpConv(channels[1], channels[0], rngs=rngs)
+    self.up2 = UpConv(channels[0], c, rngs=rngs)
     self.act = ACTIVATIONS[activation]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.act(x.reshape((x.shape[0],) + self.start))
-    return self.deconv2(self.act(self.deconv1(x)))
+    return self.up2(self.act(self.up1(x)))
 
 
 class VAE(nnx.Module):

@@ -1,0 +1,93 @@
+"""DCGAN-style generator and discriminator (Radford et al. 2016) for small images, and GAN losses.
+
+Generator: z [batch, z_dim] -> dense -> [H/4, W/4, 2c] -> ReLU -> 2x sub-pixel upsampling conv
+(c) -> ReLU -> 2x sub-pixel upsampling conv (C) -> tanh: images [batch, H, W, C] in [-1, 1]
+(models/upsample.py: DCGAN's transposed convolutions, but fast to differentiate on CPU).
+Discriminator: two 4x4 stride-2 convs (c, 2c) with LeakyReLU(0.2) -> dense -> a logit [batch].
+No batch norm: it would couple the examples of a batch and leave running statistics beside the
+EMA weights; the R1 penalty (Mescheder et al. 2018) stabilises training instead.
+Class-conditional: the generator concatenates a label embedding to z; the discriminator adds the
+projection term <embed(y), features> (Miyato & Koyama 2018).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from models.upsample import UpConv
+
+LOSSES = ('non_saturating', 'hinge')
+
+
+class Generator(nnx.Module):
+
+  def __init__(self, *, image_shape: tuple[int, int, int], z_dim: int = 64, channels: int = 32,
+               num_classes: int = 0, rngs: nnx.Rngs):
+    h, w, c = image_shape
+    if h % 4 or w % 4:
+      raise ValueError(f'the DCGAN generator needs H and W divisible by 4, got {image_shape}')
+    self.z_dim = z_dim
+    self.num_classes = num_classes
+    self.start = (h // 4, w // 4, 2 * channels)
+    self.embed = nnx.Embed(num_classes, z_dim, rngs=rngs) if num_classes else None
+    in_dim = 2 * z_dim if num_classes else z_dim
+    self.fc = nnx.Linear(in_dim, h // 4 * w // 4 * 2 * channels, rngs=rngs)
+    self.up1 = UpConv(2 * channels, channels, rngs=rngs)
+    self.up2 = UpConv(channels, c, rngs=rngs)
+
+  def __call__(self, z: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """z [batch, z_dim] (labels [batch] int when conditional) -> [batch, H, W, C] in [-1, 1]."""
+    if self.embed is not None:
+      z = jnp.concatenate([z, self.embed(labels)], axis=-1)
+    x = jax.nn.relu(self.fc(z)).reshape((z.shape[0],) + self.start)
+    return jnp.tanh(self.up2(jax.nn.relu(self.up1(x))))
+
+
+class Discriminator(nnx.Module):
+
+  def __init__(self, *, image_shape: tuple[int, int, int], channels: int = 32,
+               num_classes: int = 0, rngs: nnx.Rngs):
+    h, w, c = image_shape
+    self.conv1 = nnx.Conv(c, channels, (4, 4), strides=2, rngs=rngs)
+    self.conv2 = nnx.Conv(channels, 2 * channels, (4, 4), strides=2, rngs=rngs)
+    features = -(-h // 4) * -(-w // 4) * 2 * channels
+    self.fc = nnx.Linear(features, 1, rngs=rngs)
+    self.embed = nnx.Embed(num_classes, features, rngs=rngs) if num_classes else None
+
+  def __call__(self, x: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """[batch, H, W, C] images in [-1, 1] -> [batch] logits (high: real)."""
+    h = jax.nn.leaky_relu(self.conv1(x), 0.2)
+    h = jax.nn.leaky_relu(self.conv2(h), 0.2).reshape(x.shape[0], -1)
+    logits = self.fc(h)[:, 0]
+    if self.embed is not None:
+      logits += jnp.sum(self.embed(labels) * h, axis=-1)
+    return logits
+
+
+def discriminator_loss(kind: str, real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+  """'non_saturating': -log D(x) - log(1 - D(G(z))) (Goodfellow et al. 2014), D = sigmoid(logit);
+  'hinge': max(0, 1 - D(x)) + max(0, 1 + D(G(z))) (Lim & Ye 2017). Means over the batch."""
+  if kind == 'non_saturating':
+    return (optax.sigmoid_binary_cross_entropy(real_logits, 1.0).mean()
+            + optax.sigmoid_binary_cross_entropy(fake_logits, 0.0).mean())
+  if kind == 'hinge':
+    return optax.hinge_loss(real_logits, 1.0).mean() + optax.hinge_loss(fake_logits, -1.0).mean()
+  raise ValueError(f'unknown GAN loss {kind!r} (known: {LOSSES})')
+
+
+def generator_loss(kind: str, fake_logits: jax.Array) -> jax.Array:
+  """'non_saturating': -log D(G(z)); 'hinge': -D(G(z)) (logit). Means over the batch."""
+  if kind == 'non_saturating':
+    return optax.sigmoid_binary_cross_entropy(fake_logits, 1.0).mean()
+  if kind == 'hinge':
+    return -fake_logits.mean()
+  raise ValueError(f'unknown GAN loss {kind!r} (known: {LOSSES})')
+
+
+def r1_penalty(discriminator, real: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+  """||grad_x D(x)||^2 at real images, [batch] (Mescheder et al. 2018, eq. 9 without gamma/2)."""
+  grads = jax.grad(lambda x: discriminator(x, labels).sum())(real)
+  return jnp.sum(jnp.square(grads).reshape(real.shape[0], -1), axis=-1)

@@ -1,0 +1,130 @@
+"""The GAN: losses and the R1 penalty, the two halves of its one jitted step (which network each
+half changes, and that the generator trains against the updated discriminator), training through
+the shared loop (resume, data parallel, samples) and bad input."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.configs import gan_mnist
+from models import gan as gan_lib
+from tests.test_cli import ROOT, assert_one_line_error, run
+from train import families
+from train import loop
+from train.errors import UserError
+from train.family import StepContext
+
+needs_tfds = pytest.mark.skipif(not os.environ.get('TFDS_DATA_DIR'),
+                                reason='TFDS_DATA_DIR (a prepared data_dir) is not set')
+CONFIG = os.path.join(ROOT, 'experiments/configs/gan_mnist.py')
+SGD = {'optimizer.name': 'sgd', 'optimizer.schedule': 'constant', 'optimizer.lr': 0.05,
+       'optimizer_d.name': 'sgd', 'optimizer_d.schedule': 'constant', 'optimizer_d.lr': 0.05}
+
+
+def tiny_config(arg='tiny', **overrides):
+  c = gan_mnist.get_config(arg)
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def test_losses_and_r1_penalty():
+  zero = jnp.zeros(4)
+  ns, hinge = 'non_saturating', 'hinge'
+  # At D = 1/2 everywhere: -log(1/2) - log(1/2) and -log(1/2); hinge: 1 + 1 and 0.
+  np.testing.assert_allclose(gan_lib.discriminator_loss(ns, zero, zero), 2 * np.log(2), rtol=1e-6)
+  np.testing.assert_allclose(gan_lib.generator_loss(ns, zero), np.log(2), rtol=1e-6)
+  assert float(gan_lib.discriminator_loss(hinge, zero, zero)) == 2.0
+  # Confident and right: hinge is exactly 0 beyond the margin, non-saturating tends to 0.
+  assert float(gan_lib.discriminator_loss(hinge, zero + 3, zero - 3)) == 0.0
+  assert float(gan_lib.discriminator_loss(ns, zero + 20, zero - 20)) < 1e-8
+  assert float(gan_lib.generator_loss(hinge, zero + 2.5)) == -2.5
+  with pytest.raises(ValueError, match='unknown GAN loss'):
+    gan_lib.generator_loss('wasserstein', zero)
+  # A linear discriminator <w, x> has gradient w everywhere: R1 = ||w||^2 for every image.
+  w = jax.random.normal(jax.random.key(0), (5, 5, 1))
+  linear = lambda x, labels: jnp.sum(x * w, axis=(1, 2, 3))
+  real = jax.random.normal(jax.random.key(1), (3, 5, 5, 1))
+  np.testing.assert_allclose(gan_lib.r1_penalty(linear, real), [jnp.sum(w**2)] * 3, rtol=1e-5)
+
+
+@pytest.mark.parametrize('arg', ['tiny', 'conditional,hinge,tiny'])
+def test_step_updates_discriminator_then_generator_against_the_updated_discriminator(arg):
+  config = tiny_config(arg, **SGD)
+  family = families.get('gan')(config)
+  family.load_metadata({'image_shape': [28, 28, 1], 'class_names': [str(i) for i in range(10)]})
+  builder = loop.StateBuilder(family, config)
+  state = jax.device_get(builder.init(None))
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.integers(0, 256, (16, 28, 28, 1), np.uint8)),
+           'label': jnp.asarray(rng.integers(0, 10, 16, np.int32))}
+  key_d, key_g = jax.random.key(1), jax.random.key(2)
+  ctx = StepContext(builder.graphdefs, state, builder.optimizers, accum_steps=1, ema_decay=0.0)
+  changed = lambda a, b: [bool(np.any(x != y)) for x, y in zip(jax.tree.leaves(a),
+                                                              jax.tree.leaves(b))]
+
+  # (`any`, not `all`: some gradients are exactly 0, e.g. the hinge loss's of D's output bias
+  # while every logit is inside the margin.)
+  family.discriminator_update(ctx, batch, key_d)
+  after_d = jax.device_get(ctx.state['params'])
+  assert any(changed(after_d['discriminator'], state['params']['discriminator']))
+  assert not any(changed(after_d['generator'], state['params']['generator']))
+
+  family.generator_update(ctx, batch, key_g)
+  after_g = jax.device_get(ctx.state['params'])
+  assert any(changed(after_g['generator'], after_d['generator']))
+  assert not any(changed(after_g['discriminator'], after_d['discriminator']))
+
+  # SGD: the generator moved by -lr * its gradient against the UPDATED discriminator.
+  def g_grads(d_params):
+    models = lambda g: builder.models({'generator': g, 'discriminator': d_params}, state['rest'])
+    return jax.grad(lambda g: family._g_loss(models(g), batch, key_g)[0])(  # pylint: disable=protected-access
+        after_d['generator'])
+  expected = optax.apply_updates(after_d['generator'],
+                                 jax.tree.map(lambda g: -0.05 * g, g_grads(after_d['discriminator'])))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               after_g['generator'], expected)
+  stale = optax.apply_updates(after_d['generator'], jax.tree.map(
+      lambda g: -0.05 * g, g_grads(state['params']['discriminator'])))
+  assert any(changed(after_g['generator'], stale))
+
+
+@needs_tfds
+def test_trains_on_mnist_resumes_exactly_and_samples_from_the_ema_generator(tmp_path):
+  config = lambda **o: tiny_config(**{'log_every': 5, **o})
+  full = loop.train(config(), str(tmp_path / 'full'), devices=jax.devices()[:1])
+  state = jax.device_get(full.state)
+  assert set(state['opt']) == {'generator', 'discriminator'}
+  assert all(np.isfinite(v) for v in full.step_losses.values())
+  workdir = str(tmp_path / 'resumed')
+  loop.train(config(total_steps=8), workdir, devices=jax.devices()[:1])
+  second = loop.train(config(), workdir, devices=jax.devices()[:1])
+  assert sorted(second.step_losses) == list(range(9, 21))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state), state)
+  assert os.listdir(tmp_path / 'full/samples') == ['step_0000020.png']
+  # The EMA generator trails the trained one: it is what sampling uses.
+  ema, live = state['ema']['generator'], state['params']['generator']
+  assert any(bool(np.any(a != b)) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(live)))
+
+
+@needs_tfds
+def test_data_parallel_equals_single_device(tmp_path):
+  assert jax.device_count() == 8
+  config = lambda: tiny_config(**SGD, total_steps=3, log_every=1)
+  single = loop.train(config(), str(tmp_path / 'single'), devices=jax.devices()[:1])
+  dp = loop.train(config(), str(tmp_path / 'dp'))
+  losses = lambda r: [r.step_losses[s] for s in (1, 2, 3)]
+  np.testing.assert_allclose(losses(dp), losses(single), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(dp.state['params']), jax.device_get(single.state['params']))
+
+
+def test_bad_inputs_are_one_line(tmp_path):
+  assert_one_line_error(run('train', f'--config={CONFIG}:tiny', f'--workdir={tmp_path}',
+                            '--config.loss=wasserstein'),
+                        "config.loss='wasserstein'", 'unknown GAN loss', 'hinge')
+  with pytest.raises(UserError, match='r1_gamma'):
+    families.get('gan')(tiny_config(r1_gamma=-1.0))

@@ -1,0 +1,118 @@
+"""The GAN family: a DCGAN-style generator and discriminator trained in ONE jitted step.
+
+Each step first updates the discriminator (generator fixed: its samples are a stop-gradient
+input), then the generator against the freshly updated discriminator, each with its own
+optimizer (`config.optimizer_d`, `config.optimizer_g`) through the shared loop's StepContext.
+With `ema_decay` > 0 the loop keeps EMA weights, and samples come from the generator's EMA.
+
+config.loss: 'non_saturating' | 'hinge'; config.r1_gamma: weight of the R1 penalty
+gamma/2 E||grad_x D(x)||^2 on real images (0: off); config.model: z_dim, g_channels,
+d_channels; config.conditional: class-conditional generator and projection discriminator.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import gan as gan_lib
+from train import images as images_lib
+from train.errors import UserError
+
+
+class GANFamily(images_lib.ImageFamily):
+
+  name = 'gan'
+
+  def __init__(self, config):
+    super().__init__(config)
+    if config.loss not in gan_lib.LOSSES:
+      raise UserError(f'config.loss={config.loss!r}: unknown GAN loss '
+                      f'(known: {", ".join(gan_lib.LOSSES)})')
+    if config.get('r1_gamma', 0.0) < 0:
+      raise UserError(f'config.r1_gamma={config.r1_gamma}: must be >= 0')
+
+  def setup_data(self, process_index: int, process_count: int) -> None:
+    super().setup_data(process_index, process_count)
+    if self.image_shape[0] % 4 or self.image_shape[1] % 4:
+      raise UserError(f'the DCGAN generator needs H and W divisible by 4; {self.config.data.name}'
+                      f' has {self.image_shape}')
+
+  def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
+    m = self.config.model
+    return {'generator': gan_lib.Generator(image_shape=self.image_shape, z_dim=m.z_dim,
+                                           channels=m.g_channels, num_classes=self.num_classes,
+                                           rngs=rngs),
+            'discriminator': gan_lib.Discriminator(image_shape=self.image_shape,
+                                                   channels=m.d_channels,
+                                                   num_classes=self.num_classes, rngs=rngs)}
+
+  def optimizers(self, make_tx):
+    return {'discriminator': make_tx(self.config.optimizer_d),
+            'generator': make_tx(self.config.optimizer)}
+
+  # ---- the two halves of a step ----
+  def _labels(self, batch):
+    return batch['label'] if self.conditional else None
+
+  def _d_loss(self, models, batch, key):
+    d, labels = models['discriminator'], self._labels(batch)
+    real = images_lib.to_float(batch['image'])
+    fake = jax.lax.stop_gradient(_fake(models['generator'], key, real.shape[0], labels))
+    real_logits, fake_logits = d(real, labels), d(fake, labels)
+    loss = gan_lib.discriminator_loss(self.config.loss, real_logits, fake_logits)
+    metrics = {'d_real': jnp.mean(real_logits), 'd_fake': jnp.mean(fake_logits)}
+    gamma = self.config.get('r1_gamma', 0.0)
+    if gamma:
+      r1 = jnp.mean(gan_lib.r1_penalty(d, real, labels))
+      loss += 0.5 * gamma * r1
+      metrics['r1'] = r1
+    return loss, metrics
+
+  def _g_loss(self, models, batch, key):
+    labels = self._labels(batch)
+    fake = _fake(models['generator'], key, batch['image'].shape[0], labels)
+    logits = models['discriminator'](fake, labels)
+    return gan_lib.generator_loss(self.config.loss, logits), {}
+
+  def discriminator_update(self, ctx, batch, key):
+    """The first half of a step: one optimizer step of the discriminator; G is held fixed."""
+    loss, metrics, grads = ctx.value_and_grad(self._d_loss, 'discriminator', batch, key)
+    return {'loss_d': loss, **metrics, **ctx.apply_gradients('discriminator', grads)}
+
+  def generator_update(self, ctx, batch, key):
+    """The second half: one optimizer step of the generator against the current D."""
+    loss, _, grads = ctx.value_and_grad(self._g_loss, 'generator', batch, key)
+    return {'loss_g': loss, **ctx.apply_gradients('generator', grads)}
+
+  def train_step(self, ctx, batch, rng):
+    key_d, key_g = jax.random.split(rng)
+    metrics = self.discriminator_update(ctx, batch, key_d)
+    metrics.update(self.generator_update(ctx, batch, key_g))
+    # The loop's `loss` (logged, checked for NaN): the sum of the two players' losses.
+    return {'loss': metrics['loss_d'] + metrics['loss_g'], **metrics}
+
+  def loss(self, models, batch, rng, *, train: bool):
+    """Both players' losses on a batch (evaluation); the step trains them in turn."""
+    key = jax.random.fold_in(rng, 0)
+    loss_d, metrics = self._d_loss(models, batch, key)
+    loss_g, _ = self._g_loss(models, batch, key)
+    return loss_d + loss_g, {'loss_d': loss_d, 'loss_g': loss_g, **metrics}
+
+  # ---- sampling ----
+  def generate_images(self, models, rng, num, labels=None, **options) -> np.ndarray:
+    """Generator samples (the EMA generator where the run kept one), uint8 [num, H, W, C]."""
+    if labels is None:
+      labels = self.default_labels(num)
+    return images_lib.to_uint8(_generate(models['generator'], rng, num,
+                                         None if labels is None else jnp.asarray(labels)))
+
+
+def _fake(generator: gan_lib.Generator, key: jax.Array, num: int, labels) -> jax.Array:
+  """[num, H, W, C] generator samples of z ~ N(0, I)."""
+  return generator(jax.random.normal(key, (num, generator.z_dim)), labels)
+
+
+_generate = nnx.jit(_fake, static_argnums=2)
