@@ -174,3 +174,14 @@ def test_tensor_axis_must_divide_the_heads_one_line(tmp_path):
       "error: config.mesh.tensor=4 does not divide config.model.num_heads=2 (the sharding "
       "rules split it over 'tensor')"), proc.stderr
   assert 'Traceback' not in proc.stderr and 'compiled' not in proc.stdout
+
+
+def test_tpu_topology_without_libtpu_is_one_clear_error():
+  try:
+    import libtpu  # pylint: disable=import-outside-toplevel,unused-import
+    pytest.skip('libtpu is installed: --topology works here')
+  except ImportError:
+    pass
+  with pytest.raises(UserError, match="--topology=v5e:2x2: this JAX cannot describe TPU "
+                                      "topologies .*install 'jax\\[tpu\\]'"):
+    compile_lib.topology_devices('v5e:2x2')

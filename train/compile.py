@@ -6,10 +6,11 @@ each parameter group's sharding and the per-device memory: params, optimizer sta
 temporaries, peak). It tells whether a model fits before renting hardware.
 
 Devices: N fake CPU devices (`--xla_force_host_platform_device_count`, set here before JAX is
-imported), or with `--topology=v5e:4x4` an abstract TPU topology; the latter needs TPU support
-in the installed JAX (`pip install 'jax[tpu]'`, libtpu), which the CPU-only install lacks.
-CPU temporaries differ from an accelerator's (other fusions, no bf16 matmul units), so treat the
-XLA figures as an estimate; params and optimizer bytes are exact for any backend.
+imported), or with `--topology=v5e:2x4` an abstract TPU topology, compiled by the TPU compiler
+itself: that needs libtpu (`pip install 'jax[tpu]'`), not a TPU, and works offline on a CPU
+machine. CPU temporaries differ from an accelerator's (other fusions; models that choose their
+kernels by backend, like GPT's attention, trace their CPU path here), so treat the CPU figures
+as an upper estimate; params and optimizer bytes are exact for any backend.
 No training data is read beyond what the family needs to know its shapes (e.g. a vocabulary).
 """
 

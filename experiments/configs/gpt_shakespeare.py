@@ -17,6 +17,12 @@ ARG `gpu`: nanoGPT's GPU config: 6 layers, 6 heads, width 384, block 256, batch 
 
 ARG `tiny`: a smoke run (2 layers, width 32, 20 steps) in well under a minute on CPU.
 
+Parallelism (any ARG): `--config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2` on 8
+devices combines data parallel, FSDP and Megatron tensor parallelism (the `sharding.rules`
+below; `mesh.tensor` must divide `model.num_heads`). Whether a size fits before renting it:
+  python -m train.compile --config=experiments/configs/gpt_shakespeare.py --devices=8 \
+      --config.batch_size=16 --config.mesh.data=1 --config.mesh.fsdp=-1
+
 Data: TFDS `tiny_shakespeare` from --config.data.data_dir or $TFDS_DATA_DIR; prepared without
 TensorFlow on first use (--config.data.raw_dir=DIR holding input.txt, offline).
 """
