@@ -1,0 +1,168 @@
+"""The DDPM UNet (Ho et al. 2020, appendix B) in Flax NNX, with optional class conditioning.
+
+Layout: conv in -> per resolution level, `num_res_blocks` residual blocks (GroupNorm, SiLU, 3x3
+conv, time embedding added, GroupNorm, SiLU, dropout, 3x3 conv) with self-attention at the
+resolutions in `attention_resolutions`, then a stride-2 conv (down) -> middle (res, attention,
+res) -> the mirror image with the skip connections concatenated and nearest-neighbour 2x
+upsampling -> GroupNorm, SiLU, conv out. The time t goes in through a sinusoidal embedding and an
+MLP; a class label (id num_classes is the null class of classifier-free guidance) adds a learned
+embedding to it. The last conv of every residual branch and of the output starts at zero, so
+each block starts as the identity (as improved-diffusion's `zero_module`).
+
+Images are NHWC. 28x28 MNIST with channel_mult (1, 2, 2) runs at 28, 14 and 7 pixels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_zeros = nnx.initializers.zeros
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding [B, dim] of timesteps t [B] (Transformer positions; DDPM's choice)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; identity when `key` is None or `rate` is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class ResBlock(nnx.Module):
+  def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, dropout: float, groups: int,
+               dtype, rngs: nnx.Rngs):
+    self.norm1 = nnx.GroupNorm(in_ch, num_groups=groups, rngs=rngs)
+    self.conv1 = nnx.Conv(in_ch, out_ch, (3, 3), dtype=dtype, rngs=rngs)
+    self.emb = nnx.Linear(emb_dim, out_ch, dtype=dtype, rngs=rngs)
+    self.norm2 = nnx.GroupNorm(out_ch, num_groups=groups, rngs=rngs)
+    self.conv2 = nnx.Conv(out_ch, out_ch, (3, 3), dtype=dtype, kernel_init=_zeros, rngs=rngs)
+    self.skip = nnx.Conv(in_ch, out_ch, (1, 1), dtype=dtype, rngs=rngs) if in_ch != out_ch else None
+    self.dropout = dropout
+
+  def __call__(self, x, emb, key):
+    """x [B, H, W, in_ch], emb [B, emb_dim] (already SiLU'd) -> [B, H, W, out_ch]."""
+    h = self.conv1(nnx.silu(self.norm1(x)))
+    h = h + self.emb(emb)[:, None, None, :]
+    h = self.conv2(_dropout(nnx.silu(self.norm2(h)), self.dropout, key))
+    return (x if self.skip is None else self.skip(x)) + h
+
+
+class Attention(nnx.Module):
+  """Single-head self-attention over the H*W positions, residual."""
+
+  def __init__(self, ch: int, *, groups: int, dtype, rngs: nnx.Rngs):
+    self.norm = nnx.GroupNorm(ch, num_groups=groups, rngs=rngs)
+    self.qkv = nnx.Linear(ch, 3 * ch, dtype=dtype, rngs=rngs)
+    self.proj = nnx.Linear(ch, ch, dtype=dtype, kernel_init=_zeros, rngs=rngs)
+
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    # 2-D matmuls [B*H*W, C]: XLA:CPU backpropagates them faster than 3-D ones (TECH.md).
+    qkv = self.qkv(self.norm(x).reshape(b * h * w, c)).reshape(b, h * w, 3, c)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scores = jnp.einsum('bqc,bkc->bqk', q, k) / math.sqrt(c)
+    y = jnp.einsum('bqk,bkc->bqc', jax.nn.softmax(scores.astype(jnp.float32), -1).astype(v.dtype), v)
+    return x + self.proj(y.reshape(b * h * w, c)).reshape(b, h, w, c)
+
+
+class UNet(nnx.Module):
+  """eps/x0/v network of a diffusion model: (x_t [B, H, W, C], t [B], labels [B] | None) ->
+  [B, H, W, C] float32.
+
+  Args:
+    image_shape: (H, W, C); H and W must be divisible by 2 ** (len(channel_mult) - 1).
+    channels: width of the first level; level i has channels * channel_mult[i].
+    channel_mult: one entry per resolution level.
+    num_res_blocks: residual blocks per level (the up path has one more, as DDPM).
+    attention_resolutions: the side lengths (in pixels) at which blocks get self-attention.
+    dropout: dropout rate inside residual blocks (training only).
+    num_classes: 0 for an unconditional model; else labels in [0, num_classes], where
+      num_classes is the null label (classifier-free guidance).
+    groups: GroupNorm groups.
+  """
+
+  def __init__(self, *, image_shape: tuple[int, int, int], channels: int = 32,
+               channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
+               attention_resolutions: tuple[int, ...] = (7,), dropout: float = 0.0,
+               num_classes: int = 0, groups: int = 8, dtype=jnp.float32, rngs: nnx.Rngs):
+    size, _, in_ch = image_shape
+    if size % 2 ** (len(channel_mult) - 1) or image_shape[1] % 2 ** (len(channel_mult) - 1):
+      raise ValueError(f'image_shape {image_shape} is not divisible by 2^{len(channel_mult) - 1}')
+    self.channels, self.num_classes, self.dtype = channels, num_classes, dtype
+    emb_dim = 4 * channels
+    self.time_mlp1 = nnx.Linear(channels, emb_dim, rngs=rngs)
+    self.time_mlp2 = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
+    self.label_emb = nnx.Embed(num_classes + 1, emb_dim, rngs=rngs) if num_classes else None
+    self.conv_in = nnx.Conv(in_ch, channels, (3, 3), dtype=dtype, rngs=rngs)
+    block = lambda i, o: ResBlock(i, o, emb_dim, dropout=dropout, groups=groups, dtype=dtype,
+                                  rngs=rngs)
+    attn = lambda c, res: (Attention(c, groups=groups, dtype=dtype, rngs=rngs)
+                           if res in attention_resolutions else None)
+
+    # Down: a list of (ResBlock, Attention | None) or (Conv stride 2, None); skip widths.
+    self.down = nnx.List()
+    skips, ch, res = [channels], channels, size
+    for level, mult in enumerate(channel_mult):
+      for _ in range(num_res_blocks):
+        self.down.append(nnx.List([block(ch, channels * mult), attn(channels * mult, res)]))
+        ch = channels * mult
+        skips.append(ch)
+      if level < len(channel_mult) - 1:
+        self.down.append(nnx.List([nnx.Conv(ch, ch, (3, 3), strides=2, dtype=dtype, rngs=rngs),
+                                   None]))
+        skips.append(ch)
+        res //= 2
+    self.mid1, self.mid2 = block(ch, ch), block(ch, ch)
+    self.mid_attn = Attention(ch, groups=groups, dtype=dtype, rngs=rngs)
+    # Up: (ResBlock, Attention | None, Conv after 2x upsampling | None).
+    self.up = nnx.List()
+    for level, mult in reversed(list(enumerate(channel_mult))):
+      for i in range(num_res_blocks + 1):
+        up = (nnx.Conv(channels * mult, channels * mult, (3, 3), dtype=dtype, rngs=rngs)
+              if level > 0 and i == num_res_blocks else None)
+        self.up.append(nnx.List([block(ch + skips.pop(), channels * mult),
+                                 attn(channels * mult, res), up]))
+        ch = channels * mult
+      res *= 2 if level > 0 else 1
+    self.norm_out = nnx.GroupNorm(ch, num_groups=groups, rngs=rngs)
+    self.conv_out = nnx.Conv(ch, in_ch, (3, 3), dtype=dtype, kernel_init=_zeros, rngs=rngs)
+
+  def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None, *,
+               dropout_key: jax.Array | None = None) -> jax.Array:
+    emb = self.time_mlp2(nnx.silu(self.time_mlp1(timestep_embedding(t, self.channels))))
+    if self.label_emb is not None:
+      if labels is None:
+        labels = jnp.full(t.shape, self.num_classes, jnp.int32)
+      emb = emb + self.label_emb(labels)
+    emb = nnx.silu(emb).astype(self.dtype)
+    counter = itertools.count()   # one dropout key per residual block
+    key = lambda: None if dropout_key is None else jax.random.fold_in(dropout_key, next(counter))
+
+    h = self.conv_in(x.astype(self.dtype))
+    hs = [h]
+    for layer, attn in self.down:
+      h = layer(h, emb, key()) if isinstance(layer, ResBlock) else layer(h)
+      if attn is not None:
+        h = attn(h)
+      hs.append(h)
+    h = self.mid2(self.mid_attn(self.mid1(h, emb, key())), emb, key())
+    for layer, attn, up in self.up:
+      h = layer(jnp.concatenate([h, hs.pop()], axis=-1), emb, key())
+      if attn is not None:
+        h = attn(h)
+      if up is not None:
+        b, hh, ww, c = h.shape
+        h = up(jax.image.resize(h, (b, 2 * hh, 2 * ww, c), 'nearest'))
+    return self.conv_out(nnx.silu(self.norm_out(h))).astype(jnp.float32)
