@@ -221,7 +221,7 @@ def memory_report(compiled, abstract_state, shardings) -> tuple[dict[str, int], 
     report['peak_bytes'] = (report['argument_bytes'] + report['output_bytes']
                             - report['alias_bytes'] + report['temp_bytes']
                             + report['generated_code_bytes'])
-  mib = lambda b: f'{b / 2**20:,.2f} MiB'
+  mib = lambda b: f'{b / 2**20:,.2f} MiB' if b >= 2**20 else f'{b / 2**10:,.1f} KiB'
   parts = [f'{k[:-6]} {mib(report[k])}' for k in ('params_bytes', 'opt_bytes', 'ema_bytes')
            if k in report]
   if 'peak_bytes' in report:
