@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import flags
 from flax import nnx
 
 from experiments.configs import common
@@ -152,3 +153,22 @@ def test_cli_bad_input(classifier_dir, tmp_path):
   cls = classifier_dir[0]
   assert 'does not generate images' in one_line_error(
       run_cli(f'--workdir={cls}', f'--classifier={cls}'))
+
+
+def test_main_writes_report_and_grid(classifier_dir, tmp_path):
+  toy = train_toy(tmp_path / 'toy', 'real')
+  try:
+    flags.FLAGS(['evaluate', f'--workdir={toy}', f'--classifier={classifier_dir[0]}',
+                 '--num_samples=300', '--batch=100', '--labels=3,5', '--likelihood_examples=0'])
+    evaluate.main(['evaluate'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  path = os.path.join(toy, 'eval', 'classifier_n300_labels-3-5_step1.json')
+  with open(path, encoding='utf-8') as f:
+    report = json.load(f)
+  assert report['labels'] == '3,5' and report['likelihood'] == {}
+  cov = report['coverage']
+  assert cov['classes_covered'] == 2 and sum(cov['class_histogram']) == \
+      cov['class_histogram'][3] + cov['class_histogram'][5]
+  assert cov['label_accuracy_any_confidence'] > 0.85
+  assert os.path.isfile(path[:-5] + '.png')

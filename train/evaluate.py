@@ -324,11 +324,11 @@ def main(argv):
     extractor = ClassifierFeatures(_CLASSIFIER.value)
   loaded = sample.load_models(workdir)
   options = sample.family_options(loaded[0])
-  num = options.pop('num_samples', None) or DEFAULT_NUM_SAMPLES
+  num = options.pop('num_samples', None)
   labels = options.pop('labels', None)
   grid_path = options.pop('out', None)
   report, images, probs = evaluate(
-      workdir, extractor, num_samples=num, batch=_BATCH.value, seed=flags.FLAGS.seed,
+      workdir, extractor, num_samples=DEFAULT_NUM_SAMPLES if num is None else num, batch=_BATCH.value, seed=flags.FLAGS.seed,
       labels=labels, options=options, likelihood_examples=_LIKELIHOOD_EXAMPLES.value,
       k=_PR_K.value, threshold=_CONFIDENCE.value, loaded=loaded)
   path = _REPORT.value or os.path.join(workdir, 'eval', report_name(report) + '.json')
