@@ -1,0 +1,289 @@
+"""Diffusion: the forward process and posterior against closed forms, exact conversions, the
+samplers (determinism, inversion, DDIM(T, eta=1) = DDPM), guidance, the bound in bits/dim, and a
+tiny run through the shared loop (train, checkpoint, resume, sample) with its bad inputs."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.configs import ddpm_mnist
+from models import diffusion as D
+from models import unet as unet_lib
+from train import loop
+from train.errors import UserError
+from train.families.diffusion import DiffusionFamily
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_tfds = pytest.mark.skipif(not os.environ.get('TFDS_DATA_DIR'),
+                                reason='TFDS_DATA_DIR (a prepared data_dir with mnist) is not set')
+
+SCHEDULES = {name: D.GaussianDiffusion(fn(1000)) for name, fn in D.SCHEDULES.items()}
+
+
+def gaussian_data_denoiser(diffusion, mu, s):
+  """The exact eps-prediction E[eps | x_t] when the data is N(mu, s^2) per dimension."""
+  def denoise(x, t):
+    a = diffusion.alphas_cumprod[t].reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mu) / (a * s * s + 1 - a)
+  return denoise
+
+
+def test_schedules():
+  for name, d in SCHEDULES.items():
+    betas = np.asarray(d.betas)
+    assert np.all((betas > 0) & (betas < 1)), name
+    abar = np.asarray(d.alphas_cumprod)
+    assert np.all(np.diff(abar) < 0) and abar[-1] < 1e-3, name
+  np.testing.assert_allclose(D.linear_beta_schedule(1000)[[0, -1]], [1e-4, 0.02])
+  # Cosine: abar_t = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) pi/2), Nichol & Dhariwal.
+  f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+  t = np.arange(1, 901)
+  np.testing.assert_allclose(np.cumprod(1 - D.cosine_beta_schedule(1000))[t - 1],
+                             f(t / 1000) / f(0), rtol=1e-9)
+
+
+@pytest.mark.parametrize('schedule', sorted(SCHEDULES))
+def test_forward_samples_match_closed_form(schedule):
+  d = SCHEDULES[schedule]
+  n = 20000
+  x0 = jnp.array([-1.0, -0.3, 0.0, 0.5, 1.0])
+  abar = np.cumprod(1 - np.asarray(D.SCHEDULES[schedule](1000)))   # eq. 4, independently
+  for i, t in enumerate((0, 10, 250, 500, 999)):
+    noise = jax.random.normal(jax.random.key(i), (n, 5))
+    xt = np.asarray(d.q_sample(jnp.broadcast_to(x0, (n, 5)), jnp.full((n,), t), noise),
+                    np.float64)
+    mean, var = np.sqrt(abar[t]) * np.asarray(x0), 1 - abar[t]
+    # 5 standard errors: of the mean sqrt(var / n), of the variance var * sqrt(2 / (n - 1)).
+    np.testing.assert_array_less(np.abs(xt.mean(0) - mean), 5 * np.sqrt(var / n))
+    np.testing.assert_array_less(np.abs(xt.var(0, ddof=1) - var), 5 * var * np.sqrt(2 / (n - 1)))
+    m, v, logv = d.q_mean_variance(x0[None], jnp.array([t]))
+    np.testing.assert_allclose(m[0], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v[0], var, rtol=1e-5)
+    np.testing.assert_allclose(logv[0], np.log(var), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('schedule', sorted(SCHEDULES))
+def test_posterior_matches_ddpm_formulas(schedule):
+  d = SCHEDULES[schedule]
+  betas = np.asarray(D.SCHEDULES[schedule](1000), np.float64)
+  abar = np.cumprod(1 - betas)
+  rng = np.random.default_rng(0)
+  x0, xt = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+  t = np.array([1, 2, 10, 300, 700, 999])
+  mean, var, logvar = d.q_posterior_mean_variance(jnp.asarray(x0, jnp.float32),
+                                                  jnp.asarray(xt, jnp.float32), jnp.asarray(t))
+  a, ap, b = abar[t, None], abar[t - 1, None], betas[t, None]
+  # DDPM eq. 7.
+  want_mean = np.sqrt(ap) * b / (1 - a) * x0 + np.sqrt(1 - b) * (1 - ap) / (1 - a) * xt
+  want_var = (1 - ap) / (1 - a) * b
+  # The same from Bayes' rule: q(x_{t-1} | x0) = N(sqrt(ap) x0, 1 - ap) times
+  # q(x_t | x_{t-1}) = N(sqrt(1 - b) x_{t-1}, b), as a Gaussian in x_{t-1}.
+  precision = 1 / (1 - ap) + (1 - b) / b
+  bayes_mean = (np.sqrt(ap) * x0 / (1 - ap) + np.sqrt(1 - b) * xt / b) / precision
+  for got, want in ((mean, want_mean), (mean, bayes_mean)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(var[:, 0], want_var[:, 0], rtol=2e-5)
+  np.testing.assert_allclose(var[:, 0], 1 / precision[:, 0], rtol=2e-5)
+  np.testing.assert_allclose(logvar[:, 0], np.log(want_var[:, 0]), rtol=2e-5)
+
+
+@pytest.mark.parametrize('prediction', D.PREDICTIONS)
+def test_x0_eps_v_conversions_are_exact_inverses(prediction):
+  d = D.GaussianDiffusion(D.linear_beta_schedule(1000), prediction=prediction)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  x0 = jax.random.uniform(k1, (7, 4, 4, 1), minval=-1, maxval=1)
+  eps = jax.random.normal(k2, x0.shape)
+  t = jnp.array([0, 1, 50, 400, 800, 990, 999])
+  xt = d.q_sample(x0, t, eps)
+  close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  close(d.x0_from_eps(xt, t, eps), x0)
+  close(d.eps_from_x0(xt, t, x0), eps)
+  v = d.v_from_x0_eps(x0, eps, t)
+  close(d.x0_from_v(xt, t, v), x0)
+  # The network's target, converted back, gives (x0, eps) whatever the prediction type.
+  got_x0, got_eps = d.predict_x0_eps(d.target(x0, eps, t), xt, t)
+  close(got_x0, x0)
+  close(got_eps, eps)
+
+
+def test_ddim_eta0_is_deterministic_and_inverts():
+  d = SCHEDULES['cosine']
+  denoise = gaussian_data_denoiser(d, 0.3, 0.5)
+  x_T = jax.random.normal(jax.random.key(0), (256, 4))
+  sample = jax.jit(lambda x, k, steps: D.ddim_sample(d, denoise, x, k, steps=steps, eta=0.0,
+                                                     clip=False), static_argnums=2)
+  a, b = sample(x_T, jax.random.key(1), 50), sample(x_T, jax.random.key(2), 50)
+  np.testing.assert_array_equal(a, b)   # noise keys do not matter at eta 0
+  x0 = 0.3 + 0.5 * jax.random.normal(jax.random.key(3), (256, 4))
+  errors = []
+  for steps in (20, 100):
+    x_T = D.ddim_encode(d, denoise, x0, steps=steps)
+    assert abs(float(x_T.std()) - 1.0) < 0.05   # encodes onto the prior
+    errors.append(float(jnp.abs(sample(x_T, jax.random.key(4), steps) - x0).mean()))
+  assert errors[1] < 0.02 and errors[1] < errors[0] / 2, errors
+
+
+def test_ddim_all_steps_eta1_matches_ddpm():
+  d = SCHEDULES['cosine']
+  mu, s = 0.3, 0.5
+  denoise = gaussian_data_denoiser(d, mu, s)
+  n = 8192
+  ddpm = jax.jit(lambda x, k: D.ddpm_sample(d, denoise, x, k, clip=False))
+  ddim = jax.jit(lambda x, k: D.ddim_sample(d, denoise, x, k, steps=1000, eta=1.0, clip=False))
+  x_T = lambda i: jax.random.normal(jax.random.key(i), (n, 2))
+  a = np.asarray(ddpm(x_T(0), jax.random.key(1)), np.float64).ravel()
+  b = np.asarray(ddim(x_T(2), jax.random.key(3)), np.float64).ravel()
+  m = a.size
+  # Independent runs: same mean and variance within 5 standard errors of their difference,
+  # both at the data's N(mu, s^2).
+  assert abs(a.mean() - b.mean()) < 5 * math.sqrt(2 * s * s / m)
+  assert abs(a.var() - b.var()) < 5 * s * s * math.sqrt(4 / (m - 1))
+  for x in (a, b):
+    assert abs(x.mean() - mu) < 5 * s / math.sqrt(m)
+    assert abs(x.var() - s * s) < 5 * s * s * math.sqrt(2 / (m - 1))
+  # With the same noise the two chains are the same chain (sigma_t^2 = beta-tilde_t).
+  np.testing.assert_allclose(ddim(x_T(0), jax.random.key(1)), a.reshape(n, 2), atol=1e-4)
+
+
+def _random_unet(num_classes=10, shape=(8, 8, 1)):
+  """(graphdef, state) of a small UNet with every param random (a fresh one outputs zeros: its
+  last conv starts at zero). Params come from numpy: compiling the initializers takes longer."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: unet_lib.UNet(
+      image_shape=shape, channels=8, channel_mult=(1, 2), attention_resolutions=(4,), groups=4,
+      num_classes=num_classes, rngs=nnx.Rngs(0))))
+  leaves, tree = jax.tree.flatten(abstract)
+  rng = np.random.default_rng(0)
+  return graphdef, tree.unflatten([jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype)
+                                   for x in leaves])
+
+
+def test_guidance_scales():
+  graphdef, state = _random_unet()
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  t = jnp.array([0, 10, 500, 999])
+  y = jnp.array([3, 1, 4, 1])
+  fn = jax.jit(lambda x, t, y: nnx.merge(graphdef, state)(x, t, y))
+  cond, uncond = fn(x, t, y), fn(x, t, jnp.full_like(y, 10))
+  assert float(jnp.abs(cond - uncond).max()) > 1e-3
+  np.testing.assert_array_equal(D.guided(fn, y, 10, 0.0)(x, t), uncond)
+  np.testing.assert_array_equal(D.guided(fn, y, 10, 1.0)(x, t), cond)
+  # Other scales run one doubled batch (conditional + null labels) through the network.
+  np.testing.assert_allclose(D.guided(fn, y, 10, 2.5)(x, t), uncond + 2.5 * (cond - uncond),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(D.guided(fn, y, 10, 1e-9)(x, t), uncond, rtol=1e-4, atol=1e-5)
+
+
+def test_discretized_likelihood_is_a_distribution_over_the_256_values():
+  values = jnp.arange(256) / 127.5 - 1.0
+  for mean, log_scale in ((0.0, -1.0), (0.9, -4.0), (-0.2, 0.5)):
+    logp = D.discretized_gaussian_log_likelihood(values, mean, log_scale)
+    np.testing.assert_allclose(float(jnp.exp(logp).sum()), 1.0, rtol=1e-4)
+
+
+def test_bits_per_dim_true_noise_model_beats_random_model():
+  d = D.GaussianDiffusion(D.linear_beta_schedule(200))
+  u8 = jax.random.randint(jax.random.key(0), (4, 8, 8, 1), 0, 256)
+  x0 = (u8 / 127.5 - 1.0).astype(jnp.float32)
+  oracle = lambda x, t: d.eps_from_x0(x, t, x0)   # predicts the very noise that made x_t
+  graphdef, state = _random_unet(num_classes=0)
+  random_model = lambda x, t: nnx.merge(graphdef, state)(x, t)
+  key = jax.random.key(1)
+  good = jax.jit(lambda: d.bpd(oracle, x0, key))()
+  bad = jax.jit(lambda: d.bpd(random_model, x0, key))()
+  assert np.all(np.isfinite(good)) and np.all(np.isfinite(bad))
+  assert np.all(good < bad), (good, bad)
+  # With the true noise every KL term vanishes: the bound is the prior plus the decoder term.
+  zero = jnp.zeros((4,), jnp.int32)
+  decoder = d.vlb_term_bpd(oracle, x0, zero, jax.random.normal(jax.random.key(2), x0.shape))
+  np.testing.assert_allclose(good, d.prior_bpd(x0) + decoder, rtol=1e-3, atol=1e-3)
+
+
+def test_sampler_options_are_checked():
+  for name, steps, eta, fragment in (('euler', None, None, '--sampler=euler: unknown sampler'),
+                                     ('ddim', 0, 0.0, '--steps=0'),
+                                     ('ddim', 1001, 0.0, '--steps=1001'),
+                                     ('ddim', 50, 1.5, '--eta=1.5'),
+                                     ('ddim', 50, -0.1, '--eta=-0.1'),
+                                     ('ddpm', 50, None, '--steps=50')):
+    with pytest.raises(UserError, match=fragment.replace('[', r'\[')):
+      D.check_sampler(name, steps, eta, 1000)
+  assert D.check_sampler('ddim', None, None, 1000) == {'steps': 50, 'eta': 0.0}
+  assert D.check_sampler('ddpm', None, None, 1000) == {'steps': 1000, 'eta': 1.0}
+  np.testing.assert_array_equal(D.ddim_timesteps(1000, 4), [999, 749, 499, 249])
+  np.testing.assert_array_equal(D.ddim_timesteps(10, 10), np.arange(9, -1, -1))
+
+
+def test_guidance_on_an_unconditional_model_is_an_error():
+  family = DiffusionFamily(ddpm_mnist.get_config('tiny'))
+  family.load_metadata({'image_shape': [28, 28, 1], 'class_names': [str(i) for i in range(10)]})
+  with pytest.raises(UserError, match='--guidance=2.0: this model is unconditional'):
+    family.check_sample_options({'guidance': 2.0})
+  assert family.check_sample_options({}) == {'sampler': 'ddim', 'steps': 10, 'eta': 0.0}
+
+
+# ---- end to end through the shared loop ----
+def _run(*args):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+
+
+@needs_tfds
+def test_train_checkpoint_resume_sample(tmp_path):
+  config = ddpm_mnist.get_config('cond,tiny')
+  config.update_from_flattened_dict({'total_steps': 6, 'checkpoint_every': 3, 'eval_every': 3,
+                                     'log_every': 1})
+  one = jax.devices()[:1]
+  straight = str(tmp_path / 'straight')
+  result = loop.train(config, straight, devices=one)
+  assert sorted(os.listdir(os.path.join(straight, 'checkpoints'))) == ['3', '6']
+  assert os.listdir(os.path.join(straight, 'samples')) == ['step_0000006.png']
+  evals = [r for r in result.history if 'eval_ema/bits_per_dim' in r]
+  assert [r['step'] for r in evals] == [3, 6]
+  assert all(math.isfinite(r['eval/bits_per_dim']) and r['eval/bits_per_dim'] > 0 for r in evals)
+
+  # Resume from step 3 (as if the run had stopped there): the same steps, bit for bit.
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
+  again = loop.train(config, resumed, devices=one)
+  assert sorted(again.step_losses) == [4, 5, 6]
+  assert all(again.step_losses[s] == result.step_losses[s] for s in (4, 5, 6))
+  same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  jax.tree.map(same, jax.device_get(again.state['params']), jax.device_get(result.state['params']))
+  jax.tree.map(same, jax.device_get(again.state['ema']), jax.device_get(result.state['ema']))
+
+  # train.sample: a bad option is one line and exit 1 (before anything compiles).
+  proc = _run('train.sample', f'--workdir={resumed}', '--sampler=euler')
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert errors == ['error: --sampler=euler: unknown sampler (known: ddim, ddpm)'], proc.stderr
+
+  from train import sample as sample_lib   # in-process: the same errors, without 5 processes
+  family, models, step = sample_lib.load_models(resumed)
+  assert step == 6 and family.conditional
+  for options, fragment in (({'steps': 0}, '--steps=0'), ({'steps': 101}, '--steps=101'),
+                            ({'eta': 1.5}, '--eta=1.5'), ({'labels': '10'}, 'label 10 is outside'),
+                            ({'guidance': -1.0}, '--guidance=-1.0')):
+    with pytest.raises(UserError, match=fragment):
+      family.sample(models, jax.random.key(0), str(tmp_path), dict(options))
+  # What train.sample runs, in-process (a second process would compile it all again).
+  out = str(tmp_path / 'grid.png')
+  text = family.sample(models, jax.random.key(0), resumed, dict(
+      sampler='ddim', steps=5, eta=0.5, guidance=2.0, labels='all', num_samples=10, out=out))
+  assert text == f'wrote 10 samples to {out}' and os.path.isfile(out)
+  # The same seed gives the same images; DDPM runs all T = 100 steps.
+  gen = lambda seed, **kw: family.generate_images(
+      models, jax.random.key(seed), 3, np.array([1, 2, 3]), **family.check_sample_options(kw))
+  np.testing.assert_array_equal(gen(0), gen(0))
+  assert not np.array_equal(gen(0), gen(1))
+  ddpm = gen(0, sampler='ddpm')
+  assert ddpm.shape == (3, 28, 28, 1) and ddpm.dtype == np.uint8
