@@ -11,12 +11,13 @@ Default (no ARG): MNIST, 2000 steps (~4.3 epochs).
             about 4 min wall (11.6 min measured under a load average of ~10).
   Result:   test accuracy 99.22% at step 2000 (98.99% at step 1000), test loss 0.023.
 
-ARG `fashion_mnist`: the same on Fashion-MNIST.
+ARG `fashion_mnist`: the same on Fashion-MNIST, 4000 steps (~8.5 epochs).
   Command:  python -m train --config=experiments/configs/classifier_mnist.py:fashion_mnist \
               --workdir=/tmp/genlab_classifier_fashion_mnist \
               [--config.data.raw_dir=DIR_WITH_IDX_FILES --config.data.data_dir=YOUR_TFDS_DIR]
-  Runtime:  (being measured)
-  Result:   (being measured)
+  Runtime:  328 s user CPU time (+257 s system); about 8 min wall on a quiet machine
+            (21 min measured under a load average of ~9).
+  Result:   test accuracy 91.22% at step 4000 (90.35% at step 2000; a 2000-step run: 89.67%).
 
 ARG `tiny`: 8/16-wide convs, 300 steps of batch 32: ~96% MNIST test accuracy (640 images) in
 ~18 s of CPU time (tests/test_evaluate.py trains it). `fashion_mnist,tiny` combines both.
@@ -45,10 +46,14 @@ def get_config(arg: str | None = None):
   c.checkpoint_every = 1000
   c.keep_checkpoints = 1
   c.augment_shift = 2
-  c.data.name = 'fashion_mnist' if 'fashion_mnist' in args else 'mnist'
+  c.data.name = 'mnist'
   c.model = dict(channels=(32, 64), hidden=128, dropout=0.5)
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=2000,
                      min_lr=1e-5, weight_decay=1e-4, grad_clip=1.0)
+  if 'fashion_mnist' in args:
+    c.data.name = 'fashion_mnist'
+    c.total_steps = c.optimizer.decay_steps = 4000
+    c.eval_every = c.checkpoint_every = 2000
   if 'tiny' in args:
     c.total_steps = c.optimizer.decay_steps = c.eval_every = 300
     c.optimizer.update(lr=3e-3, warmup_steps=10)
