@@ -186,7 +186,7 @@ class InceptionV3(nnx.Module):
 
 # NNX variable name -> (torch state_dict suffix, array conversion torch -> NNX).
 _TORCH_NAMES = {
-    'kernel': ('weight', lambda w: w.transpose(2, 3, 1, 0)),  # [out, in, kh, kw] -> [kh, kw, in, out]
+    'kernel': ('weight', lambda w: w.transpose(2, 3, 1, 0)),  # [o, i, kh, kw] -> [kh, kw, i, o]
     'scale': ('weight', lambda w: w), 'bias': ('bias', lambda w: w),
     'mean': ('running_mean', lambda w: w), 'var': ('running_var', lambda w: w)}
 

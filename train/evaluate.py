@@ -1,4 +1,4 @@
-"""`python -m train.evaluate --workdir=DIR --classifier=CLASSIFIER_DIR [flags]`: score an image model.
+"""`python -m train.evaluate --workdir=DIR --classifier=CLASSIFIER_DIR [flags]`: image model scores.
 
 Generates --num_samples images (default 10,000) from DIR's latest checkpoint (EMA weights where
 kept) in batches of --batch, with the family's own sampling flags (as `train.sample`: --labels,
@@ -328,7 +328,8 @@ def main(argv):
   labels = options.pop('labels', None)
   grid_path = options.pop('out', None)
   report, images, probs = evaluate(
-      workdir, extractor, num_samples=DEFAULT_NUM_SAMPLES if num is None else num, batch=_BATCH.value, seed=flags.FLAGS.seed,
+      workdir, extractor, num_samples=DEFAULT_NUM_SAMPLES if num is None else num,
+      batch=_BATCH.value, seed=flags.FLAGS.seed,
       labels=labels, options=options, likelihood_examples=_LIKELIHOOD_EXAMPLES.value,
       k=_PR_K.value, threshold=_CONFIDENCE.value, loaded=loaded)
   path = _REPORT.value or os.path.join(workdir, 'eval', report_name(report) + '.json')

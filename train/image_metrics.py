@@ -27,9 +27,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
     d^2 = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
 
-  As pytorch-fid: when the square root of a singular product is not finite (or scipy warns that
-  it is singular), eps * I is added to both covariances; an imaginary part from round-off is dropped, a large one (> 1e-3
-  on the diagonal) is an error.
+  As pytorch-fid: when the square root of a singular product is not finite (or scipy warns
+  that it is singular), eps * I is added to both covariances; an imaginary part from round-off
+  is dropped, a large one (> 1e-3 on the diagonal) is an error.
   """
   mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
   sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(
