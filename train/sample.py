@@ -62,14 +62,20 @@ def load_models(workdir: str, use_ema: bool = True):
     raise UserError(f'--workdir={workdir}: no config.json; is it a `python -m train` workdir?')
   with open(config_path, encoding='utf-8') as f:
     config = config_lib.from_json(f.read())
-  family = families.get(config.family)(config)
-  with open(os.path.join(workdir, 'family.json'), encoding='utf-8') as f:
-    family.load_metadata(json.load(f))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
   step = checkpointer.latest_step()
   if step is None:
     raise UserError(f'--workdir={workdir}: no checkpoint in {checkpointer.directory}')
-  builder = loop.StateBuilder(family, config)
+  try:
+    family = families.get(config.family)(config)
+    with open(os.path.join(workdir, 'family.json'), encoding='utf-8') as f:
+      family.load_metadata(json.load(f))
+    builder = loop.StateBuilder(family, config)
+  except (AttributeError, KeyError) as e:
+    # A run written by an older version of the family's code lacks keys the code now reads.
+    raise UserError(f'--workdir={workdir}: its config.json or family.json lacks {e} that family '
+                    f'{config.family!r} now needs (written by an older version of genlab?)'
+                    ) from None
   # Whatever mesh wrote the checkpoint, sampling restores it onto one device.
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: one_device, builder.abstract)
