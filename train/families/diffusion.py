@@ -119,8 +119,9 @@ class DiffusionFamily(images_lib.ImageFamily):
       out['guidance'] = guidance
     return out
 
-  def _sampler(self, sampler: str, steps: int, eta: float, guidance: float):
-    """The jitted whole-chain sampler for these options (cached; compiled once per shape)."""
+  def sampler_fn(self, sampler: str, steps: int, eta: float, guidance: float):
+    """The jitted whole-chain sampler for these options (cached; compiled once per shape):
+    run(graphdef, state, x_T [B, H, W, C], labels [B] | None, rng) -> x_0 [B, H, W, C]."""
     key = (sampler, steps, eta, guidance)
     if key not in self._samplers:
       clip = bool(self.config.sampling.clip)
@@ -146,7 +147,7 @@ class DiffusionFamily(images_lib.ImageFamily):
     if labels is None and self.conditional:
       labels = self.default_labels(num)
     graphdef, state = nnx.split(models['model'])
-    run = self._sampler(sampler, steps, eta, guidance)
+    run = self.sampler_fn(sampler, steps, eta, guidance)
     chunk = min(num, int(self.config.sampling.batch))
     out = []
     for i, lo in enumerate(range(0, num, chunk)):
