@@ -50,6 +50,8 @@ flags.DEFINE_string('out_dir', 'workdirs/compare_image_generators', 'Output dire
 # --num_samples (default here 10,000), --likelihood_examples (default here the whole test
 # split), and for the DDPM only --sampler, --steps, --eta, --guidance.
 flags.FLAGS.set_default('likelihood_examples', 10_000)
+_LIKELIHOOD_OF = flags.DEFINE_list('likelihood_of', ['vae', 'ddpm'],
+                                   'Models whose likelihood metrics are computed.')
 _DDPM_FLAGS = ('sampler', 'steps', 'eta', 'guidance')
 
 # The likelihood each family reports, as (report key, table text).
@@ -143,7 +145,8 @@ def main(argv):
     t0 = time.perf_counter()
     report, images, _ = evaluate_lib.evaluate(
         workdir, extractor, num_samples=fl.num_samples or 10_000, batch=fl.batch, seed=fl.seed,
-        likelihood_examples=fl.likelihood_examples, options=options, loaded=loaded)
+        likelihood_examples=fl.likelihood_examples if name in _LIKELIHOOD_OF.value else 0,
+        options=options, loaded=loaded)
     report['evaluation_s'] = time.perf_counter() - t0
     with open(os.path.join(fl.out_dir, f'{name}.json'), 'w', encoding='utf-8') as f:
       json.dump(report, f, indent=1)

@@ -1,6 +1,30 @@
-r"""DCGAN-style GAN on MNIST (or Fashion-MNIST).
+r"""DCGAN-style GAN on MNIST (or Fashion-MNIST): D then G in one jitted step, EMA generator.
 
-(Docstring with commands, runtimes and results: being measured.)
+Default (no ARG): generator z(64) -> dense -> 7x7x64 -> sub-pixel upsampling convs 32 -> 1
+(tanh), discriminator 4x4 stride-2 convs 32-64 (LeakyReLU 0.2) -> dense, no batch norm;
+non-saturating loss with an R1 penalty (gamma 1) on real images; Adam lr 2e-4, beta1 0.5 for both
+players; batch 64, 16k steps (17 epochs); samples from an EMA (0.999) of the generator.
+  Command:  python -m train --config=experiments/configs/gan_mnist.py --workdir=/tmp/gan_mnist
+            python -m train.evaluate --workdir=/tmp/gan_mnist --classifier=CLASSIFIER_DIR
+  Hardware: 2-core CPU (this project's CI machine), shared (load average 6-10 during the run).
+  Runtime:  about 33 min wall (30 min of logged step time, 90-160 ms/step; ~18 min CPU).
+  Result:   at step 16000 (10k EMA samples, the MNIST classifier's features): Frechet distance
+            33.2 (real train vs test: 0.83), precision 0.415, recall 0.797, 65.4% of samples
+            classified with confidence > 0.9, all 10 classes covered (evenness 0.989). The
+            share was still rising (44% at 4k steps, 55% at 6.5k, 62% at 12k): this small,
+            batch-norm-free DCGAN does not reach the 80% goal in this budget. A 1024-unit
+            dense layer at the generator's input (InfoGAN's MNIST generator, without its batch
+            norm) mode-collapsed by step 2000.
+
+ARG `hinge`: the hinge loss instead of the non-saturating one.
+ARG `conditional`: class-conditional generator (label embedding concatenated to z) and
+  projection discriminator.
+ARG `fashion_mnist`: Fashion-MNIST (give --config.data.raw_dir=DIR_WITH_IDX_FILES and your own
+  --config.data.data_dir the first time).
+ARG `tiny`: a smoke run of seconds. ARGs combine, e.g. `fashion_mnist,conditional,tiny`.
+None of the ARG variants was measured here beyond smoke runs.
+
+Data: TFDS `mnist` / `fashion_mnist` from --config.data.data_dir or $TFDS_DATA_DIR.
 """
 
 import ml_collections
@@ -18,7 +42,7 @@ def get_config(arg: str | None = None):
   c = common.base_config()
   c.family = 'gan'
   c.seed = 0
-  c.total_steps = 10_000
+  c.total_steps = 16_000
   c.batch_size = 64
   c.log_every = 200
   c.eval_every = 2000
