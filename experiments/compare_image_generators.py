@@ -86,6 +86,10 @@ def duration(seconds: float) -> str:
   return f'{seconds:.0f} s' if seconds < 120 else f'{seconds / 60:.1f} min'
 
 
+def rate(per_s: float) -> str:
+  return f'{per_s:,.0f}' if per_s >= 100 else f'{per_s:.1f}'
+
+
 def likelihood_text(likelihood: dict[str, Any]) -> str:
   for key, fmt in _NLL_KEYS:
     if key in likelihood:
@@ -104,7 +108,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         f'{duration(r["train_s"])} | {rep["frechet_distance"]:.2f} | {rep["precision"]:.3f} | '
         f'{rep["recall"]:.3f} | {cov.get("confident_share", float("nan")):.3f} | '
         f'{cov.get("classes_covered", "-")}/10 | {likelihood_text(rep["likelihood"])} | '
-        f'{rep["sampling"]["images_per_s"]:,.0f} |')
+        f'{rate(rep["sampling"]["images_per_s"])} |')
   ref = rows[0]['report']['reference_train_vs_test']
   lines.append(f'| real train images | | | | {ref["frechet_distance"]:.2f} | '
                f'{ref["precision"]:.3f} | {ref["recall"]:.3f} | | | | |')
