@@ -287,3 +287,7 @@ def test_train_checkpoint_resume_sample(tmp_path):
   assert not np.array_equal(gen(0), gen(1))
   ddpm = gen(0, sampler='ddpm')
   assert ddpm.shape == (3, 28, 28, 1) and ddpm.dtype == np.uint8
+  # train.evaluate's likelihood: the full bound on vlb_images (2) images, the estimate on all.
+  metrics = family.likelihood_metrics(models, jax.random.key(0), ddpm, np.array([1, 2, 3]))
+  assert metrics['vlb_images'] == 2
+  assert all(0 < metrics[k] < np.inf for k in ('vlb_bits_per_dim', 'vlb_bits_per_dim_estimate'))

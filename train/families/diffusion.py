@@ -183,10 +183,11 @@ class DiffusionFamily(images_lib.ImageFamily):
     x0 = images_lib.to_float(np.asarray(images))
     y = np.asarray(labels, np.int32)
     chunk = int(self.config.sampling.batch)
+    estimate_key, bound_key = jax.random.split(rng)
     est = np.concatenate([np.asarray(estimates(state, x0[lo:lo + chunk], y[lo:lo + chunk],
-                                               jax.random.fold_in(rng, lo)))
+                                               jax.random.fold_in(estimate_key, lo)))
                           for lo in range(0, len(x0), chunk)])
     n = min(len(x0), int(self.config.sampling.vlb_images))
-    full = np.asarray(bounds(state, x0[:n], y[:n], jax.random.fold_in(rng, -1)))
+    full = np.asarray(bounds(state, x0[:n], y[:n], bound_key))
     return {'vlb_bits_per_dim': float(full.mean()), 'vlb_images': n,
             'vlb_bits_per_dim_estimate': float(est.mean())}
