@@ -18,11 +18,17 @@ players; batch 64, 16k steps (17 epochs); samples from an EMA (0.999) of the gen
 
 ARG `hinge`: the hinge loss instead of the non-saturating one.
 ARG `conditional`: class-conditional generator (label embedding concatenated to z) and
-  projection discriminator.
+  projection discriminator; 10k steps.
+  Command:  python -m train --config=experiments/configs/gan_mnist.py:conditional --workdir=/tmp/gan_cond
+            python -m train.evaluate --workdir=/tmp/gan_cond --classifier=CLASSIFIER_DIR
+  Runtime:  12.7 min wall, 12.3 min CPU (70-76 ms/step; load average ~3).
+  Result:   10k EMA samples, 1000 per class: Frechet distance 3.41 (floor 0.83), precision
+            0.624, recall 0.788, 95.2% classified with confidence > 0.9, 94.1% as the requested
+            label with confidence > 0.9, all 10 classes (evenness 1.000).
 ARG `fashion_mnist`: Fashion-MNIST (give --config.data.raw_dir=DIR_WITH_IDX_FILES and your own
   --config.data.data_dir the first time).
 ARG `tiny`: a smoke run of seconds. ARGs combine, e.g. `fashion_mnist,conditional,tiny`.
-None of the ARG variants was measured here beyond smoke runs.
+`hinge` and `fashion_mnist` were not measured here beyond smoke runs.
 
 Data: TFDS `mnist` / `fashion_mnist` from --config.data.data_dir or $TFDS_DATA_DIR.
 """
@@ -53,6 +59,8 @@ def get_config(arg: str | None = None):
   c.sample_count = 100
   c.ema_decay = 0.999            # samples come from the generator's EMA
   c.conditional = 'conditional' in args
+  if c.conditional:
+    c.total_steps = 10_000
   c.loss = 'hinge' if 'hinge' in args else 'non_saturating'
   c.r1_gamma = 1.0               # R1 penalty weight on real images (0: off)
   c.data.name = 'fashion_mnist' if 'fashion_mnist' in args else 'mnist'
