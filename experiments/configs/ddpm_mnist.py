@@ -2,8 +2,8 @@ r"""DDPM on MNIST: a small UNet through the shared loop, unconditional or class-
 
 UNet 16-32-64 channels at 28/14/7 pixels, one residual block per level, self-attention at 7x7,
 dropout 0.1 (0.69M params, 26 GFLOP per train step); cosine schedule over T = 1000 steps, eps
-prediction, simple loss; AdamW lr 1e-3 (100 warmup steps, cosine to 1e-5), batch 64, 2400 steps
-(2.6 epochs), EMA 0.998.
+prediction, simple loss; AdamW lr 1e-3 (100 warmup steps, cosine to 1e-5), batch 64, 3600 steps
+(3.8 epochs), EMA 0.998.
 
 ARG `cond`: class-conditional with classifier-free guidance (labels dropped to the null class
 with p = 0.1): the quality config.
@@ -13,14 +13,23 @@ with p = 0.1): the quality config.
             python -m train.evaluate --workdir=/tmp/ddpm_cond --classifier=CLASSIFIER_DIR \
               --num_samples=1000 --sampler=ddim --steps=50 --guidance=3
   Hardware: 2-core CPU (this project's CI machine).
-  Runtime:  (being measured)
-  Result:   (being measured)
+  Runtime:  34 min wall on the shared machine (load average 3-4 from other jobs; 28 min of user
+            CPU + 10 min of system CPU, ~0.4-0.6 s/step); the first 2400-step version of this
+            config took 24 CPU-min.
+  Result:   eval_ema/loss 0.0396, eval bound estimate 0.88 bits/dim (full bound on 16 test
+            images: 2.68 bits/dim). 1000 DDIM-50 samples, guidance 3, balanced labels, scored
+            by the classifier_mnist.py classifier (train.evaluate): 91.5% classified as their
+            requested label with confidence > 0.9 (94.2% at any confidence), Frechet distance
+            17.8 in classifier features (real train vs test: 2.7), precision 0.75, recall 0.75.
+            Guidance 6: 95.5% label accuracy, FD 42.1, precision 0.72, recall 0.59. (At 2400
+            steps, guidance 3: 75.2%, FD 23.1; guidance 6, 500 samples: 83.8%.)
 
 Default (no ARG): the same model, unconditional (labels unused; --guidance is an error).
   Command:  python -m train --config=experiments/configs/ddpm_mnist.py --workdir=/tmp/ddpm_uncond
   Runtime:  as `cond` (not measured separately).
 
-ARG `tiny` / `cond,tiny`: 8-wide UNet, T = 100, 20 steps of batch 16: a smoke run of seconds.
+ARG `tiny` / `cond,tiny`: 8-wide UNet, T = 100, 20 steps of batch 16: a smoke run (~1 min of
+CPU, mostly compiling).
 
 Data: TFDS `mnist` from --config.data.data_dir or $TFDS_DATA_DIR; prepared without TensorFlow on
 first use (--config.data.raw_dir=DIR holding the four IDX .gz files).
@@ -38,7 +47,7 @@ def diffusion_config(dataset: str, args: set[str]):
   c.family = 'diffusion'
   c.seed = 0
   c.conditional = 'cond' in args
-  c.total_steps = 2400
+  c.total_steps = 3600
   c.batch_size = 64
   c.log_every = 100
   c.eval_every = 1000
@@ -55,7 +64,7 @@ def diffusion_config(dataset: str, args: set[str]):
                      label_dropout=0.1)
   c.sampling = dict(sampler='ddim', ddim_steps=50, ddim_eta=0.0, guidance=3.0, clip=True,
                     batch=500, vlb_images=16)
-  c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=2400,
+  c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=3600,
                      min_lr=1e-5, weight_decay=0.0, grad_clip=1.0)
   if 'tiny' in args:
     c.total_steps = c.optimizer.decay_steps = 20
