@@ -57,6 +57,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'{"positive" if key in ("batch_size", "log_every") else "non-negative"} int')
   if not 0.0 <= config.get('ema_decay', 0.0) < 1.0:
     raise UserError(f'config.ema_decay={config.ema_decay}: must be in [0, 1)')
+  profile_window(config)
+
+
+def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """`config.profile_steps` 'START,COUNT' as the step range [START, START + COUNT), or None."""
+  text = str(config.get('profile_steps', '') or '').strip()
+  if not text:
+    return None
+  parts = text.split(',')
+  try:
+    start, count = (int(p) for p in parts)
+  except ValueError:
+    start = count = -1
+  if len(parts) != 2 or start < 0 or count < 1:
+    raise UserError(f'config.profile_steps={text!r}: write START,COUNT (START >= 0, COUNT >= 1), '
+                    f'e.g. 100,5')
+  return start, start + count
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -391,12 +408,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
 
   step = start
   batch = first_batch
+  profile = profile_window(config)
+  tracing = False
   try:
     with _Preemption() as preemption:
       while step < total:
+        if profile and step == profile[0]:
+          # Steps are dispatched asynchronously: the trace covers the device work of the steps
+          # dispatched inside the window, since it stops only once they have finished.
+          jax.profiler.start_trace(os.path.join(workdir, 'profile'), create_perfetto_trace=True)
+          tracing = True
         state, m = compiled(state, batch)
         pending.append((step, m))
         step += 1
+        if tracing and step == profile[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          tracing = False
+          metrics_lib.print_line(f'profile of steps {profile[0]}-{step - 1} written to '
+                                 f'{os.path.join(workdir, "profile")} (tensorboard --logdir, or '
+                                 f'ui.perfetto.dev)')
         if step < total:
           batch = put_batch(family.train_batch(step))  # overlaps the step
         is_log = step % config.log_every == 0 or step == total
@@ -444,6 +475,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
     if step == total:
       write_samples(step)
   finally:
+    if tracing:  # the run ended (or failed) inside the profile window
+      jax.profiler.stop_trace()
     # On any error (a non-finite loss included) only finish saves already started: never
     # write the current, possibly bad, state.
     checkpointer.close()

@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.sample_every = 0             # 0: samples only at the end
   c.ema_decay = 0.0              # 0: no EMA; else EMA params are used for sampling
+  c.profile_steps = ''           # 'START,COUNT': a jax.profiler trace of those steps in DIR/profile
   c.data = ml_collections.ConfigDict()
   c.data.name = ''
   c.data.data_dir = config_dict.placeholder(str)   # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
