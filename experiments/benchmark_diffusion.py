@@ -28,6 +28,7 @@ from absl import app, flags
 from flax import nnx
 
 from experiments.configs import ddpm_mnist
+from train import cli
 from train import loop
 from train import metrics as metrics_lib
 from train import sharding as sharding_lib
@@ -116,4 +117,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.tune_host_malloc()  # as the train/sample/evaluate commands do
   app.run(main)

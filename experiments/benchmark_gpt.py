@@ -29,6 +29,7 @@ from flax import nnx
 
 from experiments.configs import gpt_shakespeare
 from models import gpt as gpt_lib
+from train import cli
 from train import loop
 from train import metrics as metrics_lib
 from train import sharding as sharding_lib
@@ -146,4 +147,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.tune_host_malloc()  # as the train/sample/evaluate commands do
   app.run(main)

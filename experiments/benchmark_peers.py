@@ -43,6 +43,7 @@ from flax import nnx
 
 from experiments.benchmark_gpt import SyntheticGPT
 from experiments.configs import ddpm_mnist, gpt_shakespeare
+from train import cli
 from train import loop
 from train import metrics as metrics_lib
 from train import sharding as sharding_lib
@@ -388,4 +389,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.tune_host_malloc()  # as the train/sample/evaluate commands do
   app.run(main)
