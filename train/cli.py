@@ -17,9 +17,10 @@ from train.errors import UserError
 # page-faulted in and unmapped again at every step. Raising both thresholds past any allocation
 # keeps freed memory in the process. On a 2-core Zen 4 CPU, `/usr/bin/time -v python -m train
 # --config=experiments/configs/gpt_shakespeare.py --workdir=W --config.total_steps=700` made
-# 8.2M minor page faults with 19.6 s of system CPU time under GENLAB_MALLOC_TUNING=0, and 1.0M
-# with 3.1 s tuned. glibc reads these tunables only at process start, and `mallopt` caps the
-# threshold at 32 MiB (which changed nothing here), hence a re-exec.
+# 8.2M minor page faults and 20.3 s of system CPU time under GENLAB_MALLOC_TUNING=0, and 1.9M
+# and 5.8 s tuned (user time 78 s both; peak RSS 851 vs 887 MB). glibc reads these tunables only
+# at process start, and `mallopt` caps the threshold at 32 MiB (which changed nothing here),
+# hence a re-exec.
 MALLOC_TUNABLES = 'glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=2147483647'
 
 
