@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from train.errors import UserError
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -100,9 +99,9 @@ class GaussianDiffusion:
 
   def __init__(self, betas: np.ndarray, prediction: str = 'eps', variance: str = 'beta_tilde'):
     if prediction not in PREDICTIONS:
-      raise UserError(f'prediction={prediction!r}: use one of {PREDICTIONS}')
+      raise ValueError(f'prediction={prediction!r}: use one of {PREDICTIONS}')
     if variance not in VARIANCES:
-      raise UserError(f'variance={variance!r}: use one of {VARIANCES}')
+      raise ValueError(f'variance={variance!r}: use one of {VARIANCES}')
     betas = np.asarray(betas, np.float64)
     self.num_steps = len(betas)
     self.prediction, self.variance = prediction, variance
@@ -126,9 +125,9 @@ class GaussianDiffusion:
   @classmethod
   def from_config(cls, schedule: str, num_steps: int, prediction: str, variance: str):
     if schedule not in SCHEDULES:
-      raise UserError(f'schedule={schedule!r}: use one of {sorted(SCHEDULES)}')
+      raise ValueError(f'schedule={schedule!r}: use one of {sorted(SCHEDULES)}')
     if num_steps < 1:
-      raise UserError(f'num_steps={num_steps}: must be >= 1')
+      raise ValueError(f'num_steps={num_steps}: must be >= 1')
     return cls(SCHEDULES[schedule](num_steps), prediction, variance)
 
   @staticmethod
@@ -331,21 +330,21 @@ SAMPLERS = {'ddpm': ddpm_sample, 'ddim': ddim_sample}
 
 def check_sampler(name: str, steps: int | None, eta: float | None, num_steps: int
                   ) -> dict[str, float | int]:
-  """Validates sampler options (UserError naming the flag); returns {'steps', 'eta'} with
+  """Validates sampler options (ValueError naming the flag); returns {'steps', 'eta'} with
   defaults filled: DDPM runs all T steps with eta 1, DDIM 50 steps (at most T) with eta 0."""
   if name not in SAMPLERS:
-    raise UserError(f'--sampler={name}: unknown sampler (known: {", ".join(sorted(SAMPLERS))})')
+    raise ValueError(f'--sampler={name}: unknown sampler (known: {", ".join(sorted(SAMPLERS))})')
   if name == 'ddpm':
     if steps is not None and steps != num_steps:
-      raise UserError(f'--steps={steps}: the ddpm sampler runs all T={num_steps} steps '
+      raise ValueError(f'--steps={steps}: the ddpm sampler runs all T={num_steps} steps '
                       '(use --sampler=ddim for fewer)')
     if eta is not None and eta != 1.0:
-      raise UserError(f'--eta={eta}: the ddpm sampler is ancestral (eta 1); use --sampler=ddim')
+      raise ValueError(f'--eta={eta}: the ddpm sampler is ancestral (eta 1); use --sampler=ddim')
     return {'steps': num_steps, 'eta': 1.0}
   steps = min(50, num_steps) if steps is None else steps
   eta = 0.0 if eta is None else eta
   if not 1 <= steps <= num_steps:
-    raise UserError(f'--steps={steps}: must be in [1, T={num_steps}]')
+    raise ValueError(f'--steps={steps}: must be in [1, T={num_steps}]')
   if not 0.0 <= eta <= 1.0:
-    raise UserError(f'--eta={eta}: must be in [0, 1]')
+    raise ValueError(f'--eta={eta}: must be in [0, 1]')
   return {'steps': int(steps), 'eta': float(eta)}

@@ -10,10 +10,11 @@ which was chosen for width 768: at nanoGPT's CPU width of 128 (std 0.088) the
 Shakespeare val loss after 2000 steps drops from ~1.87 to ~1.70 (experiments/README.md).
 Pass init_std=0.02 for nanoGPT's exact init.
 
-XLA:CPU speed note: the residual stream is kept 2-D, `[batch * seq, embed_dim]`, and
-every matmul runs on 2-D operands; only attention sees 4-D `[batch, seq, heads,
-head_dim]`. On XLA:CPU dense layers on 3-D activations backpropagate ~2x slower
-(see shared/TECH.md); on TPU/GPU the reshapes are free.
+The blocks, attention and embeddings are `models.layers` (shared with the BERT and
+encoder-decoder families); see there for the 2-D residual stream (`[batch * seq, embed]`,
+faster on XLA:CPU), the head-major fused qkv columns (tensor parallelism splits whole heads)
+and the attention kernel choice (`attention_implementation`: None picks einsum on CPU, XLA's
+fused attention elsewhere; 'cudnn' asks for cuDNN flash attention on GPU).
 
 Mixed precision: `dtype` is the activation (and KV cache) dtype, `param_dtype` the
 parameter dtype. Logits are always float32.
@@ -30,6 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from models import layers
+
 # A KV cache: one {'k': ..., 'v': ...} dict per layer, each [batch, block_size, heads, head_dim].
 KVCache = tuple[dict[str, jax.Array], ...]
 
@@ -38,180 +41,22 @@ KVCache = tuple[dict[str, jax.Array], ...]
 _TOP_P_TOLERANCE = 1e-6
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout; identity when `key` is None or `rate` is 0."""
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def _gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch's nn.GELU().
-
-  Same function as `jax.nn.gelu(x, approximate=False)` (max grad difference 2e-7), but
-  that one is written with erfc, whose derivative costs ~2x more on XLA:CPU.
-  """
-  return 0.5 * x * (1.0 + lax.erf(x * (1.0 / math.sqrt(2.0))))
-
-
-def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, rate: float,
-                      key: jax.Array | None, fused: bool | None = None) -> jax.Array:
-  """Causal self-attention over a full sequence.
-
-  Without attention dropout, accelerators use `jax.nn.dot_product_attention(is_causal=True)`
-  (XLA's fused attention; cuDNN flash attention is one `implementation=` away). On XLA:CPU,
-  and with attention dropout (which that function lacks), it is spelled out with einsums:
-  there its gradient took 1.24 ms against 0.65 ms for the einsums at [12, 64, 4, 32].
-
-  Args:
-    q, k, v: `[batch, seq, heads, head_dim]`.
-    rate: dropout rate on the attention probabilities.
-    key: dropout key; None means no dropout.
-    fused: force (True) or avoid (False) `jax.nn.dot_product_attention`; None: by backend.
-
-  Returns:
-    `[batch, seq, heads, head_dim]` in v's dtype.
-  """
-  if fused is None:
-    fused = jax.default_backend() != 'cpu'
-  if fused and (key is None or rate == 0.0):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-  seq, head_dim = q.shape[1], q.shape[-1]
-  # Scores and softmax in float32 also under bf16 activations.
-  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-  scores = scores * (1.0 / math.sqrt(head_dim))
-  causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-  scores = jnp.where(causal, scores, -jnp.inf)
-  probs = _dropout(jax.nn.softmax(scores, axis=-1), rate, key).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-
-
-class CausalSelfAttention(nnx.Module):
-  """Multi-head causal self-attention with a fused qkv projection."""
-
-  def __init__(self, *, embed_dim: int, num_heads: int, num_layers: int, dropout: float,
-               init_std: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    if embed_dim % num_heads:
-      raise ValueError(f'embed_dim {embed_dim} not divisible by num_heads {num_heads}')
-    self.num_heads = num_heads
-    self.head_dim = embed_dim // num_heads
-    self.dropout = dropout
-    init = nnx.initializers.normal(init_std)
-    resid_init = nnx.initializers.normal(init_std / math.sqrt(2 * num_layers))
-    self.qkv = nnx.Linear(embed_dim, 3 * embed_dim, kernel_init=init, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
-    self.proj = nnx.Linear(embed_dim, embed_dim, kernel_init=resid_init, dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
-
-  def _split_heads(self, x: jax.Array, batch: int, seq: int):
-    """`[batch * seq, 3 * embed]` -> three `[batch, seq, heads, head_dim]`.
-
-    The qkv columns are head-major, `[heads, 3, head_dim]`: splitting them into contiguous
-    blocks over a tensor-parallel mesh axis gives each device whole heads (Megatron), with no
-    resharding of activations.
-    """
-    qkv = self.qkv(x).reshape(batch, seq, self.num_heads, 3, self.head_dim)
-    return qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-
-  def __call__(self, x: jax.Array, batch: int, seq: int,
-               keys: tuple[jax.Array | None, jax.Array | None] = (None, None)):
-    """Full causal pass.
-
-    Args:
-      x: `[batch * seq, embed]` (layer-normed input).
-      batch, seq: static sizes.
-      keys: dropout keys (attention probabilities, residual), None for none.
-
-    Returns:
-      (out `[batch * seq, embed]`, k, v each `[batch, seq, heads, head_dim]`).
-    """
-    q, k, v = self._split_heads(x, batch, seq)
-    y = _causal_attention(q, k, v, self.dropout, keys[0]).reshape(batch * seq, -1)
-    return _dropout(self.proj(y), self.dropout, keys[1]), k, v
-
-  def decode(self, x: jax.Array, pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
-    """One new position attending to cached positions [0, pos].
-
-    Args:
-      x: `[batch, embed]` (layer-normed input at position `pos`).
-      pos: int32 scalar, position written in the cache.
-      k_cache, v_cache: `[batch, block_size, heads, head_dim]`.
-
-    Returns:
-      (out `[batch, embed]`, k_cache, v_cache) with position `pos` written.
-    """
-    batch = x.shape[0]
-    q, k, v = self._split_heads(x, batch, 1)
-    zero = jnp.zeros((), jnp.int32)
-    k_cache = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, pos, zero, zero))
-    v_cache = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, pos, zero, zero))
-    scores = jnp.einsum('bhd,bthd->bht', q[:, 0], k_cache, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(self.head_dim)
-    # Positions past `pos` hold stale entries from earlier windows: mask them.
-    valid = jnp.arange(k_cache.shape[1]) <= pos
-    scores = jnp.where(valid, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    y = jnp.einsum('bht,bthd->bhd', probs, v_cache).reshape(batch, -1)
-    return self.proj(y), k_cache, v_cache
-
-
-class MLP(nnx.Module):
-  """4x GELU MLP on `[tokens, embed]`."""
-
-  def __init__(self, *, embed_dim: int, num_layers: int, dropout: float, init_std: float,
-               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    self.dropout = dropout
-    self.fc = nnx.Linear(embed_dim, 4 * embed_dim, kernel_init=nnx.initializers.normal(init_std),
-                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.proj = nnx.Linear(4 * embed_dim, embed_dim,
-                           kernel_init=nnx.initializers.normal(init_std / math.sqrt(2 * num_layers)),
-                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-    return _dropout(self.proj(_gelu(self.fc(x))), self.dropout, key)
-
-
-class Block(nnx.Module):
-  """Pre-LayerNorm transformer block on the 2-D residual stream."""
-
-  def __init__(self, *, embed_dim: int, num_heads: int, num_layers: int, dropout: float,
-               init_std: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    ln = functools.partial(nnx.LayerNorm, embed_dim, epsilon=1e-5, dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
-    self.ln1 = ln()
-    self.attn = CausalSelfAttention(embed_dim=embed_dim, num_heads=num_heads,
-                                    num_layers=num_layers, dropout=dropout,
-                                    init_std=init_std, dtype=dtype, param_dtype=param_dtype,
-                                    rngs=rngs)
-    self.ln2 = ln()
-    self.mlp = MLP(embed_dim=embed_dim, num_layers=num_layers, dropout=dropout,
-                   init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array, batch: int, seq: int, key: jax.Array | None = None):
-    """x `[batch * seq, embed]` -> (x, k, v); k, v `[batch, seq, heads, head_dim]`."""
-    keys = (None, None, None) if key is None else tuple(jax.random.split(key, 3))
-    y, k, v = self.attn(self.ln1(x), batch, seq, keys[:2])
-    x = x + y
-    x = x + self.mlp(self.ln2(x), keys[2])
-    return x, k, v
-
-  def decode(self, x: jax.Array, pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
-    """x `[batch, embed]` at position `pos` -> (x, k_cache, v_cache)."""
-    y, k_cache, v_cache = self.attn.decode(self.ln1(x), pos, k_cache, v_cache)
-    x = x + y
-    x = x + self.mlp(self.ln2(x))
-    return x, k_cache, v_cache
-
-
 class GPT(nnx.Module):
-  """nanoGPT-style decoder-only transformer with tied input/output embeddings."""
+  """nanoGPT-style decoder-only transformer with tied input/output embeddings.
+
+  Params: wte `[vocab, D]`, wpe `[block_size, D]`, blocks/i (`layers.Block`: ln1,
+  attn/qkv, attn/proj, ln2, mlp/fc, mlp/proj), ln_f.
+  """
 
   def __init__(self, *, vocab_size: int, block_size: int, num_layers: int, num_heads: int,
                embed_dim: int, dropout: float = 0.0, init_std: float | None = None,
+               attention_implementation: str | None = None,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     """init_std: std of the weight and embedding init (residual projections get
-    init_std / sqrt(2 * num_layers)); None is 1 / sqrt(embed_dim), 0.02 is nanoGPT's."""
+    init_std / sqrt(2 * num_layers)); None is 1 / sqrt(embed_dim), 0.02 is nanoGPT's.
+    attention_implementation: see `layers.attention_implementation`."""
+    if embed_dim % num_heads:
+      raise ValueError(f'embed_dim {embed_dim} not divisible by num_heads {num_heads}')
     self.vocab_size = vocab_size
     self.block_size = block_size
     self.num_layers = num_layers
@@ -221,45 +66,42 @@ class GPT(nnx.Module):
     self.dtype = dtype
     init_std = embed_dim ** -0.5 if init_std is None else init_std
     init = nnx.initializers.normal(init_std)
+    # wte/wpe directly on the model (not a layers.Embeddings) keeps the param tree of runs
+    # written before models/layers.py existed, so their checkpoints still restore.
     self.wte = nnx.Embed(vocab_size, embed_dim, embedding_init=init, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.wpe = nnx.Embed(block_size, embed_dim, embedding_init=init, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.blocks = nnx.List([
-        Block(embed_dim=embed_dim, num_heads=num_heads, num_layers=num_layers,
-              dropout=dropout, init_std=init_std, dtype=dtype, param_dtype=param_dtype,
-              rngs=rngs)
+        layers.Block(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout,
+                     init_std=init_std, out_init_std=init_std / math.sqrt(2 * num_layers),
+                     implementation=attention_implementation, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
         for _ in range(num_layers)])
     self.ln_f = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs)
 
-  def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    """tokens `[...]`, positions broadcastable -> `[..., embed]` in `dtype`."""
-    wpe = self.wpe.embedding[...].astype(self.dtype)
-    return self.wte(tokens) + wpe[positions]
-
   def _logits(self, h: jax.Array) -> jax.Array:
     """h `[n, embed]` (pre final LayerNorm) -> float32 logits `[n, vocab]` (tied to wte)."""
-    h = self.ln_f(h)
-    wte = self.wte.embedding[...].astype(h.dtype)
-    # h @ wte.T without materializing the transpose; accumulate and return in float32.
-    return lax.dot_general(h, wte, (((1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+    return layers.tied_logits(self.ln_f(h), self.wte)
 
-  def _trunk(self, tokens: jax.Array, dropout_key: jax.Array | None = None):
-    """tokens `[batch, seq]` -> (h `[batch * seq, embed]`, [(k, v)] per layer)."""
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    """tokens `[batch, seq]` -> `[batch * seq, embed]` at positions [0, seq)."""
     batch, seq = tokens.shape
     if seq > self.block_size:
       raise ValueError(f'sequence length {seq} > block_size {self.block_size}')
+    x = layers.embed_tokens(self.wte, self.wpe, tokens, jnp.arange(seq)[None, :])
+    return x.reshape(batch * seq, self.embed_dim)
+
+  def _trunk(self, tokens: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """tokens `[batch, seq]` -> h `[batch * seq, embed]` (before the final LayerNorm)."""
+    batch, seq = tokens.shape
     keys = ([None] * (self.num_layers + 1) if dropout_key is None
             else list(jax.random.split(dropout_key, self.num_layers + 1)))
-    x = self._embed(tokens, jnp.arange(seq)[None, :]).reshape(batch * seq, self.embed_dim)
-    x = _dropout(x, self.dropout, keys[0])
-    kvs = []
+    x = layers.dropout(self._embed(tokens), self.dropout, keys[0])
     for block, key in zip(self.blocks, keys[1:]):
-      x, k, v = block(x, batch, seq, key)
-      kvs.append((k, v))
-    return x, kvs
+      x = block(x, batch=batch, seq=seq, is_causal=True, dropout_key=key)
+    return x
 
   def __call__(self, tokens: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """Full forward pass.
@@ -272,13 +114,12 @@ class GPT(nnx.Module):
       float32 logits `[batch, seq, vocab]`.
     """
     batch, seq = tokens.shape
-    h, _ = self._trunk(tokens, dropout_key)
-    return self._logits(h).reshape(batch, seq, self.vocab_size)
+    return self._logits(self._trunk(tokens, dropout_key)).reshape(batch, seq, self.vocab_size)
 
   def init_cache(self, batch_size: int) -> KVCache:
     """Zero KV cache: per layer k, v `[batch, block_size, heads, head_dim]` in `dtype`."""
-    shape = (batch_size, self.block_size, self.num_heads, self.embed_dim // self.num_heads)
-    return tuple({'k': jnp.zeros(shape, self.dtype), 'v': jnp.zeros(shape, self.dtype)}
+    return tuple(layers.init_kv_cache(batch_size, self.block_size, self.num_heads,
+                                      self.embed_dim // self.num_heads, self.dtype)
                  for _ in range(self.num_layers))
 
   def prefill(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -289,12 +130,12 @@ class GPT(nnx.Module):
       are left as they were; decode masks them out.
     """
     batch, seq = tokens.shape
-    h, kvs = self._trunk(tokens)
-    new_cache = tuple(
-        {'k': lax.dynamic_update_slice_in_dim(c['k'], k.astype(c['k'].dtype), 0, axis=1),
-         'v': lax.dynamic_update_slice_in_dim(c['v'], v.astype(c['v'].dtype), 0, axis=1)}
-        for c, (k, v) in zip(cache, kvs))
-    return self._logits(h).reshape(batch, seq, self.vocab_size), new_cache
+    x = self._embed(tokens)
+    new_cache = []
+    for block, c in zip(self.blocks, cache):
+      x, c = block.prefill(x, batch=batch, seq=seq, cache=c)
+      new_cache.append(c)
+    return self._logits(x).reshape(batch, seq, self.vocab_size), tuple(new_cache)
 
   def decode(self, token: jax.Array, pos: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One decoding step.
@@ -308,17 +149,17 @@ class GPT(nnx.Module):
       (float32 logits `[batch, vocab]` for the next token, cache with `pos` written).
     """
     pos = jnp.asarray(pos, jnp.int32)
-    x = self._embed(token, pos)
+    x = layers.embed_tokens(self.wte, self.wpe, token, pos)
     new_cache = []
     for block, c in zip(self.blocks, cache):
-      x, k, v = block.decode(x, pos, c['k'], c['v'])
-      new_cache.append({'k': k, 'v': v})
+      x, c = block.decode(x, pos, c)
+      new_cache.append(c)
     return self._logits(x), tuple(new_cache)
 
   def logits_at(self, tokens: jax.Array, index: jax.Array) -> jax.Array:
     """tokens `[batch, seq]` -> float32 logits `[batch, vocab]` at position `index` only."""
     batch, seq = tokens.shape
-    h, _ = self._trunk(tokens)
+    h = self._trunk(tokens)
     h = lax.dynamic_index_in_dim(h.reshape(batch, seq, -1), index, axis=1, keepdims=False)
     return self._logits(h)
 

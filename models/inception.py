@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.errors import UserError
 
 
 def _pair(v):
@@ -204,23 +203,23 @@ def nnx_path(tree_path) -> tuple[str, ...]:
 def load_torch_npz(model: InceptionV3, path: str) -> InceptionV3:
   """Loads pytorch-fid's Inception state_dict, saved as an .npz, into `model` (in place).
 
-  Raises UserError naming the file when a weight is missing or has the wrong shape. Keys the
+  Raises ValueError naming the file when a weight is missing or has the wrong shape. Keys the
   features do not use (the 1008-way `fc`, `num_batches_tracked`) are ignored.
   """
   try:
     arrays = np.load(path)  # lazy: each array is read when looked up
   except (OSError, ValueError) as e:
-    raise UserError(f'--inception_weights={path}: cannot read it as .npz ({e})') from None
+    raise ValueError(f'--inception_weights={path}: cannot read it as .npz ({e})') from None
 
   def load(tree_path, leaf):
     name = nnx_path(tree_path)
     key = torch_key(name)
     if key not in arrays:
-      raise UserError(f'--inception_weights={path}: no {key!r}; expected pytorch-fid\'s '
+      raise ValueError(f'--inception_weights={path}: no {key!r}; expected pytorch-fid\'s '
                       'pt_inception-2015-12-05 state_dict saved with np.savez')
     value = _TORCH_NAMES[name[-1]][1](arrays[key])
     if value.shape != leaf.shape:
-      raise UserError(f'--inception_weights={path}: {key!r} has shape {arrays[key].shape}, '
+      raise ValueError(f'--inception_weights={path}: {key!r} has shape {arrays[key].shape}, '
                       f'expected (torch layout of) {leaf.shape}')
     return jnp.asarray(value, leaf.dtype)
 

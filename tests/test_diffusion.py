@@ -213,12 +213,23 @@ def test_sampler_options_are_checked():
                                      ('ddim', 50, 1.5, '--eta=1.5'),
                                      ('ddim', 50, -0.1, '--eta=-0.1'),
                                      ('ddpm', 50, None, '--steps=50')):
-    with pytest.raises(UserError, match=fragment.replace('[', r'\[')):
+    with pytest.raises(ValueError, match=fragment.replace('[', r'\[')):
       D.check_sampler(name, steps, eta, 1000)
   assert D.check_sampler('ddim', None, None, 1000) == {'steps': 50, 'eta': 0.0}
   assert D.check_sampler('ddpm', None, None, 1000) == {'steps': 1000, 'eta': 1.0}
   np.testing.assert_array_equal(D.ddim_timesteps(1000, 4), [999, 749, 499, 249])
   np.testing.assert_array_equal(D.ddim_timesteps(10, 10), np.arange(9, -1, -1))
+
+
+def test_model_value_errors_reach_the_command_line_as_user_errors():
+  config = ddpm_mnist.get_config('tiny')
+  config.diffusion.schedule = 'cubic'
+  with pytest.raises(UserError, match="config.diffusion.schedule='cubic'"):
+    DiffusionFamily(config)
+  family = DiffusionFamily(ddpm_mnist.get_config('tiny'))
+  family.load_metadata({'image_shape': [28, 28, 1], 'class_names': [str(i) for i in range(10)]})
+  with pytest.raises(UserError, match='--sampler=euler: unknown sampler'):
+    family.check_sample_options({'sampler': 'euler'})
 
 
 def test_guidance_on_an_unconditional_model_is_an_error():

@@ -54,10 +54,10 @@ def test_loads_pytorch_fid_state_dict_from_npz(tmp_path):
 
   # Variables load in sorted order: 'Conv2d_1a_3x3.bn.bias' is the first one looked up.
   np.savez(tmp_path / 'missing.npz', **{'fc.weight': arrays['fc.weight']})
-  with pytest.raises(UserError, match="no 'Conv2d_1a_3x3.bn.bias'"):
+  with pytest.raises(ValueError, match="no 'Conv2d_1a_3x3.bn.bias'"):
     inception.load_torch_npz(_abstract_model(), str(tmp_path / 'missing.npz'))
   np.savez(tmp_path / 'bad.npz', **{'Conv2d_1a_3x3.bn.bias': np.zeros(3, np.float32)})
-  with pytest.raises(UserError, match='has shape'):
+  with pytest.raises(ValueError, match='has shape'):
     inception.load_torch_npz(_abstract_model(), str(tmp_path / 'bad.npz'))
 
 

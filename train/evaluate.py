@@ -141,7 +141,10 @@ class InceptionFeatures:
     self.weights = weights
     # Built abstractly: every array comes from the file (an eager init takes a minute on CPU).
     model = nnx.eval_shape(lambda: inception_lib.InceptionV3(rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(inception_lib.load_torch_npz(model, weights))
+    try:
+      graphdef, state = nnx.split(inception_lib.load_torch_npz(model, weights))
+    except ValueError as e:
+      raise UserError(str(e)) from None
     apply = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images_lib.to_float(images)))
     self._apply = lambda images: apply(state, images)
 

@@ -210,6 +210,14 @@ class Family(abc.ABC):
   def load_metadata(self, metadata: dict[str, Any]) -> None:
     """Restores what `metadata` returned, in a process that did not call `setup_data`."""
 
+  def write_run_files(self, workdir: str) -> None:
+    """Writes files that sampling needs beside family.json (e.g. a tokenizer); called by the
+    loop on process 0 after `setup_data`, at every start, so a resumed run can check them."""
+
+  def read_run_files(self, workdir: str) -> None:
+    """Reads what `write_run_files` wrote, after `load_metadata` (UserError when a file is
+    missing or damaged)."""
+
   def write_samples(self, models: dict[str, nnx.Module], rng: jax.Array, path: str) -> None:
     """Writes a few samples (text, image grid) to `path` (without extension)."""
 

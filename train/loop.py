@@ -298,6 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
       f.write(config_lib.to_json(config))
     with open(os.path.join(workdir, 'family.json'), 'w', encoding='utf-8') as f:
       json.dump(family.metadata(), f)
+    family.write_run_files(workdir)
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                        keep=int(config.get('keep_checkpoints', 3)))

@@ -70,6 +70,7 @@ def load_models(workdir: str, use_ema: bool = True):
     family = families.get(config.family)(config)
     with open(os.path.join(workdir, 'family.json'), encoding='utf-8') as f:
       family.load_metadata(json.load(f))
+    family.read_run_files(workdir)
     builder = loop.StateBuilder(family, config)
   except (AttributeError, KeyError) as e:
     # A run written by an older version of the family's code lacks keys the code now reads.

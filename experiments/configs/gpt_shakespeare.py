@@ -23,6 +23,9 @@ below; `mesh.tensor` must divide `model.num_heads`). Whether a size fits before 
   python -m train.compile --config=experiments/configs/gpt_shakespeare.py --devices=8 \
       --config.batch_size=16 --config.mesh.data=1 --config.mesh.fsdp=-1
 
+Subword tokens instead of characters: --config.data.tokenizer=subword [--config.data.vocab_size=N]
+(experiments/configs/gpt_multi30k.py runs GPT on Multi30k sentences that way).
+
 Data: TFDS `tiny_shakespeare` from --config.data.data_dir or $TFDS_DATA_DIR; prepared without
 TensorFlow on first use (--config.data.raw_dir=DIR holding input.txt, offline).
 """
@@ -44,10 +47,13 @@ def get_config(arg: str | None = None):
   c.checkpoint_every = 1000
   c.sample_tokens = 256
   c.data.name = 'tiny_shakespeare'
+  c.data.tokenizer = 'char'      # or 'subword' (byte-level BPE of vocab_size, train/text.py)
+  c.data.vocab_size = 2000       # subword only
   c.model = dict(block_size=64, num_layers=4, num_heads=4, embed_dim=128, dropout=0.0,
                  dtype='float32')
   # Weight init std; None: 1/sqrt(embed_dim) (0.088 here). 0.02 is nanoGPT's (val ~1.87).
   c.model.init_std = config_dict.placeholder(float)
+  c.model.attention = config_dict.placeholder(str)  # None: einsum on CPU, else XLA; or 'cudnn'
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=2000,
                      min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
   # Megatron tensor parallelism, active with --config.mesh.tensor=N: qkv (head-major columns)

@@ -50,8 +50,11 @@ class DiffusionFamily(images_lib.ImageFamily):
   def __init__(self, config):
     super().__init__(config)
     d = config.diffusion
-    self.diffusion = diffusion_lib.GaussianDiffusion.from_config(
-        d.schedule, d.num_steps, d.prediction, d.variance)
+    try:
+      self.diffusion = diffusion_lib.GaussianDiffusion.from_config(
+          d.schedule, d.num_steps, d.prediction, d.variance)
+    except ValueError as e:
+      raise UserError(f'config.diffusion.{e}') from None
     if not 0.0 <= d.label_dropout < 1.0:
       raise UserError(f'config.diffusion.label_dropout={d.label_dropout}: must be in [0, 1)')
     if config.model.dtype not in _DTYPES:
@@ -110,8 +113,11 @@ class DiffusionFamily(images_lib.ImageFamily):
     if sampler == 'ddim':
       steps = s.ddim_steps if steps is None else steps
       eta = s.ddim_eta if eta is None else eta
-    out = {'sampler': sampler, **diffusion_lib.check_sampler(
-        sampler, steps, eta, self.diffusion.num_steps)}
+    try:
+      checked = diffusion_lib.check_sampler(sampler, steps, eta, self.diffusion.num_steps)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+    out = {'sampler': sampler, **checked}
     if self.conditional:
       guidance = float(s.guidance if options.get('guidance') is None else options['guidance'])
       if guidance < 0:

@@ -1,4 +1,12 @@
-"""The GPT family: a char-level decoder-only language model on a TFDS text dataset."""
+"""The GPT family: a decoder-only language model over a character or a subword tokenizer.
+
+Data (config.data.name): a TFDS text dataset (tiny_shakespeare: one document, cut into random
+windows as nanoGPT) or 'multi30k' (one language's sentences, each followed by [EOS] with the
+subword tokenizer or by a newline with the character one, then cut into windows the same way).
+config.data.tokenizer: 'char' (nanoGPT's, vocabulary in family.json) or 'subword' (byte-level
+BPE of train/text.py, trained on the train split with config.data.vocab_size tokens, saved as
+tokenizer.json in the run directory).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from flax import nnx
 
 from models import gpt as gpt_lib
 from train import data as data_lib
+from train import text as text_lib
 from train.errors import UserError
 from train.family import Family
 
@@ -22,7 +31,9 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 class GPTFamily(Family):
   """config.model: block_size, num_layers, num_heads, embed_dim, dropout, init_std (None:
   1/sqrt(embed_dim); 0.02 is nanoGPT's), dtype ('float32' or 'bfloat16' activations; params
-  stay float32). config.data: name, data_dir, raw_dir.
+  stay float32), attention (None: by backend; 'einsum', 'xla', 'cudnn'). config.data: name,
+  data_dir, raw_dir, tokenizer ('char' or 'subword'), vocab_size (subword), language
+  (multi30k).
   config.eval_batches: how many validation batches each eval averages over."""
 
   name = 'gpt'
@@ -30,7 +41,11 @@ class GPTFamily(Family):
 
   def __init__(self, config):
     super().__init__(config)
-    self.tokenizer: data_lib.CharTokenizer | None = None
+    self.tokenizer: data_lib.CharTokenizer | text_lib.SubwordTokenizer | None = None
+    # Runs written before the subword tokenizer existed have no data.tokenizer: char.
+    self.tokenizer_kind = config.data.get('tokenizer', 'char')
+    if self.tokenizer_kind not in ('char', 'subword'):
+      raise UserError(f'config.data.tokenizer={self.tokenizer_kind!r}: use char or subword')
     m = config.model
     if m.dtype not in _DTYPES:
       raise UserError(f'config.model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}')
@@ -39,9 +54,39 @@ class GPTFamily(Family):
                       f'config.model.num_heads={m.num_heads}')
 
   # ---- data ----
+  def _token_streams(self) -> dict[str, np.ndarray]:
+    """split -> [num_tokens] int32 ids; sets self.tokenizer."""
+    c = self.config
+    if c.data.name == 'multi30k':
+      language = c.data.get('language', 'en')
+      texts = {split: text_lib.load_multi30k(c.data.raw_dir, source, language)
+               for split, source in (('train', 'train'), ('validation', 'val'))}
+      if self.tokenizer_kind == 'char':
+        self.tokenizer = data_lib.CharTokenizer.from_text(
+            ''.join('\n'.join(t) + '\n' for t in texts.values()))
+        return {k: self.tokenizer.encode('\n'.join(t) + '\n') for k, t in texts.items()}
+      self.tokenizer = self._train_subword(texts['train'])
+      eos = np.array([text_lib.EOS_ID], np.int32)
+      return {k: np.concatenate([x for ids in self.tokenizer.encode_batch(t) for x in (ids, eos)])
+              for k, t in texts.items()}
+    chars, splits = data_lib.load_text(c.data.name, c.data.data_dir, c.data.raw_dir)
+    if self.tokenizer_kind == 'char':
+      self.tokenizer = chars
+      return splits
+    # One document per split: the subword tokenizer learns from the train text in lines.
+    texts = {k: chars.decode(v) for k, v in splits.items()}
+    self.tokenizer = self._train_subword(texts['train'].splitlines(keepends=True))
+    return {k: self.tokenizer.encode(t) for k, t in texts.items()}
+
+  def _train_subword(self, texts: list[str]) -> text_lib.SubwordTokenizer:
+    try:
+      return text_lib.SubwordTokenizer.train(texts, self.config.data.vocab_size)
+    except ValueError as e:
+      raise UserError(f'config.data.vocab_size: {e}') from None
+
   def setup_data(self, process_index: int, process_count: int) -> None:
     c = self.config
-    self.tokenizer, splits = data_lib.load_text(c.data.name, c.data.data_dir, c.data.raw_dir)
+    splits = self._token_streams()
     windows = lambda tokens, seed: data_lib.TokenWindows(
         tokens, block_size=c.model.block_size, global_batch_size=c.batch_size, seed=seed,
         process_index=process_index, process_count=process_count)
@@ -57,10 +102,21 @@ class GPTFamily(Family):
     return self._eval
 
   def metadata(self) -> dict[str, Any]:
+    if self.tokenizer_kind == 'subword':
+      return {'tokenizer': 'subword', 'vocab_size': self.tokenizer.vocab_size}
     return {'chars': self.tokenizer.chars}
 
   def load_metadata(self, metadata: dict[str, Any]) -> None:
-    self.tokenizer = data_lib.CharTokenizer(metadata['chars'])
+    if self.tokenizer_kind == 'char':
+      self.tokenizer = data_lib.CharTokenizer(metadata['chars'])
+
+  def write_run_files(self, workdir: str) -> None:
+    if self.tokenizer_kind == 'subword':
+      text_lib.save_in_workdir(self.tokenizer, workdir)
+
+  def read_run_files(self, workdir: str) -> None:
+    if self.tokenizer_kind == 'subword':
+      self.tokenizer = text_lib.load_from_workdir(workdir)
 
   # ---- model and loss ----
   def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
@@ -68,7 +124,8 @@ class GPTFamily(Family):
     return {'model': gpt_lib.GPT(
         vocab_size=self.tokenizer.vocab_size, block_size=m.block_size, num_layers=m.num_layers,
         num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
-        init_std=m.get('init_std'), dtype=_DTYPES[m.dtype], param_dtype=jnp.float32, rngs=rngs)}
+        init_std=m.get('init_std'), attention_implementation=m.get('attention'),
+        dtype=_DTYPES[m.dtype], param_dtype=jnp.float32, rngs=rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):
     logits = models['model'](batch['inputs'], dropout_key=rng if train else None)
@@ -77,8 +134,8 @@ class GPTFamily(Family):
 
   def derived_eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
     loss = metrics['loss']
-    return {**metrics, 'perplexity': math.exp(min(loss, 700.0)),
-            'bits_per_char': loss / math.log(2)}
+    bits = 'bits_per_char' if self.tokenizer_kind == 'char' else 'bits_per_token'
+    return {**metrics, 'perplexity': math.exp(min(loss, 700.0)), bits: loss / math.log(2)}
 
   # ---- reporting ----
   def items_per_step(self) -> int:
@@ -107,24 +164,31 @@ class GPTFamily(Family):
       raise UserError(f'--top_k={top_k}: must be in [1, {self.tokenizer.vocab_size}]')
     if top_p is not None and not 0.0 < top_p <= 1.0:
       raise UserError(f'--top_p={top_p}: must be in (0, 1]')
-    if not prompt:
-      raise UserError('--prompt: must not be empty (the default is a newline)')
-    ids = self.tokenizer.encode(prompt)
+    if self.tokenizer_kind == 'subword':
+      # [EOS] ends a sentence in the Multi30k stream: a prompt continues from a boundary.
+      ids = np.concatenate([[text_lib.EOS_ID], self.tokenizer.encode(prompt)]).astype(np.int32)
+      decode = lambda row: self.tokenizer.decode(row, skip_special=False).replace('[EOS]', '\n')
+    else:
+      if not prompt:
+        raise UserError('--prompt: must not be empty (the default is a newline)')
+      ids, decode = self.tokenizer.encode(prompt), self.tokenizer.decode
     prompt_ids = jnp.tile(jnp.asarray(ids, jnp.int32)[None], (num_samples, 1))
     out = gpt_lib.generate(model, prompt_ids, rng, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p)
-    return [prompt + self.tokenizer.decode(row) for row in np.asarray(out)]
+    return [prompt + decode(row) for row in np.asarray(out)]
 
   sample_flags = ('num_samples', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p')
 
   def sample(self, models, rng, workdir, options) -> str:
-    defaults = dict(num_samples=1, prompt='\n', max_new_tokens=500, temperature=1.0)
+    defaults = dict(num_samples=1, prompt='\n' if self.tokenizer_kind == 'char' else '',
+                    max_new_tokens=500, temperature=1.0)
     options = {k: defaults.get(k) if v is None else v for k, v in options.items()}
     texts = self.generate_text(models['model'], rng, **{**defaults, **options})
     return '\n\n-----\n'.join(texts)
 
   def write_samples(self, models, rng, path: str) -> None:
-    texts = self.generate_text(models['model'], rng, prompt='\n', num_samples=2,
+    texts = self.generate_text(models['model'], rng,
+                               prompt='\n' if self.tokenizer_kind == 'char' else '', num_samples=2,
                                max_new_tokens=int(self.config.get('sample_tokens', 256)),
                                temperature=1.0, top_k=None, top_p=None)
     with open(path + '.txt', 'w', encoding='utf-8') as f:
