@@ -17,6 +17,7 @@ _FAMILIES = {
     'classifier': 'train.families.classifier:ClassifierFamily',
     'vae': 'train.families.vae:VAEFamily',
     'gan': 'train.families.gan:GANFamily',
+    'translate': 'train.families.translate:TranslateFamily',
 }
 
 
