@@ -4,6 +4,7 @@ Loads DIR's latest checkpoint (EMA weights when the run kept them) and samples w
 own flags; giving a flag the family does not take is an error. The same seed gives the same
 output.
   language models: --num_samples --prompt --max_new_tokens --temperature (0: greedy) --top_k --top_p
+  translation:     --prompt (a source sentence) --beam_size (1: greedy) --length_penalty
   image families:  --num_samples --labels (all | 3 | 1,7) --out (PNG path; default
                    DIR/samples/sample.png), and for diffusion --sampler --steps --eta --guidance
 """
@@ -39,9 +40,13 @@ flags.DEFINE_string('sampler', None, 'Diffusion: reverse sampler name (e.g. ddpm
 flags.DEFINE_integer('steps', None, 'Diffusion: number of reverse steps.')
 flags.DEFINE_float('eta', None, 'Diffusion (DDIM): noise scale in [0, 1]; 0 is deterministic.')
 flags.DEFINE_float('guidance', None, 'Diffusion: classifier-free guidance scale w.')
+flags.DEFINE_integer('beam_size', None, 'Translation: beam width (1: greedy search).')
+flags.DEFINE_float('length_penalty', None, 'Translation: GNMT length penalty alpha >= 0 of beam '
+                   'search (0: raw log probability).')
 
 FAMILY_FLAGS = ('num_samples', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
-                'labels', 'out', 'sampler', 'steps', 'eta', 'guidance')
+                'labels', 'out', 'sampler', 'steps', 'eta', 'guidance', 'beam_size',
+                'length_penalty')
 
 
 def family_options(family) -> dict:

@@ -202,3 +202,150 @@ def load_multi30k_pairs(raw_dir: str | None, split: str, source: str, target: st
     raise UserError(f'Multi30k split {split!r}: {len(src)} {source} lines but {len(tgt)} '
                     f'{target} lines in {multi30k_dir(raw_dir)}')
   return src, tgt
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed batches of sentence pairs.
+# ---------------------------------------------------------------------------------------------
+def pack_rows(src_lens: np.ndarray, tgt_lens: np.ndarray, order: np.ndarray, src_len: int,
+              tgt_len: int, open_rows: int = 16) -> list[list[int]]:
+  """Packs pairs into rows of `src_len` source and `tgt_len` target tokens.
+
+  First fit over the last `open_rows` rows, taking the pairs in `order`: a pair goes into the
+  oldest open row with room for both its sides, else opens a row (the oldest is closed when
+  more than `open_rows` are open). A bounded window keeps each row's pairs close in `order`
+  (so shuffling still mixes batches) and fills rows to ~98% on Multi30k.
+
+  Returns:
+    rows, each a list of pair indices, in the order they were closed.
+  """
+  rows: list[list[int]] = []
+  live: list[list] = []  # [pair indices, source room, target room]
+  for i in order:
+    s, t = int(src_lens[i]), int(tgt_lens[i])
+    for row in live:
+      if row[1] >= s and row[2] >= t:
+        row[0].append(int(i))
+        row[1] -= s
+        row[2] -= t
+        break
+    else:
+      live.append([[int(i)], src_len - s, tgt_len - t])
+      if len(live) > open_rows:
+        rows.append(live.pop(0)[0])
+  rows.extend(row[0] for row in live)
+  return rows
+
+
+class PackedPairs:
+  """Batches of packed (source, target) pairs; the batch at a step is a pure function of it.
+
+  Each pair is source + [EOS] on the encoder side and [BOS] + target (decoder input) /
+  target + [EOS] (labels) on the decoder side; longer sides are cut to the row length (EOS kept
+  last). Epoch e packs every pair in an order shuffled by (seed, e) (`pack_rows`) and yields
+  floor(rows / batch_rows) batches (the few leftover rows wait for another epoch's shuffle);
+  step -> epoch is found from those counts, so any step is produced directly and a resumed run
+  sees exactly the batches an uninterrupted one would. Each process takes its contiguous slice
+  of the global batch rows.
+
+  Batch (this process's rows): 'src', 'src_seg', 'src_pos' int32 [rows, src_len] and 'tgt_in',
+  'tgt_out', 'tgt_seg', 'tgt_pos' int32 [rows, tgt_len]; segment ids count 1, 2, ... per row
+  (0 = padding) and positions restart at 0 in each segment.
+  """
+
+  def __init__(self, src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], *, src_len: int,
+               tgt_len: int, batch_rows: int, seed: int, shuffle: bool = True,
+               process_index: int = 0, process_count: int = 1):
+    if len(src) != len(tgt) or not len(src):
+      raise UserError(f'PackedPairs needs as many targets as sources, got {len(src)} and '
+                      f'{len(tgt)}')
+    if batch_rows < 1 or batch_rows % process_count:
+      raise UserError(f'batch_size={batch_rows} (rows) must be a positive multiple of the '
+                      f'process count {process_count}: change --config.batch_size')
+    if min(src_len, tgt_len) < 2:
+      raise UserError(f'row lengths {src_len}, {tgt_len} must be >= 2: raise '
+                      '--config.model.max_len')
+    self.src = [np.append(s[:src_len - 1], EOS_ID).astype(np.int32) for s in src]
+    self.tgt = [np.asarray(t[:tgt_len - 1], np.int32) for t in tgt]
+    self.src_len, self.tgt_len = src_len, tgt_len
+    self.batch_rows = batch_rows
+    self.local_rows = batch_rows // process_count
+    self.process_index = process_index
+    self.seed, self.shuffle = seed, shuffle
+    self._src_lens = np.asarray([len(s) for s in self.src])
+    self._tgt_lens = np.asarray([len(t) + 1 for t in self.tgt])
+    self._epochs: dict[int, list[list[int]]] = {}
+    self._first_step = [0]  # first step of epoch e, extended as epochs are packed
+
+  def epoch_rows(self, epoch: int) -> list[list[int]]:
+    if epoch not in self._epochs:
+      if len(self._epochs) > 2:
+        self._epochs.pop(min(self._epochs))
+      n = len(self.src)
+      order = (np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle
+               else np.arange(n))
+      self._epochs[epoch] = pack_rows(self._src_lens, self._tgt_lens, order, self.src_len,
+                                      self.tgt_len)
+    return self._epochs[epoch]
+
+  def steps_per_epoch(self, epoch: int) -> int:
+    return len(self.epoch_rows(epoch)) // self.batch_rows
+
+  def locate(self, step: int) -> tuple[int, int]:
+    """(epoch, batch index within it) of `step`."""
+    if step < 0:
+      raise UserError(f'step={step} must be non-negative')
+    while self._first_step[-1] <= step:
+      epoch = len(self._first_step) - 1
+      steps = self.steps_per_epoch(epoch)
+      if steps < 1:
+        raise UserError(f'batch_size={self.batch_rows} rows exceeds the '
+                        f'{len(self.epoch_rows(epoch))} packed rows of the data: lower it')
+      self._first_step.append(self._first_step[-1] + steps)
+    epoch = int(np.searchsorted(self._first_step, step, side='right')) - 1
+    return epoch, step - self._first_step[epoch]
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    epoch, index = self.locate(step)
+    lo = index * self.batch_rows + self.process_index * self.local_rows
+    return self.make_rows(self.epoch_rows(epoch)[lo:lo + self.local_rows])
+
+  def all_batches(self) -> list[dict[str, np.ndarray]]:
+    """Every row of epoch 0 in batches (evaluation); the last batch is filled up with empty
+    (all padding) rows."""
+    rows = self.epoch_rows(0)
+    out = []
+    for lo in range(0, len(rows), self.batch_rows):
+      chunk = rows[lo:lo + self.batch_rows]
+      chunk = chunk + [[]] * (self.batch_rows - len(chunk))
+      start = self.process_index * self.local_rows
+      out.append(self.make_rows(chunk[start:start + self.local_rows]))
+    return out
+
+  def make_rows(self, rows: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    n = len(rows)
+    out = {k: np.zeros((n, self.src_len), np.int32) for k in ('src', 'src_seg', 'src_pos')}
+    out.update({k: np.zeros((n, self.tgt_len), np.int32)
+                for k in ('tgt_in', 'tgt_out', 'tgt_seg', 'tgt_pos')})
+    for r, pairs in enumerate(rows):
+      s_at = t_at = 0
+      for seg, i in enumerate(pairs, start=1):
+        s, t = self.src[i], self.tgt[i]
+        out['src'][r, s_at:s_at + len(s)] = s
+        out['src_seg'][r, s_at:s_at + len(s)] = seg
+        out['src_pos'][r, s_at:s_at + len(s)] = np.arange(len(s))
+        m = len(t) + 1
+        out['tgt_in'][r, t_at] = BOS_ID
+        out['tgt_in'][r, t_at + 1:t_at + m] = t
+        out['tgt_out'][r, t_at:t_at + m - 1] = t
+        out['tgt_out'][r, t_at + m - 1] = EOS_ID
+        out['tgt_seg'][r, t_at:t_at + m] = seg
+        out['tgt_pos'][r, t_at:t_at + m] = np.arange(m)
+        s_at, t_at = s_at + len(s), t_at + m
+    return out
+
+  def real_tokens(self, epoch: int = 0) -> float:
+    """Mean non-padding (source + target) tokens per global batch in `epoch`."""
+    rows = self.epoch_rows(epoch)
+    used = sum(int(self._src_lens[i] + self._tgt_lens[i]) for row in rows for i in row)
+    return used / len(rows) * self.batch_rows

@@ -18,6 +18,7 @@ _FAMILIES = {
     'vae': 'train.families.vae:VAEFamily',
     'gan': 'train.families.gan:GANFamily',
     'bert': 'train.families.bert:BERTFamily',
+    'translate': 'train.families.translate:TranslateFamily',
 }
 
 
