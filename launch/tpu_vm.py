@@ -1,7 +1,7 @@
 r"""Runs a train command on a Cloud TPU VM or pod slice, every worker at once, with gcloud.
 
   python launch/tpu_vm.py --name=genlab-v4 --zone=us-central2-b --accelerator_type=v4-16 \
-      --version=tpu-ubuntu2204-base [--project=P] [--spot --max_retries=3] [--delete] [--dry_run] \
+      [--version=tpu-ubuntu2204-base] [--project=P] [--spot --max_retries=3] [--delete] [--dry_run] \
       -- --config=experiments/configs/gpt_shakespeare.py:gpu --workdir=gs://BUCKET/gpt
 
 Steps: create the TPU VM (or reuse it when it exists and is READY); copy this checkout (a
@@ -15,6 +15,10 @@ re-created and the same command runs again, up to --max_retries times: the workd
 resume key, so it must outlive the VM (a gs:// path; Orbax writes checkpoints there directly).
 `--delete` deletes the VM at the end (also after a failure). `--dry_run` prints the exact
 commands, preemption retry included, without running anything.
+
+--version (the TPU software version) defaults to the one Cloud TPU documents for the accelerator
+generation (https://cloud.google.com/tpu/docs/runtimes): v6e -> v2-alpha-tpuv6e, v5p ->
+v2-alpha-tpuv5, v5e (v5litepod-N) -> v2-alpha-tpuv5-lite, v4 and older -> tpu-ubuntu2204-base.
 
 Only the standard library and the gcloud CLI.
 """
@@ -170,6 +174,21 @@ class TpuVm:
       show(self.delete_cmd())
 
 
+# Accelerator type prefix -> TPU software version (https://cloud.google.com/tpu/docs/runtimes).
+RUNTIME_VERSIONS = (('v6e-', 'v2-alpha-tpuv6e'), ('v5p-', 'v2-alpha-tpuv5'),
+                    ('v5litepod-', 'v2-alpha-tpuv5-lite'), ('v5e-', 'v2-alpha-tpuv5-lite'),
+                    ('v4-', 'tpu-ubuntu2204-base'), ('v3-', 'tpu-ubuntu2204-base'),
+                    ('v2-', 'tpu-ubuntu2204-base'))
+
+
+def default_version(accelerator_type: str) -> str | None:
+  """The documented TPU software version for `accelerator_type`, or None when unknown."""
+  for prefix, version in RUNTIME_VERSIONS:
+    if accelerator_type.startswith(prefix):
+      return version
+  return None
+
+
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   argv = list(argv)
   split = argv.index('--') if '--' in argv else len(argv)
@@ -179,7 +198,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument('--project', default=None)
   parser.add_argument('--accelerator_type', default='v5litepod-8',
                       help='e.g. v4-8 (one host), v4-32 or v5litepod-16 (pod slices)')
-  parser.add_argument('--version', default='v2-alpha-tpuv5-lite', help='TPU software version')
+  parser.add_argument('--version', default=None,
+                      help='TPU software version (default: the one documented for '
+                           '--accelerator_type, e.g. tpu-ubuntu2204-base for v4)')
   parser.add_argument('--spot', action='store_true', help='spot (preemptible) capacity')
   parser.add_argument('--max_retries', type=int, default=0,
                       help='re-create and rerun this many times after a preemption')
@@ -199,6 +220,11 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                  'across preemptions (or pass --allow_local_workdir)')
   if args.max_retries < 0:
     parser.error('--max_retries must be >= 0')
+  if args.version is None:
+    args.version = default_version(args.accelerator_type)
+    if args.version is None:
+      parser.error(f'--accelerator_type={args.accelerator_type}: no known TPU software version '
+                   'for it; give --version (see https://cloud.google.com/tpu/docs/runtimes)')
   return args, train_args
 
 

@@ -17,22 +17,24 @@ class Classifier(nnx.Module):
 
   def __init__(self, *, image_shape: tuple[int, int, int], num_classes: int,
                channels: tuple[int, int] = (32, 64), hidden: int = 128, dropout: float = 0.5,
-               rngs: nnx.Rngs):
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    """`dtype`: activations (bfloat16 for mixed precision); params stay float32."""
     h, w, c = image_shape
     if h % 4 or w % 4:
       raise ValueError(f'Classifier needs H and W divisible by 4, got {image_shape}')
     self.image_shape = tuple(image_shape)
     self.dropout = dropout
-    self.conv1 = nnx.Conv(c, channels[0], (3, 3), padding='SAME', rngs=rngs)
-    self.conv2 = nnx.Conv(channels[0], channels[1], (3, 3), padding='SAME', rngs=rngs)
-    self.fc = nnx.Linear((h // 4) * (w // 4) * channels[1], hidden, rngs=rngs)
-    self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.conv1 = nnx.Conv(c, channels[0], (3, 3), padding='SAME', **kw)
+    self.conv2 = nnx.Conv(channels[0], channels[1], (3, 3), padding='SAME', **kw)
+    self.fc = nnx.Linear((h // 4) * (w // 4) * channels[1], hidden, **kw)
+    self.head = nnx.Linear(hidden, num_classes, **kw)
 
   def features(self, x: jax.Array) -> jax.Array:
     """[batch, H, W, C] images in [-1, 1] -> [batch, hidden] penultimate activations."""
     x = nnx.max_pool(jax.nn.relu(self.conv1(x)), (2, 2), (2, 2))
     x = nnx.max_pool(jax.nn.relu(self.conv2(x)), (2, 2), (2, 2))
-    return jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
+    return jax.nn.relu(self.fc(x.reshape(x.shape[0], -1))).astype(jnp.float32)
 
   def logits_from_features(self, feats: jax.Array, dropout_key: jax.Array | None = None
                            ) -> jax.Array:
@@ -40,7 +42,7 @@ class Classifier(nnx.Module):
     if dropout_key is not None and self.dropout > 0:
       keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, feats.shape)
       feats = jnp.where(keep, feats / (1.0 - self.dropout), 0.0)
-    return self.head(feats)
+    return self.head(feats).astype(jnp.float32)
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """[batch, H, W, C] images in [-1, 1] -> [batch, num_classes] logits."""

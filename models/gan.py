@@ -25,45 +25,48 @@ LOSSES = ('non_saturating', 'hinge')
 class Generator(nnx.Module):
 
   def __init__(self, *, image_shape: tuple[int, int, int], z_dim: int = 64, channels: int = 32,
-               num_classes: int = 0, rngs: nnx.Rngs):
+               num_classes: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+    """`dtype`: activations (bfloat16 for mixed precision); params stay float32."""
     h, w, c = image_shape
     if h % 4 or w % 4:
       raise ValueError(f'the DCGAN generator needs H and W divisible by 4, got {image_shape}')
     self.z_dim = z_dim
     self.num_classes = num_classes
     self.start = (h // 4, w // 4, 2 * channels)
-    self.embed = nnx.Embed(num_classes, z_dim, rngs=rngs) if num_classes else None
+    kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.embed = nnx.Embed(num_classes, z_dim, **kw) if num_classes else None
     in_dim = 2 * z_dim if num_classes else z_dim
-    self.fc = nnx.Linear(in_dim, h // 4 * w // 4 * 2 * channels, rngs=rngs)
-    self.up1 = UpConv(2 * channels, channels, rngs=rngs)
-    self.up2 = UpConv(channels, c, rngs=rngs)
+    self.fc = nnx.Linear(in_dim, h // 4 * w // 4 * 2 * channels, **kw)
+    self.up1 = UpConv(2 * channels, channels, dtype=dtype, rngs=rngs)
+    self.up2 = UpConv(channels, c, dtype=dtype, rngs=rngs)
 
   def __call__(self, z: jax.Array, labels: jax.Array | None = None) -> jax.Array:
     """z [batch, z_dim] (labels [batch] int when conditional) -> [batch, H, W, C] in [-1, 1]."""
     if self.embed is not None:
-      z = jnp.concatenate([z, self.embed(labels)], axis=-1)
+      z = jnp.concatenate([z, self.embed(labels).astype(z.dtype)], axis=-1)
     x = jax.nn.relu(self.fc(z)).reshape((z.shape[0],) + self.start)
-    return jnp.tanh(self.up2(jax.nn.relu(self.up1(x))))
+    return jnp.tanh(self.up2(jax.nn.relu(self.up1(x)))).astype(jnp.float32)
 
 
 class Discriminator(nnx.Module):
 
   def __init__(self, *, image_shape: tuple[int, int, int], channels: int = 32,
-               num_classes: int = 0, rngs: nnx.Rngs):
+               num_classes: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
     h, w, c = image_shape
-    self.conv1 = nnx.Conv(c, channels, (4, 4), strides=2, rngs=rngs)
-    self.conv2 = nnx.Conv(channels, 2 * channels, (4, 4), strides=2, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.conv1 = nnx.Conv(c, channels, (4, 4), strides=2, **kw)
+    self.conv2 = nnx.Conv(channels, 2 * channels, (4, 4), strides=2, **kw)
     features = -(-h // 4) * -(-w // 4) * 2 * channels
-    self.fc = nnx.Linear(features, 1, rngs=rngs)
-    self.embed = nnx.Embed(num_classes, features, rngs=rngs) if num_classes else None
+    self.fc = nnx.Linear(features, 1, **kw)
+    self.embed = nnx.Embed(num_classes, features, **kw) if num_classes else None
 
   def __call__(self, x: jax.Array, labels: jax.Array | None = None) -> jax.Array:
     """[batch, H, W, C] images in [-1, 1] -> [batch] logits (high: real)."""
     h = jax.nn.leaky_relu(self.conv1(x), 0.2)
     h = jax.nn.leaky_relu(self.conv2(h), 0.2).reshape(x.shape[0], -1)
-    logits = self.fc(h)[:, 0]
+    logits = self.fc(h)[:, 0].astype(jnp.float32)
     if self.embed is not None:
-      logits += jnp.sum(self.embed(labels) * h, axis=-1)
+      logits += jnp.sum(self.embed(labels) * h, axis=-1, dtype=jnp.float32)
     return logits
 
 

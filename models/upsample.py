@@ -9,6 +9,7 @@ transposed convolutions run as convolutions over a zero-dilated input.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -22,8 +23,10 @@ def depth_to_space(x: jax.Array, factor: int = 2) -> jax.Array:
 class UpConv(nnx.Module):
   """[batch, H, W, in] -> [batch, 2H, 2W, out]."""
 
-  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(in_features, 4 * out_features, (3, 3), rngs=rngs)
+  def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.conv = nnx.Conv(in_features, 4 * out_features, (3, 3), dtype=dtype,
+                         param_dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return depth_to_space(self.conv(x))

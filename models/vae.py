@@ -60,8 +60,10 @@ def standard_normal_log_prob(z: jax.Array) -> jax.Array:
 class MLP(nnx.Module):
   """Dense layers with an activation between them (none after the last)."""
 
-  def __init__(self, sizes: tuple[int, ...], activation: str, *, rngs: nnx.Rngs):
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+  def __init__(self, sizes: tuple[int, ...], activation: str, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.layers = nnx.List([nnx.Linear(a, b, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                            for a, b in zip(sizes[:-1], sizes[1:])])
     self.act = ACTIVATIONS[activation]
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -76,9 +78,10 @@ class ConvEncoderTrunk(nnx.Module):
   """[batch, H, W, C] -> [batch, H/4 * W/4 * c2]: two stride-2 4x4 convolutions."""
 
   def __init__(self, in_channels: int, channels: tuple[int, int], activation: str, *,
-               rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(in_channels, channels[0], (4, 4), strides=2, rngs=rngs)
-    self.conv2 = nnx.Conv(channels[0], channels[1], (4, 4), strides=2, rngs=rngs)
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.conv1 = nnx.Conv(in_channels, channels[0], (4, 4), strides=2, **kw)
+    self.conv2 = nnx.Conv(channels[0], channels[1], (4, 4), strides=2, **kw)
     self.act = ACTIVATIONS[activation]
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -90,11 +93,11 @@ class ConvDecoderHead(nnx.Module):
   """[batch, H/4 * W/4 * c2] -> [batch, H, W, C]: two 2x sub-pixel upsampling convolutions."""
 
   def __init__(self, image_shape: tuple[int, int, int], channels: tuple[int, int],
-               activation: str, *, rngs: nnx.Rngs):
+               activation: str, *, dtype=jnp.float32, rngs: nnx.Rngs):
     h, w, c = image_shape
     self.start = (h // 4, w // 4, channels[1])
-    self.up1 = UpConv(channels[1], channels[0], rngs=rngs)
-    self.up2 = UpConv(channels[0], c, rngs=rngs)
+    self.up1 = UpConv(channels[1], channels[0], dtype=dtype, rngs=rngs)
+    self.up2 = UpConv(channels[0], c, dtype=dtype, rngs=rngs)
     self.act = ACTIVATIONS[activation]
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -117,12 +120,15 @@ class VAE(nnx.Module):
     channels: the conv architecture's two widths.
     learn_scale: Gaussian likelihood: learn a per-pixel log std (else `log_scale` fixed).
     log_scale: Gaussian likelihood: the initial (or fixed) log standard deviation.
+    dtype: the networks' activations (bfloat16 for mixed precision); params, the posterior's
+      parameters, decoder outputs and every bound stay float32.
   """
 
   def __init__(self, *, image_shape: tuple[int, int, int], latent_dim: int,
                hidden: tuple[int, ...], architecture: str = 'mlp', likelihood: str = 'bernoulli',
                activation: str = 'tanh', num_classes: int = 0, channels: tuple[int, int] = (32, 64),
-               learn_scale: bool = True, log_scale: float = 0.0, rngs: nnx.Rngs):
+               learn_scale: bool = True, log_scale: float = 0.0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if architecture not in ARCHITECTURES:
       raise ValueError(f'architecture={architecture!r}: use one of {ARCHITECTURES}')
     if likelihood not in LIKELIHOODS:
@@ -137,19 +143,21 @@ class VAE(nnx.Module):
     hidden = tuple(hidden)
     if architecture == 'mlp':
       self.enc_trunk = None
-      self.encoder = MLP((dim + num_classes,) + hidden + (2 * latent_dim,), activation, rngs=rngs)
+      self.encoder = MLP((dim + num_classes,) + hidden + (2 * latent_dim,), activation,
+                         dtype=dtype, rngs=rngs)
       self.decoder = MLP((latent_dim + num_classes,) + hidden[::-1] + (dim,), activation,
-                         rngs=rngs)
+                         dtype=dtype, rngs=rngs)
       self.dec_head = None
     else:
       if h % 4 or w % 4:
         raise ValueError(f'the conv VAE needs H and W divisible by 4, got {image_shape}')
       flat = (h // 4) * (w // 4) * channels[1]
-      self.enc_trunk = ConvEncoderTrunk(c, channels, activation, rngs=rngs)
-      self.encoder = MLP((flat + num_classes,) + hidden + (2 * latent_dim,), activation, rngs=rngs)
+      self.enc_trunk = ConvEncoderTrunk(c, channels, activation, dtype=dtype, rngs=rngs)
+      self.encoder = MLP((flat + num_classes,) + hidden + (2 * latent_dim,), activation,
+                         dtype=dtype, rngs=rngs)
       self.decoder = MLP((latent_dim + num_classes,) + hidden[::-1] + (flat,), activation,
-                         rngs=rngs)
-      self.dec_head = ConvDecoderHead(image_shape, channels, activation, rngs=rngs)
+                         dtype=dtype, rngs=rngs)
+      self.dec_head = ConvDecoderHead(image_shape, channels, activation, dtype=dtype, rngs=rngs)
     self.learn_scale = learn_scale
     if likelihood == 'gaussian':
       init = jnp.full(image_shape, log_scale, jnp.float32)
@@ -168,7 +176,7 @@ class VAE(nnx.Module):
              ) -> tuple[jax.Array, jax.Array]:
     """[batch, H, W, C] -> (mean, log_var), each [batch, L]."""
     h = x.reshape(x.shape[0], -1) if self.enc_trunk is None else self.enc_trunk(x)
-    out = self.encoder(self._with_labels(h, labels))
+    out = self.encoder(self._with_labels(h, labels)).astype(jnp.float32)
     return out[:, :self.latent_dim], out[:, self.latent_dim:]
 
   def decode(self, z: jax.Array, labels: jax.Array | None = None) -> jax.Array:
@@ -180,7 +188,7 @@ class VAE(nnx.Module):
     h = self.decoder(self._with_labels(z, labels))
     if self.dec_head is not None:
       h = self.dec_head(h)
-    return h.reshape(lead + self.image_shape)
+    return h.astype(jnp.float32).reshape(lead + self.image_shape)
 
   def log_likelihood(self, x: jax.Array, out: jax.Array) -> jax.Array:
     """log p(x|z) summed over pixels: x [batch, H, W, C], out [..., batch, H, W, C] -> [..., batch]."""

@@ -34,9 +34,10 @@ def _env_dir(var: str) -> str | None:
 def raw_root():
   """GENLAB_RAW_DATA: the folder holding tiny_shakespeare/input.txt."""
   root = _env_dir('GENLAB_RAW_DATA')
-  if not root or not os.path.isfile(os.path.join(root, 'tiny_shakespeare', 'input.txt')):
-    pytest.skip('GENLAB_RAW_DATA is unset or lacks tiny_shakespeare/input.txt '
-                '(set it to the shared/data folder)')
+  if not root:
+    pytest.skip('GENLAB_RAW_DATA is unset (set it to the shared/data folder)')
+  if not os.path.isfile(os.path.join(root, 'tiny_shakespeare', 'input.txt')):
+    pytest.fail(f'GENLAB_RAW_DATA={root} lacks tiny_shakespeare/input.txt', pytrace=False)
   return root
 
 
@@ -44,9 +45,10 @@ def raw_root():
 def data_dir():
   """TFDS_DATA_DIR: a prepared data_dir holding tiny_shakespeare."""
   path = _env_dir('TFDS_DATA_DIR')
-  if not path or not os.path.isdir(os.path.join(path, 'tiny_shakespeare')):
-    pytest.skip('TFDS_DATA_DIR is unset or lacks tiny_shakespeare '
-                '(set it to the prepared shared/data/tfds folder)')
+  if not path:
+    pytest.skip('TFDS_DATA_DIR is unset (set it to the prepared shared/data/tfds folder)')
+  if not os.path.isdir(os.path.join(path, 'tiny_shakespeare')):
+    pytest.fail(f'TFDS_DATA_DIR={path} lacks tiny_shakespeare', pytrace=False)
   return path
 
 

@@ -168,3 +168,23 @@ def test_distributed_detects_slurm_and_tpu(initialize_calls, monkeypatch):
     monkeypatch.delenv(var)
   monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1')
   assert distributed.initialize() == 'tpu'
+
+
+@pytest.mark.parametrize('accelerator, version', [
+    ('v6e-8', 'v2-alpha-tpuv6e'), ('v5p-16', 'v2-alpha-tpuv5'),
+    ('v5litepod-8', 'v2-alpha-tpuv5-lite'), ('v4-16', 'tpu-ubuntu2204-base'),
+    ('v3-8', 'tpu-ubuntu2204-base')])
+def test_tpu_software_version_follows_the_accelerator(accelerator, version):
+  # The versions Cloud TPU documents per generation: https://cloud.google.com/tpu/docs/runtimes
+  args = [a for a in TPU_ARGS if not a.startswith(('--version', '--accelerator_type'))]
+  parsed, _ = tpu_vm.parse([f'--accelerator_type={accelerator}', *args])
+  assert parsed.version == version
+  parsed, _ = tpu_vm.parse([f'--accelerator_type={accelerator}', '--version=mine', *args])
+  assert parsed.version == 'mine'
+
+
+def test_tpu_unknown_accelerator_needs_a_version(capsys):
+  args = [a for a in TPU_ARGS if not a.startswith(('--version', '--accelerator_type'))]
+  with pytest.raises(SystemExit):
+    tpu_vm.parse(['--accelerator_type=v9z-8', *args])
+  assert '--accelerator_type=v9z-8: no known TPU software version' in capsys.readouterr().err

@@ -1,7 +1,10 @@
 """Small families for testing the loop without a dataset.
 
 * `ToyRegression`: an MLP fitting y = sin(x) on batches that are a pure function of (seed, step);
-  `config.nan_step` (>= 0) puts a NaN into that step's batch to test the non-finite guard.
+  `config.nan_step` (>= 0) puts a NaN into that step's batch to test the non-finite guard;
+  `config.nan_state` ('params' | 'opt') writes a NaN into that part of the state after the
+  update of step `config.nan_state_step`, while that step's loss stays finite;
+  `config.ballast` (> 0) adds an unused random parameter of that many floats (big checkpoints).
 * `ToyGAN`: a 1-D GAN (generator z -> a*z + b, MLP discriminator) trained with two optimizers
   inside ONE jitted step through `Family.train_step`: discriminator update first, then the
   generator update against the freshly updated discriminator.
@@ -53,10 +56,23 @@ class ToyRegression(Family):
             for i in range(2)]
 
   def make_models(self, rngs):
-    return {'model': MLP(1, self.config.hidden, 1, rngs=rngs)}
+    model = MLP(1, self.config.hidden, 1, rngs=rngs)
+    if self.config.get('ballast', 0):
+      model.ballast = nnx.Param(jax.random.normal(rngs.params(), (self.config.ballast,)))
+    return {'model': model}
 
   def loss(self, models, batch, rng, *, train):
     return jnp.mean((models['model'](batch['x']) - batch['y']) ** 2), {}
+
+  def train_step(self, ctx, batch, rng):
+    metrics = super().train_step(ctx, batch, rng)
+    where = self.config.get('nan_state', '')
+    if where:
+      poison = lambda tree: jax.tree.map(
+          lambda x: jnp.where(ctx.step == self.config.nan_state_step, jnp.nan, x)
+          if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+      ctx.state[where] = dict(ctx.state[where], model=poison(ctx.state[where]['model']))
+    return metrics
 
 
 class ToyGAN(Family):
@@ -123,6 +139,9 @@ def regression_config(**overrides) -> ml_collections.ConfigDict:
   c.batch_size = 16
   c.hidden = 32
   c.nan_step = -1
+  c.nan_state = ''
+  c.nan_state_step = -1
+  c.ballast = 0
   c.log_every = 1
   c.eval_every = 0
   c.checkpoint_every = 0

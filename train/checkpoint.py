@@ -3,17 +3,19 @@
 The workdir is the resume key: `Checkpointer(workdir/checkpoints)` finds the latest finished
 checkpoint and restores it straight into the shardings of the current mesh (which may differ
 from the mesh that wrote it). Orbax writes each step to a temporary directory and renames it
-when complete, so a crash or kill mid-save never replaces the last good checkpoint.
+when complete (on object stores, which cannot rename, it writes a commit marker last), so a
+crash or kill mid-save never replaces the last good checkpoint. The directory may be any path
+`etils.epath` knows (local or gs://).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from train import storage
 from train.errors import UserError
 
 
@@ -21,11 +23,13 @@ class Checkpointer:
   """Keeps the last `keep` checkpoints of {'state': train state, 'meta': JSON}."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -39,6 +43,19 @@ class Checkpointer:
       return  # e.g. the final save of a run that ended on a checkpoint step
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def shape_differences(self, step: int, abstract_state: Any, limit: int = 4) -> list[str]:
+    """How the arrays saved at `step` differ from `abstract_state` ('path: [saved] saved, [now]
+    now', missing and extra arrays too); [] when they match or the metadata cannot be read."""
+    try:
+      saved = _shapes(self._manager.item_metadata(step)['state'].tree)
+    except Exception:  # pylint: disable=broad-except
+      return []  # unreadable metadata: restore() reports the damage
+    now = _shapes(abstract_state)
+    diffs = [f'{p}: {list(saved[p]) if p in saved else "absent"} saved, '
+             f'{list(now[p]) if p in now else "absent"} now'
+             for p in sorted(set(saved) | set(now)) if saved.get(p) != now.get(p)]
+    return diffs[:limit] + ([f'{len(diffs) - limit} more'] if len(diffs) > limit else [])
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores `step` into the shapes, dtypes and shardings of `abstract_state`.
@@ -65,6 +82,15 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/model/l1/kernel': shape} for the arrays of a state (or its saved metadata)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = jax.tree_util.keystr(path, simple=True, separator='/')
+    out[name.removesuffix('/value')] = tuple(getattr(leaf, 'shape', ()))
+  return out
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

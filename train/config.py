@@ -41,6 +41,9 @@ def load(spec: str) -> ml_collections.ConfigDict:
     config = module.get_config(arg or None)
   except (ValueError, KeyError, TypeError) as e:
     raise UserError(f'--config: {path} rejects argument {arg!r}: {e}') from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f'--config: {path}: get_config({arg or None!r}) returned a '
+                    f'{type(config).__name__}, not an ml_collections.ConfigDict')
   config.lock()
   return config
 
@@ -71,6 +74,13 @@ def _field_type(config: ml_collections.ConfigDict, key: str) -> type | None:
   return ref.get_type()
 
 
+def _current(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
 def _parse(text: str, kind: type | None) -> Any:
   if kind is str:
     return text
@@ -96,6 +106,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple
     if kind is ml_collections.ConfigDict:
       raise UserError(f'--config.{key}: is a group; override its keys, e.g. --config.{key}.NAME=...')
     value = _parse(text, kind)
+    if value is None and kind is not None and _current(config, key) is not None:
+      # ml_collections would take None for any typed field; only optional keys (those whose
+      # value is None, e.g. placeholders) may be unset.
+      raise UserError(f'--config.{key}={text}: expected {kind.__name__}; this key cannot be '
+                      'none')
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
     if (kind is int and isinstance(value, bool)) or (
@@ -111,6 +126,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def flatten(config) -> dict[str, Any]:
+  """{'model.num_heads': 4, ...}: dotted keys to JSON values (tuples become lists)."""
+  out = {}
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, f'{prefix}{key}.')
+      else:
+        out[f'{prefix}{key}'] = value
+  walk(json.loads(json.dumps(config.to_dict() if hasattr(config, 'to_dict') else config)), '')
+  return out
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

@@ -46,6 +46,7 @@ from train import data as data_lib
 from train import image_metrics
 from train import images as images_lib
 from train import sample
+from train import storage
 from train.errors import UserError
 
 _CLASSIFIER = flags.DEFINE_string(
@@ -77,7 +78,7 @@ class ClassifierFeatures:
       raise UserError('--classifier is required: the workdir of a classifier run, e.g. '
                       '`python -m train --config=experiments/configs/classifier_mnist.py '
                       '--workdir=CLASSIFIER_DIR`')
-    if not os.path.isdir(workdir):
+    if not storage.isdir(workdir):
       raise UserError(f'--classifier={workdir}: no such directory')
     try:
       family, models, step = sample.load_models(workdir)
@@ -122,7 +123,7 @@ class ClassifierFeatures:
     return np.concatenate(feats), np.concatenate(probs)
 
   def describe(self) -> dict[str, Any]:
-    return {'name': self.name, 'workdir': os.path.abspath(self.workdir), 'step': self.step,
+    return {'name': self.name, 'workdir': storage.absolute(self.workdir), 'step': self.step,
             'dataset': self.dataset}
 
 
@@ -217,6 +218,9 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
     raise UserError(f'--num_samples={num_samples} (>= 2), --batch={batch} (>= 1), '
                     f'--likelihood_examples={likelihood_examples} (>= 0), --pr_k={k} (>= 1): '
                     'one is out of range')
+  if num_samples <= k:
+    raise UserError(f'--num_samples={num_samples}: precision/recall need more samples than '
+                    f'--pr_k={k} (each sample\'s k nearest neighbours)')
   if not 0.0 <= threshold < 1.0:
     raise UserError(f'--confidence={threshold}: must be in [0, 1)')
   family, models, step = loaded or sample.load_models(workdir)
@@ -275,7 +279,7 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
                     'seconds': time.perf_counter() - t0}
 
   report = {
-      'workdir': os.path.abspath(workdir), 'family': family.name, 'checkpoint_step': step,
+      'workdir': storage.absolute(workdir), 'family': family.name, 'checkpoint_step': step,
       'num_params': num_params(models), 'dataset': config.data.name,
       'num_samples': num_samples, 'seed': seed, 'sampling_options': options,
       'labels': None if requested is None else (labels or 'balanced'),
@@ -335,10 +339,8 @@ def main(argv):
       batch=_BATCH.value, seed=flags.FLAGS.seed,
       labels=labels, options=options, likelihood_examples=_LIKELIHOOD_EXAMPLES.value,
       k=_PR_K.value, threshold=_CONFIDENCE.value, loaded=loaded)
-  path = _REPORT.value or os.path.join(workdir, 'eval', report_name(report) + '.json')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(report, f, indent=1)
+  path = _REPORT.value or storage.join(workdir, 'eval', report_name(report) + '.json')
+  storage.write_text(path, json.dumps(report, indent=1))
   # Captions: the class the extractor sees, '?' when not confident.
   names = extractor.class_names
   captions = None if probs is None else [

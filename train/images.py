@@ -12,14 +12,15 @@ Pixels: datasets hold uint8 [N, H, W, C]; `to_float` maps them to [-1, 1] and `t
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from train import data as data_lib
+from train import storage
 from train.errors import UserError
 from train.family import Family
 
@@ -67,9 +68,19 @@ def save_grid(path: str, images: np.ndarray, labels: Sequence[str] | None = None
   """Writes `image_grid(...)` to `path` (.png added when missing); returns the path."""
   if not path.endswith('.png'):
     path += '.png'
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  image_grid(images, labels, ncols).save(path)
+  storage.save_image(path, image_grid(images, labels, ncols))
   return path
+
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def activation_dtype(config) -> Any:
+  """config.model.dtype ('float32' | 'bfloat16' activations; params stay float32) as a dtype."""
+  name = config.model.get('dtype', 'float32')  # runs saved before the key existed: float32
+  if name not in _DTYPES:
+    raise UserError(f'config.model.dtype={name!r}: use one of {sorted(_DTYPES)}')
+  return _DTYPES[name]
 
 
 def parse_labels(text: str | None, num: int, num_classes: int) -> np.ndarray | None:
@@ -108,6 +119,8 @@ class ImageFamily(Family):
 
   def __init__(self, config):
     super().__init__(config)
+    if 'model' in config:
+      activation_dtype(config)  # a bad dtype fails before anything is built
     self.image_shape: tuple[int, int, int] | None = None
     self.class_names: list[str] = []
 
@@ -178,13 +191,14 @@ class ImageFamily(Family):
 
   def sample(self, models, rng: jax.Array, workdir: str, options: dict[str, Any]) -> str:
     """`train.sample` for images: writes a PNG grid; returns a line saying where."""
-    num = int(options.pop('num_samples', None) or 64)
+    num = options.pop('num_samples', None)
+    num = 64 if num is None else int(num)
     if num < 1:
       raise UserError(f'--num_samples={num}: must be >= 1')
     labels = parse_labels(options.pop('labels', None), num, self.num_classes)
     if labels is None:
       labels = self.default_labels(num)
-    out = options.pop('out', None) or os.path.join(workdir, 'samples', 'sample.png')
+    out = options.pop('out', None) or storage.join(workdir, 'samples', 'sample.png')
     options = self.check_sample_options({k: v for k, v in options.items() if v is not None})
     images = self.generate_images(models, rng, num, labels, **options)
     path = save_grid(out, images, self.caption(labels))

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -31,12 +30,25 @@ from train import families
 from train import metrics as metrics_lib
 from train import optim
 from train import sharding as sharding_lib
+from train import storage
 from train.errors import UserError
 from train.family import Family, StepContext
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+  """The loss, params or optimizer state became NaN or infinite; the last good checkpoint is
+  left untouched."""
+
+
+# A step metric (1.0 or 0.0): params, optimizer state and EMA all finite after the step.
+STATE_FINITE = 'state_finite'
+
+
+def all_finite(tree) -> jax.Array:
+  """1.0 when every float leaf of `tree` is finite, else 0.0 (one fused reduction on device)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all().astype(jnp.float32) if leaves else jnp.float32(1.0)
 
 
 @dataclasses.dataclass
@@ -52,9 +64,10 @@ class TrainResult:
 def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('total_steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every'):
     value = config[key]
-    if not isinstance(value, int) or value < (1 if key in ('batch_size', 'log_every') else 0):
+    positive = key in ('total_steps', 'batch_size', 'log_every')
+    if not isinstance(value, int) or value < (1 if positive else 0):
       raise UserError(f'config.{key}={value!r}: must be a '
-                      f'{"positive" if key in ("batch_size", "log_every") else "non-negative"} int')
+                      f'{"positive" if positive else "non-negative"} int')
   if not 0.0 <= config.get('ema_decay', 0.0) < 1.0:
     raise UserError(f'config.ema_decay={config.ema_decay}: must be in [0, 1)')
   profile_window(config)
@@ -76,13 +89,51 @@ def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
   return start, start + count
 
 
+def check_workdir(workdir: str) -> None:
+  """Before anything is written: a path that is a file, or a directory we cannot write in."""
+  if storage.exists(workdir):
+    if not storage.isdir(workdir):
+      raise UserError(f'--workdir={workdir}: exists and is not a directory')
+    storage.check_writable(workdir)
+
+
 def prepare_workdir(workdir: str) -> None:
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir={workdir}: exists and is not a directory')
   try:
-    os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+    storage.makedirs(storage.join(workdir, 'samples'))
   except OSError as e:
-    raise UserError(f'--workdir={workdir}: cannot create it ({e.strerror})') from None
+    raise UserError(f'--workdir={workdir}: cannot create it '
+                    f'({getattr(e, "strerror", None) or e})') from None
+
+
+def check_same_run(workdir: str, config, checkpointer, step: int, abstract_state) -> None:
+  """UserError (nothing overwritten) when `workdir`'s checkpoint is of another family or shape."""
+  config_path = storage.join(workdir, 'config.json')
+  saved = {}
+  if storage.exists(config_path):
+    try:
+      saved = config_lib.flatten(config_lib.from_json(storage.read_text(config_path)))
+    except (OSError, ValueError):
+      saved = {}  # damaged: the checkpoint's shapes below still tell
+  now = config_lib.flatten(config)
+  if saved.get('family', config.family) != config.family:
+    raise UserError(f'--workdir={workdir}: holds a {saved["family"]!r} run, but '
+                    f'config.family={config.family!r}; use another --workdir')
+  diffs = checkpointer.shape_differences(step, abstract_state)
+  if diffs:
+    keys = [f'config.{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now'
+            for k in sorted(set(saved) | set(now))
+            if not k.startswith(_RUN_CONTROL) and saved.get(k) != now.get(k)]
+    raise UserError(f'--workdir={workdir}: checkpoint {step} was written with other shapes ('
+                    + '; '.join(keys + diffs) + '); use the run\'s config or another --workdir')
+
+
+# Config keys that a resumed run may change (they shape no array): left out when naming the
+# keys that differ from the run's.
+_RUN_CONTROL = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'sample_every',
+                'keep_checkpoints', 'eval_batches', 'sample_count', 'sample_tokens', 'batch_size',
+                'grad_accum_steps', 'mesh.', 'sharding.', 'data.data_dir', 'data.raw_dir',
+                'optimizer.lr', 'optimizer.min_lr', 'optimizer.warmup_steps',
+                'optimizer.decay_steps', 'optimizer.schedule', 'optimizer.grad_clip')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +223,12 @@ def make_train_step(builder: StateBuilder, config, mesh, shardings=None):
                           x, micro_sharding))
     metrics = family.train_step(ctx, batch, rng)
     new_state = dict(ctx.state, step=state['step'] + 1)
-    return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    # A NaN can reach the weights while the loss is still finite: the host checks this with
+    # the loss when it flushes metrics (before any checkpoint), so it costs no extra sync.
+    metrics[STATE_FINITE] = all_finite({k: new_state[k] for k in ('params', 'opt', 'ema')
+                                        if k in new_state})
+    return new_state, metrics
 
   return train_step
 
@@ -286,30 +342,30 @@ def _any_process(flag: bool) -> bool:
 def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
   validate(config)
-  prepare_workdir(workdir)
+  check_workdir(workdir)
   is_main = jax.process_index() == 0
   multi_process = jax.process_count() > 1
-  s = setup(config, devices)
+  s = setup(config, devices)  # every config check: nothing is written before they pass
   mesh, family, builder, shardings = s.mesh, s.family, s.builder, s.shardings
   put_batch = lambda batch: sharding_lib.put_batch(batch, mesh, s.share[1])
 
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config_lib.to_json(config))
-    with open(os.path.join(workdir, 'family.json'), 'w', encoding='utf-8') as f:
-      json.dump(family.metadata(), f)
-    family.write_run_files(workdir)
-
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+  prepare_workdir(workdir)
+  checkpointer = ckpt_lib.Checkpointer(storage.join(workdir, 'checkpoints'),
                                        keep=int(config.get('keep_checkpoints', 3)))
   latest = checkpointer.latest_step()
   if latest is None:
     state = builder.init(shardings)
   else:
+    check_same_run(workdir, config, checkpointer, latest, builder.abstract)
     state, meta = checkpointer.restore(
         latest, ckpt_lib.abstract_with_shardings(builder.abstract, shardings))
     metrics_lib.print_line(f'Resumed from {checkpointer.directory}/{latest} '
                            f'(data position: step {meta["data_step"]})')
+  if is_main:
+    # Only now (a new run, or a restore that worked): a failed restart overwrites nothing.
+    storage.write_text(storage.join(workdir, 'config.json'), config_lib.to_json(config))
+    storage.write_text(storage.join(workdir, 'family.json'), json.dumps(family.metadata()))
+    family.write_run_files(workdir)
   start = int(jax.device_get(state['step']))
   total = int(config.total_steps)
 
@@ -354,7 +410,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
     if is_main:
       family.write_samples(builder.models(params, rest),
                            jax.random.fold_in(jax.random.key(config.seed), 2 + step),
-                           os.path.join(workdir, 'samples', f'step_{step:07d}'))
+                           storage.join(workdir, 'samples', f'step_{step:07d}'))
 
   def save(step):
     checkpointer.save(step, state, {'data_step': step, 'family': family.name})
@@ -394,13 +450,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
   t_interval = time.perf_counter()
 
   def flush():
-    """Fetches pending step metrics; stops the run on a non-finite loss."""
+    """Fetches pending step metrics; stops the run on a non-finite loss or state."""
     nonlocal pending
     for s, m in jax.device_get(pending):
       loss = float(m['loss'])
-      if not math.isfinite(loss):
+      finite_state = float(m.pop(STATE_FINITE, 1.0)) == 1.0
+      if not math.isfinite(loss) or not finite_state:
+        what = (f'loss is {loss}' if not math.isfinite(loss) else
+                f'params or optimizer state became non-finite (loss {loss:.4g})')
         raise NonFiniteLossError(
-            f'loss is {loss} at step {s + 1}; stopped without checkpointing it (the last good '
+            f'{what} at step {s + 1}; stopped without checkpointing it (the last good '
             f'checkpoint is step {checkpointer.latest_step()})')
       step_losses[s + 1] = loss
       interval['sums'] = {k: interval['sums'].get(k, 0.0) + float(v) for k, v in m.items()}

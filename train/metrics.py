@@ -5,9 +5,7 @@ Only process 0 writes; other processes get a writer that drops everything.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from typing import Mapping
@@ -15,6 +13,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from train import storage
 
 
 class MetricsWriter:
@@ -24,19 +24,21 @@ class MetricsWriter:
     self.enabled = enabled
     if not enabled:
       return
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    self._jsonl = storage.JsonLines(storage.join(workdir, 'metrics.jsonl'))
     # tensorboardX writes event files without TensorFlow (flax.metrics.tensorboard needs TF).
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = storage.tensorboard_writer(storage.join(workdir, 'tensorboard'))
+    # A remote event file is uploaded whole on each flush: keep it current at every log.
+    self._flush_tb = not storage.is_local(workdir)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
-    self._jsonl.flush()
+    self._jsonl.write({'step': int(step), **scalars})
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
+    if self._flush_tb:
+      self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:

@@ -12,7 +12,6 @@ output.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 from absl import flags
@@ -22,6 +21,7 @@ from train import cli
 from train import config as config_lib
 from train import families
 from train import loop
+from train import storage
 from train.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by `python -m train`.')
@@ -62,26 +62,29 @@ def family_options(family) -> dict:
 def load_models(workdir: str, use_ema: bool = True):
   """The family, its networks (EMA params where kept, unless use_ema=False) and the step of
   `workdir`'s latest checkpoint, restored onto one device."""
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
-    raise UserError(f'--workdir={workdir}: no config.json; is it a `python -m train` workdir?')
-  with open(config_path, encoding='utf-8') as f:
-    config = config_lib.from_json(f.read())
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  culprit = f'--workdir={workdir}'
+  config_path = storage.join(workdir, 'config.json')
+  if not storage.isfile(config_path):
+    raise UserError(f'{culprit}: no config.json; is it a `python -m train` workdir?')
+  config = config_lib.from_json(json.dumps(storage.read_json(config_path, culprit)))
+  if not isinstance(config.get('family'), str):
+    raise UserError(f'{culprit}: {config_path} is damaged (it names no `family`)')
+  metadata = storage.read_json(storage.join(workdir, 'family.json'), culprit)
+  checkpointer = ckpt_lib.Checkpointer(storage.join(workdir, 'checkpoints'), async_save=False)
   step = checkpointer.latest_step()
   if step is None:
-    raise UserError(f'--workdir={workdir}: no checkpoint in {checkpointer.directory}')
+    raise UserError(f'{culprit}: no checkpoint in {checkpointer.directory}')
+  family_class = families.get(config.family)
   try:
-    family = families.get(config.family)(config)
-    with open(os.path.join(workdir, 'family.json'), encoding='utf-8') as f:
-      family.load_metadata(json.load(f))
+    family = family_class(config)
+    family.load_metadata(metadata)
     family.read_run_files(workdir)
     builder = loop.StateBuilder(family, config)
-  except (AttributeError, KeyError) as e:
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
     # A run written by an older version of the family's code lacks keys the code now reads.
-    raise UserError(f'--workdir={workdir}: its config.json or family.json lacks {e} that family '
-                    f'{config.family!r} now needs (written by an older version of genlab?)'
-                    ) from None
+    raise UserError(f'{culprit}: its config.json or family.json lacks or garbles {e} that '
+                    f'family {config.family!r} needs (damaged, or written by an older version '
+                    'of genlab?)') from None
   # Whatever mesh wrote the checkpoint, sampling restores it onto one device.
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: one_device, builder.abstract)

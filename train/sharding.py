@@ -145,8 +145,15 @@ def parse_rules(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]
     rules.append((pattern, spec))
   for axis, key in (sharding.get('divides') or ()):
     value, size = config, mesh_shape.get(axis)
-    for part in key.split('.'):
-      value = value[part]
+    try:
+      for part in key.split('.'):
+        value = value[part]
+    except (KeyError, AttributeError, TypeError):
+      raise UserError(f'config.sharding.divides: ({axis!r}, {key!r}) names config.{key}, '
+                      'which does not exist') from None
+    if not isinstance(value, int) or isinstance(value, bool):
+      raise UserError(f'config.sharding.divides: ({axis!r}, {key!r}) names config.{key}='
+                      f'{value!r}, not an int')
     if size is None:
       raise UserError(f'config.sharding.divides: unknown mesh axis {axis!r}')
     if value % size:
@@ -214,6 +221,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules=()) -> Any:
   EMA get exactly the sharding of the params they mirror.
   """
   shape = dict(mesh.shape)
+  paths = [leaf_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_state)[0]]
+  for i, (pattern, _) in enumerate(rules):
+    if not any(pattern.search(p) for p in paths):
+      # A typo would otherwise leave the tensor it meant replicated, silently.
+      example = next((p for p in paths if p.startswith('params/')), paths[0] if paths else '')
+      raise UserError(f'config.sharding.rules[{i}]: {pattern.pattern!r} matches no parameter '
+                      f'(paths look like {example!r})')
   return jax.tree_util.tree_map_with_path(
       lambda p, x: NamedSharding(mesh, leaf_spec(leaf_path(p), x.shape, rules, shape)),
       abstract_state)

@@ -64,7 +64,7 @@ def get_config(arg: str | None = None):
   c.loss = 'hinge' if 'hinge' in args else 'non_saturating'
   c.r1_gamma = 1.0               # R1 penalty weight on real images (0: off)
   c.data.name = 'fashion_mnist' if 'fashion_mnist' in args else 'mnist'
-  c.model = dict(z_dim=64, g_channels=32, d_channels=32)
+  c.model = dict(z_dim=64, g_channels=32, d_channels=32, dtype='float32')
   # Generator (`optimizer`) and discriminator (`optimizer_d`): Adam, DCGAN's lr 2e-4, beta1 0.5.
   c.optimizer.update(name='adam', lr=2e-4, schedule='constant', warmup_steps=0, b1=0.5, b2=0.999,
                      grad_clip=0.0)

@@ -60,7 +60,8 @@ def get_config(arg: str | None = None):
   c.data.name = 'fashion_mnist' if 'fashion_mnist' in args else 'mnist'
   c.data.binarize = 'dynamic'    # 'dynamic' | 'static' | 'none' (Bernoulli needs binary pixels)
   c.model = dict(architecture='conv', hidden=(256,), latent_dim=32, activation='relu',
-                 channels=(32, 64), likelihood='bernoulli', learn_scale=True, log_scale=-2.0)
+                 channels=(32, 64), likelihood='bernoulli', learn_scale=True, log_scale=-2.0,
+                 dtype='float32')         # 'bfloat16': bf16 activations, f32 params
   c.optimizer.update(name='adam', lr=1e-3, schedule='cosine', warmup_steps=0, decay_steps=12_000,
                      min_lr=1e-4, grad_clip=0.0)
   if 'iwae' in args:

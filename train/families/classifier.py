@@ -43,7 +43,8 @@ class ClassifierFamily(images_lib.ImageFamily):
     m = self.config.model
     return {'model': classifier_lib.Classifier(
         image_shape=self.image_shape, num_classes=len(self.class_names),
-        channels=tuple(m.channels), hidden=m.hidden, dropout=m.dropout, rngs=rngs)}
+        channels=tuple(m.channels), hidden=m.hidden, dropout=m.dropout,
+        dtype=images_lib.activation_dtype(self.config), rngs=rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):
     x = images_lib.to_float(batch['image'])

@@ -57,6 +57,9 @@ class DiffusionFamily(images_lib.ImageFamily):
       raise UserError(f'config.diffusion.{e}') from None
     if not 0.0 <= d.label_dropout < 1.0:
       raise UserError(f'config.diffusion.label_dropout={d.label_dropout}: must be in [0, 1)')
+    if not isinstance(config.sampling.batch, int) or config.sampling.batch < 1:
+      raise UserError(f'config.sampling.batch={config.sampling.batch!r}: must be >= 1 (images '
+                      'per jitted sampler call)')
     if config.model.dtype not in _DTYPES:
       raise UserError(f'config.model.dtype={config.model.dtype!r}: use one of {sorted(_DTYPES)}')
     self._samplers: dict[tuple, Any] = {}

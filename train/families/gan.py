@@ -42,12 +42,14 @@ class GANFamily(images_lib.ImageFamily):
 
   def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
     m = self.config.model
+    dtype = images_lib.activation_dtype(self.config)
     return {'generator': gan_lib.Generator(image_shape=self.image_shape, z_dim=m.z_dim,
                                            channels=m.g_channels, num_classes=self.num_classes,
-                                           rngs=rngs),
+                                           dtype=dtype, rngs=rngs),
             'discriminator': gan_lib.Discriminator(image_shape=self.image_shape,
                                                    channels=m.d_channels,
-                                                   num_classes=self.num_classes, rngs=rngs)}
+                                                   num_classes=self.num_classes, dtype=dtype,
+                                                   rngs=rngs)}
 
   def optimizers(self, make_tx):
     return {'discriminator': make_tx(self.config.optimizer_d),

@@ -21,6 +21,7 @@ from flax import nnx
 
 from models import gpt as gpt_lib
 from train import data as data_lib
+from train import storage
 from train import text as text_lib
 from train.errors import UserError
 from train.family import Family
@@ -49,6 +50,9 @@ class GPTFamily(Family):
     m = config.model
     if m.dtype not in _DTYPES:
       raise UserError(f'config.model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}')
+    if not isinstance(config.eval_batches, int) or config.eval_batches < 1:
+      raise UserError(f'config.eval_batches={config.eval_batches!r}: must be >= 1 (validation '
+                      'batches per eval; config.eval_every=0 evaluates only at the end)')
     if m.embed_dim % m.num_heads:
       raise UserError(f'config.model.embed_dim={m.embed_dim} is not divisible by '
                       f'config.model.num_heads={m.num_heads}')
@@ -191,5 +195,4 @@ class GPTFamily(Family):
                                prompt='\n' if self.tokenizer_kind == 'char' else '', num_samples=2,
                                max_new_tokens=int(self.config.get('sample_tokens', 256)),
                                temperature=1.0, top_k=None, top_p=None)
-    with open(path + '.txt', 'w', encoding='utf-8') as f:
-      f.write('\n\n-----\n'.join(texts))
+    storage.write_text(path + '.txt', '\n\n-----\n'.join(texts))

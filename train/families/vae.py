@@ -116,7 +116,8 @@ class VAEFamily(images_lib.ImageFamily):
         image_shape=self.image_shape, latent_dim=m.latent_dim, hidden=tuple(m.hidden),
         architecture=m.architecture, likelihood=m.likelihood, activation=m.activation,
         num_classes=self.num_classes, channels=tuple(m.channels),
-        learn_scale=m.learn_scale, log_scale=m.log_scale, rngs=rngs)}
+        learn_scale=m.learn_scale, log_scale=m.log_scale,
+        dtype=images_lib.activation_dtype(self.config), rngs=rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):
     pixel_key, z_key = jax.random.split(rng)
