@@ -3,7 +3,8 @@
 Generates --num_samples images (default 10,000) from DIR's latest checkpoint (EMA weights where
 kept) in batches of --batch, with the family's own sampling flags (as `train.sample`: --labels,
 and for diffusion --sampler --steps --eta --guidance; a conditional model gets balanced labels
-over all classes unless --labels is given). A feature extractor (--features) maps generated
+over all classes unless --labels is given), printing a progress line (images/s, ETA) per batch.
+A feature extractor (--features) maps generated
 and real test images to features and class probabilities, and the report gives:
 
   frechet_distance   between Gaussian fits of generated and real test features (FID's formula)
@@ -241,20 +242,8 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
     reference['test_coverage'] = image_metrics.class_coverage(real_probs, test_labels, threshold)
 
   gen_key, likelihood_key = jax.random.split(jax.random.key(seed))
-  chunks, times = [], []
-  for i, lo in enumerate(range(0, num_samples, batch)):
-    num = min(batch, num_samples - lo)
-    t0 = time.perf_counter()
-    images = family.generate_images(
-        models, jax.random.fold_in(gen_key, i), num,
-        None if requested is None else requested[lo:lo + num], **options)
-    times.append((num, time.perf_counter() - t0))
-    images = np.asarray(images)
-    if images.shape != (num,) + tuple(family.image_shape) or images.dtype != np.uint8:
-      raise RuntimeError(f'{family.name}.generate_images returned {images.dtype} '
-                         f'{images.shape}, expected uint8 {(num,) + tuple(family.image_shape)}')
-    chunks.append(images)
-  generated = np.concatenate(chunks)
+  generated, times = images_lib.generate_in_batches(family, models, gen_key, num_samples,
+                                                    requested, options, batch)
   scores, probs = score(extractor, generated, real, batch=batch, labels=requested, k=k,
                         threshold=threshold)
   steady = times[1:] or times  # the first batch includes compilation

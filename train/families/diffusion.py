@@ -139,6 +139,9 @@ class DiffusionFamily(images_lib.ImageFamily):
       self._samplers[key] = run
     return self._samplers[key]
 
+  def sampling_batch(self) -> int:
+    return int(self.config.sampling.batch)
+
   def generate_images(self, models, rng, num, labels=None, *, sampler='ddim', steps=50,
                       eta=0.0, guidance=1.0, **options) -> np.ndarray:
     """uint8 [num, H, W, C] from `sampler` (options as `check_sample_options` returns them), in
