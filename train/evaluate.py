@@ -250,7 +250,7 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
   sampling = {'images_per_s': sum(n for n, _ in steady) / sum(t for _, t in steady),
               'first_batch_s': times[0][1], 'total_s': sum(t for _, t in times)}
 
-  likelihood = {}
+  likelihood, likelihood_descriptions = {}, {}
   if likelihood_examples:
     t0 = time.perf_counter()
     likelihood = family.likelihood_metrics(
@@ -259,6 +259,7 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
     if likelihood:
       likelihood = {**likelihood, 'examples': min(likelihood_examples, len(test_images)),
                     'seconds': time.perf_counter() - t0}
+      likelihood_descriptions = family.likelihood_descriptions()
 
   report = {
       'workdir': os.path.abspath(workdir), 'family': family.name, 'checkpoint_step': step,
@@ -268,6 +269,8 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
       'features': extractor.describe(), 'pr_k': k, 'confidence_threshold': threshold,
       **scores, 'reference_train_vs_test': reference, 'sampling': sampling,
       'likelihood': likelihood}
+  if likelihood_descriptions:
+    report['likelihood_descriptions'] = likelihood_descriptions
   return report, generated, probs
 
 
@@ -295,9 +298,16 @@ def summary(report: dict[str, Any]) -> str:
         f'classes covered {cov["classes_covered"]}/{len(cov["class_histogram"])}, '
         f'evenness {cov["evenness"]:.3f}' + (
             f', label accuracy {cov["label_accuracy"]:.3f}' if 'label_accuracy' in cov else ''))
-  if report['likelihood']:
+  likelihood = report['likelihood']
+  if likelihood:
+    # Each figure with its standard error (key + '_stderr') where the family gives one.
+    described = report.get('likelihood_descriptions', {})
     lines.append('  likelihood: ' + ', '.join(
-        f'{k} {v:.4g}' for k, v in report['likelihood'].items()))
+        f'{k} {v:.4g}' + (f' +- {likelihood[k + "_stderr"]:.2g}' if k + '_stderr' in likelihood
+                          else '')
+        for k, v in likelihood.items() if not k.endswith('_stderr') and k not in described))
+    lines.extend(f'  {k} {likelihood[k]:.4g} +- {likelihood.get(k + "_stderr", float("nan")):.2g}'
+                 f': {text}' for k, text in described.items() if k in likelihood)
   return '\n'.join(lines)
 
 

@@ -196,6 +196,10 @@ class ImageFamily(Family):
     `train.evaluate` adds them to its report."""
     return {}
 
+  def likelihood_descriptions(self) -> dict[str, str]:
+    """What each `likelihood_metrics` figure is, for the report (key -> one phrase)."""
+    return {}
+
   def check_sample_options(self, options: dict[str, Any]) -> dict[str, Any]:
     """Validates the family's own sampling options (UserError naming the flag); returns them."""
     return options

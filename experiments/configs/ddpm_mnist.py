@@ -63,7 +63,7 @@ def diffusion_config(dataset: str, args: set[str]):
   c.diffusion = dict(schedule='cosine', num_steps=1000, prediction='eps', variance='beta_tilde',
                      label_dropout=0.1)
   c.sampling = dict(sampler='ddim', ddim_steps=50, ddim_eta=0.0, guidance=3.0, clip=True,
-                    batch=500, vlb_images=16)
+                    batch=500, vlb_images=16, vlb_exact_steps=20)
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=3600,
                      min_lr=1e-5, weight_decay=0.0, grad_clip=1.0)
   if 'tiny' in args:
@@ -79,7 +79,7 @@ def diffusion_config(dataset: str, args: set[str]):
     c.ema_decay = 0.9
     c.model.update(channels=8, channel_mult=(1, 2), attention_resolutions=(14,), groups=4)
     c.diffusion.num_steps = 100
-    c.sampling.update(ddim_steps=10, batch=16, vlb_images=2)
+    c.sampling.update(ddim_steps=10, batch=16, vlb_images=2, vlb_exact_steps=4)
   return c
 
 
