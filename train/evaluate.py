@@ -1,10 +1,10 @@
-"""`python -m train.evaluate --workdir=DIR --classifier=CLASSIFIER_DIR [flags]`: image model scores.
+"""`python -m train.evaluate --workdir=DIR --classifier=workdirs/classifier_mnist [flags]`.
 
-Generates --num_samples images (default 10,000) from DIR's latest checkpoint (EMA weights where
-kept) in batches of --batch, with the family's own sampling flags (as `train.sample`: --labels,
-and for diffusion --sampler --steps --eta --guidance; a conditional model gets balanced labels
-over all classes unless --labels is given), printing a progress line (images/s, ETA) per batch.
-A feature extractor (--features) maps generated
+Image model scores. Generates --num_samples images (default 10,000) from DIR's latest
+checkpoint (EMA weights where kept) in batches of --batch, with the family's own sampling flags
+(as `train.sample`: --labels, and for diffusion --sampler --steps --eta --guidance; a
+conditional model gets balanced labels over all classes unless --labels is given), printing a
+progress line (images/s, ETA) per batch. A feature extractor (--features) maps generated
 and real test images to features and class probabilities, and the report gives:
 
   frechet_distance   between Gaussian fits of generated and real test features (FID's formula)
@@ -77,7 +77,7 @@ class ClassifierFeatures:
     if not workdir:
       raise UserError('--classifier is required: the workdir of a classifier run, e.g. '
                       '`python -m train --config=experiments/configs/classifier_mnist.py '
-                      '--workdir=CLASSIFIER_DIR`')
+                      '--workdir=workdirs/classifier_mnist`')
     if not os.path.isdir(workdir):
       raise UserError(f'--classifier={workdir}: no such directory')
     try:
