@@ -34,7 +34,8 @@ def load_source(name: str, data_dir: str | None = None, raw_dir: str | None = No
       tensorflow_datasets is imported, else ~/tensorflow_datasets).
     raw_dir: raw files to prepare the dataset from if it is not in data_dir yet (see
       `tfds_builders.prepare`); None downloads them.
-    decoders: per-feature TFDS decoders, e.g. {'image': tfds.decode.SkipDecoding()}.
+    decoders: per-feature TFDS decoders, e.g. {'image': tfds.decode.SkipDecoding()}; those
+      naming a feature the dataset lacks are left out.
 
   Returns:
     split name -> `tfds.data_source` of that split (len() and [i] -> dict of numpy/bytes).
@@ -54,6 +55,8 @@ def load_source(name: str, data_dir: str | None = None, raw_dir: str | None = No
     builder = tfds.builder(name, data_dir=data_dir)
   else:
     logging.info('Reading TFDS dataset %s from %s.', name, builder.data_dir)
+  if decoders:  # only for features the dataset has: TFDS rejects the others
+    decoders = {k: v for k, v in decoders.items() if k in builder.info.features} or None
   return builder.as_data_source(decoders=decoders)
 
 
