@@ -30,6 +30,10 @@ ARG `fashion_mnist`: Fashion-MNIST (give --config.data.raw_dir=DIR_WITH_IDX_FILE
   --config.data.data_dir the first time).
 ARG `tiny`: a smoke run of seconds. ARGs combine, e.g. `fashion_mnist,conditional,tiny`.
 `hinge` and `fashion_mnist` were not measured here beyond smoke runs.
+Options for the quality search (defaults off, not yet measured: a screening run was stopped at
+465 steps when the shared machine ran at 1.1-1.6 s/step): --config.model.g_refine=N and
+d_refine=N add N 3x3 convs per generator resolution / at the discriminator's 7x7 features;
+--config.model.g_norm=pixel adds pixel norm (Karras et al. 2018) after the generator's ReLUs.
 
 Data: TFDS `mnist` / `fashion_mnist` from --config.data.data_dir or $TFDS_DATA_DIR.
 """
@@ -65,7 +69,7 @@ def get_config(arg: str | None = None):
   c.loss = 'hinge' if 'hinge' in args else 'non_saturating'
   c.r1_gamma = 1.0               # R1 penalty weight on real images (0: off)
   c.data.name = 'fashion_mnist' if 'fashion_mnist' in args else 'mnist'
-  c.model = dict(z_dim=64, g_channels=32, d_channels=32)
+  c.model = dict(z_dim=64, g_channels=32, d_channels=32, g_refine=0, d_refine=0, g_norm='none')
   # Generator (`optimizer`) and discriminator (`optimizer_d`): Adam, DCGAN's lr 2e-4, beta1 0.5.
   c.optimizer.update(name='adam', lr=2e-4, schedule='constant', warmup_steps=0, b1=0.5, b2=0.999,
                      grad_clip=0.0)
