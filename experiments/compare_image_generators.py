@@ -1,6 +1,6 @@
 r"""VAE vs GAN vs DDPM on MNIST: one evaluation protocol, one Markdown table, one sample picture.
 
-  python -m experiments.compare_image_generators --classifier=CLASSIFIER_DIR \
+  python -m experiments.compare_image_generators --classifier=workdirs/classifier_mnist \
       --vae_workdir=DIR --gan_workdir=DIR --ddpm_workdir=DIR [--out_dir=DIR] [--num_samples=10000]
 
 Each workdir that has no checkpoint is first trained with its config (--vae_config,

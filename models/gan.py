@@ -20,42 +20,70 @@ from flax import nnx
 from models.upsample import UpConv
 
 LOSSES = ('non_saturating', 'hinge')
+NORMS = ('none', 'pixel')
+
+
+def pixel_norm(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """Each position's feature vector scaled to unit RMS (Karras et al. 2018, section 4.2): a
+  per-example normalisation, so no batch coupling and no running statistics beside EMA weights."""
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 class Generator(nnx.Module):
+  """`refine`: extra 3x3 convs (ReLU) at the H/4 and H/2 resolutions (depth where it is cheap);
+  `norm`: 'none' or 'pixel' (pixel norm after every hidden ReLU)."""
 
   def __init__(self, *, image_shape: tuple[int, int, int], z_dim: int = 64, channels: int = 32,
-               num_classes: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+               num_classes: int = 0, refine: int = 0, norm: str = 'none', dtype=jnp.float32,
+               rngs: nnx.Rngs):
     """`dtype`: activations (bfloat16 for mixed precision); params stay float32."""
     h, w, c = image_shape
     if h % 4 or w % 4:
       raise ValueError(f'the DCGAN generator needs H and W divisible by 4, got {image_shape}')
+    if norm not in NORMS:
+      raise ValueError(f'generator norm={norm!r}: use one of {NORMS}')
     self.z_dim = z_dim
     self.num_classes = num_classes
+    self.norm = norm
     self.start = (h // 4, w // 4, 2 * channels)
     kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.embed = nnx.Embed(num_classes, z_dim, **kw) if num_classes else None
     in_dim = 2 * z_dim if num_classes else z_dim
     self.fc = nnx.Linear(in_dim, h // 4 * w // 4 * 2 * channels, **kw)
+    conv = lambda n: nnx.Conv(n, n, (3, 3), **kw)
+    self.refine1 = nnx.List([conv(2 * channels) for _ in range(refine)])
     self.up1 = UpConv(2 * channels, channels, dtype=dtype, rngs=rngs)
+    self.refine2 = nnx.List([conv(channels) for _ in range(refine)])
     self.up2 = UpConv(channels, c, dtype=dtype, rngs=rngs)
+
+  def _act(self, x: jax.Array) -> jax.Array:
+    x = jax.nn.relu(x)
+    return pixel_norm(x) if self.norm == 'pixel' else x
 
   def __call__(self, z: jax.Array, labels: jax.Array | None = None) -> jax.Array:
     """z [batch, z_dim] (labels [batch] int when conditional) -> [batch, H, W, C] in [-1, 1]."""
     if self.embed is not None:
       z = jnp.concatenate([z, self.embed(labels).astype(z.dtype)], axis=-1)
-    x = jax.nn.relu(self.fc(z)).reshape((z.shape[0],) + self.start)
-    return jnp.tanh(self.up2(jax.nn.relu(self.up1(x)))).astype(jnp.float32)
+    x = self._act(self.fc(z)).reshape((z.shape[0],) + self.start)   # [batch, H/4, W/4, 2c]
+    for layer in self.refine1:
+      x = self._act(layer(x))
+    x = self._act(self.up1(x))                                         # [batch, H/2, W/2, c]
+    for layer in self.refine2:
+      x = self._act(layer(x))
+    return jnp.tanh(self.up2(x)).astype(jnp.float32)
 
 
 class Discriminator(nnx.Module):
+  """`refine`: extra 3x3 convs (2c, LeakyReLU) at the H/4 resolution before the dense layer."""
 
   def __init__(self, *, image_shape: tuple[int, int, int], channels: int = 32,
-               num_classes: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+               num_classes: int = 0, refine: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
     h, w, c = image_shape
     kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.conv1 = nnx.Conv(c, channels, (4, 4), strides=2, **kw)
     self.conv2 = nnx.Conv(channels, 2 * channels, (4, 4), strides=2, **kw)
+    self.refine = nnx.List([nnx.Conv(2 * channels, 2 * channels, (3, 3), **kw)
+                            for _ in range(refine)])
     features = -(-h // 4) * -(-w // 4) * 2 * channels
     self.fc = nnx.Linear(features, 1, **kw)
     self.embed = nnx.Embed(num_classes, features, **kw) if num_classes else None
@@ -63,7 +91,10 @@ class Discriminator(nnx.Module):
   def __call__(self, x: jax.Array, labels: jax.Array | None = None) -> jax.Array:
     """[batch, H, W, C] images in [-1, 1] -> [batch] logits (high: real)."""
     h = jax.nn.leaky_relu(self.conv1(x), 0.2)
-    h = jax.nn.leaky_relu(self.conv2(h), 0.2).reshape(x.shape[0], -1)
+    h = jax.nn.leaky_relu(self.conv2(h), 0.2)
+    for layer in self.refine:
+      h = jax.nn.leaky_relu(layer(h), 0.2)
+    h = h.reshape(x.shape[0], -1)
     logits = self.fc(h)[:, 0].astype(jnp.float32)
     if self.embed is not None:
       logits += jnp.sum(self.embed(labels) * h, axis=-1, dtype=jnp.float32)

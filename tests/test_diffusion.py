@@ -206,6 +206,31 @@ def test_bits_per_dim_true_noise_model_beats_random_model():
   np.testing.assert_allclose(good, d.prior_bpd(x0) + decoder, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize('exact_steps,stratified', [(0, False), (3, False), (2, True)])
+def test_bits_per_dim_estimate_is_unbiased_for_the_full_bound(exact_steps, stratified):
+  # A wrong (so every KL term is non-zero) but cheap denoiser: the exact one for Gaussian
+  # data of the wrong mean and scale, plus a t-dependent bias. T = 8 keeps the full sum cheap.
+  d = D.GaussianDiffusion(D.cosine_beta_schedule(8))
+  wrong = gaussian_data_denoiser(d, 0.3, 0.5)
+  denoise = lambda x, t: wrong(x, t) + 0.05 * t.reshape((-1,) + (1,) * (x.ndim - 1))
+  u8 = jax.random.randint(jax.random.key(0), (3, 4, 4, 1), 0, 256)
+  draws = 4096   # each image repeated: one draw of t and noise per copy
+  x0 = jnp.tile((u8 / 127.5 - 1.0).astype(jnp.float32), (draws, 1, 1, 1))
+  estimate = np.asarray(jax.jit(lambda k: d.bpd_estimate(
+      denoise, x0, k, exact_steps=exact_steps, stratified=stratified))(jax.random.key(1)))
+  # The reference: all T terms summed (each still at one noise draw), as many draws.
+  full = np.asarray(jax.jit(lambda k: d.bpd(denoise, x0, k))(jax.random.key(2)))
+  stderr = math.sqrt(estimate.var() / len(estimate) + full.var() / len(full))
+  assert abs(estimate.mean() - full.mean()) < 4 * stderr, (estimate.mean(), full.mean(), stderr)
+  # Sharp enough to matter: leaving out the factor on the sampled term, or the exact head,
+  # would be caught (the means differ by many standard errors).
+  assert abs(full.mean() - d.prior_bpd(x0).mean()) > 20 * stderr
+  # Summing the first terms exactly can only lower the spread of the per-image estimates.
+  if exact_steps:
+    plain = np.asarray(d.bpd_estimate(denoise, x0, jax.random.key(1)))
+    assert estimate.std() < plain.std()
+
+
 def test_sampler_options_are_checked():
   for name, steps, eta, fragment in (('euler', None, None, '--sampler=euler: unknown sampler'),
                                      ('ddim', 0, 0.0, '--steps=0'),
@@ -260,6 +285,8 @@ def test_train_checkpoint_resume_sample(tmp_path):
   evals = [r for r in result.history if 'eval_ema/bits_per_dim' in r]
   assert [r['step'] for r in evals] == [3, 6]
   assert all(math.isfinite(r['eval/bits_per_dim']) and r['eval/bits_per_dim'] > 0 for r in evals)
+  assert all(0 < r['eval/bits_per_dim_stderr'] < r['eval/bits_per_dim'] for r in evals)
+  assert not any('bits_per_dim_sq' in k for r in evals for k in r)
 
   # Resume from step 3 (as if the run had stopped there): the same steps, bit for bit.
   resumed = str(tmp_path / 'resumed')
@@ -300,5 +327,13 @@ def test_train_checkpoint_resume_sample(tmp_path):
   assert ddpm.shape == (3, 28, 28, 1) and ddpm.dtype == np.uint8
   # train.evaluate's likelihood: the full bound on vlb_images (2) images, the estimate on all.
   metrics = family.likelihood_metrics(models, jax.random.key(0), ddpm, np.array([1, 2, 3]))
-  assert metrics['vlb_images'] == 2
-  assert all(0 < metrics[k] < np.inf for k in ('vlb_bits_per_dim', 'vlb_bits_per_dim_estimate'))
+  assert metrics['vlb_images'] == 2 and metrics['vlb_exact_steps'] == 4
+  for k in ('vlb_bits_per_dim', 'vlb_bits_per_dim_estimate'):
+    assert 0 < metrics[k] < np.inf and 0 < metrics[k + '_stderr'] < np.inf
+    assert k in family.likelihood_descriptions()
+  # The full bound, summed in chunks of timesteps with a progress line, is the model's `bpd`.
+  x0, labels = ddpm[:2].astype(np.float32) / 127.5 - 1.0, jnp.array([1, 2])
+  model = models['model']
+  reference = family.diffusion.bpd(lambda x, t: model(x, t, labels), jnp.asarray(x0),
+                                   jax.random.split(jax.random.key(0))[1])
+  np.testing.assert_allclose(metrics['vlb_bits_per_dim'], float(reference.mean()), rtol=1e-4)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from experiments.configs import gan_mnist
 from models import gan as gan_lib
@@ -49,6 +50,27 @@ def test_losses_and_r1_penalty():
   linear = lambda x, labels: jnp.sum(x * w, axis=(1, 2, 3))
   real = jax.random.normal(jax.random.key(1), (3, 5, 5, 1))
   np.testing.assert_allclose(gan_lib.r1_penalty(linear, real), [jnp.sum(w**2)] * 3, rtol=1e-5)
+
+
+def test_pixel_norm_and_the_optional_refining_convs():
+  x = np.random.default_rng(0).normal(size=(2, 3, 3, 5)).astype(np.float32)
+  normed = np.asarray(gan_lib.pixel_norm(jnp.asarray(x)))
+  np.testing.assert_allclose(normed, x / np.sqrt(np.mean(x ** 2, -1, keepdims=True)), rtol=1e-5)
+  count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  shape, c = (28, 28, 1), 8
+  plain = gan_lib.Generator(image_shape=shape, z_dim=4, channels=c, rngs=nnx.Rngs(0))
+  deep = gan_lib.Generator(image_shape=shape, z_dim=4, channels=c, refine=1, norm='pixel',
+                           rngs=nnx.Rngs(0))
+  # One 3x3 conv (with bias) at 2c channels (7x7) and one at c channels (14x14).
+  assert count(deep) - count(plain) == (9 * (2 * c) ** 2 + 2 * c) + (9 * c ** 2 + c)
+  images = deep(jnp.ones((3, 4)))
+  assert images.shape == (3, 28, 28, 1) and float(jnp.abs(images).max()) <= 1.0
+  d = gan_lib.Discriminator(image_shape=shape, channels=c, refine=2, rngs=nnx.Rngs(0))
+  assert d(images).shape == (3,)
+  with pytest.raises(ValueError, match='norm'):
+    gan_lib.Generator(image_shape=shape, norm='batch', rngs=nnx.Rngs(0))
+  with pytest.raises(UserError, match='config.model.g_norm'):
+    families.get('gan')(tiny_config(**{'model.g_norm': 'batch'}))
 
 
 @pytest.mark.parametrize('arg', ['tiny', 'conditional,hinge,tiny'])

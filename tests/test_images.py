@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from train import data as data_lib
 from train import images as images_lib
@@ -82,3 +83,15 @@ def test_load_mnist():
   assert ds.class_names == [str(i) for i in range(10)]
   with pytest.raises(UserError, match='no "image"/"label" features'):
     data_lib.load_images('tiny_shakespeare')
+
+
+def test_images_decode_like_tfds_without_its_opencv_warning(capfd):
+  # Reads the test split directly (load_images caches per process, and TFDS warns only once).
+  source = data_lib.load_source('mnist', decoders={'image': tfds.decode.SkipDecoding()})['test']
+  ours = np.stack([data_lib._decode_png(source[i]['image']) for i in range(50)])[..., None]
+  assert 'OpenCV' not in capfd.readouterr().err
+  # The reference: TFDS's own decoding of the same records.
+  reference = data_lib.load_source('mnist')['test']
+  theirs = np.stack([reference[i]['image'] for i in range(50)])
+  np.testing.assert_array_equal(ours, theirs)
+  np.testing.assert_array_equal(data_lib.load_images('mnist')['test'][0][:50], theirs)

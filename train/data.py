@@ -11,19 +11,21 @@ iterator state to checkpoint.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 
 from train import tfds_builders
 from train.errors import UserError
 
 
-def load_source(name: str, data_dir: str | None = None,
-                raw_dir: str | None = None) -> dict[str, Sequence[Any]]:
+def load_source(name: str, data_dir: str | None = None, raw_dir: str | None = None,
+                decoders: dict[str, Any] | None = None) -> dict[str, Sequence[Any]]:
   """The splits of TFDS dataset `name`, as random-access sources.
 
   Args:
@@ -32,6 +34,8 @@ def load_source(name: str, data_dir: str | None = None,
       tensorflow_datasets is imported, else ~/tensorflow_datasets).
     raw_dir: raw files to prepare the dataset from if it is not in data_dir yet (see
       `tfds_builders.prepare`); None downloads them.
+    decoders: per-feature TFDS decoders, e.g. {'image': tfds.decode.SkipDecoding()}; those
+      naming a feature the dataset lacks are left out.
 
   Returns:
     split name -> `tfds.data_source` of that split (len() and [i] -> dict of numpy/bytes).
@@ -51,7 +55,9 @@ def load_source(name: str, data_dir: str | None = None,
     builder = tfds.builder(name, data_dir=data_dir)
   else:
     logging.info('Reading TFDS dataset %s from %s.', name, builder.data_dir)
-  return builder.as_data_source()
+  if decoders:  # only for features the dataset has: TFDS rejects the others
+    decoders = {k: v for k, v in decoders.items() if k in builder.info.features} or None
+  return builder.as_data_source(decoders=decoders)
 
 
 class CharTokenizer:
@@ -230,7 +236,10 @@ def load_images(name: str, data_dir: str | None = None,
   key = (name, data_dir, raw_dir, tfds.core.constants.DATA_DIR)
   if key in _IMAGE_CACHE:
     return _IMAGE_CACHE[key]
-  source = load_source(name, data_dir=data_dir, raw_dir=raw_dir)
+  # The PNG bytes are decoded here with Pillow: TFDS's own numpy decoding would do the same
+  # but first logs a warning, in every command, that OpenCV is not installed.
+  source = load_source(name, data_dir=data_dir, raw_dir=raw_dir,
+                       decoders={'image': tfds.decode.SkipDecoding()})
   out = ImageDataset()
   for split, examples in source.items():
     if not len(examples):
@@ -240,7 +249,7 @@ def load_images(name: str, data_dir: str | None = None,
       raise UserError(f'Dataset {name} has no "image"/"label" features (it has {sorted(first)}): '
                       'use an image classification dataset such as mnist or fashion_mnist.')
     items = examples.__getitems__(list(range(len(examples))))
-    images = np.stack([np.asarray(ex['image'], np.uint8) for ex in items])
+    images = np.stack([_decode_png(ex['image']) for ex in items])
     if images.ndim == 3:
       images = images[..., None]
     labels = np.asarray([ex['label'] for ex in items], np.int32)
@@ -249,6 +258,12 @@ def load_images(name: str, data_dir: str | None = None,
   out.class_names = list(builder.info.features['label'].names)
   _IMAGE_CACHE[key] = out
   return out
+
+
+def _decode_png(encoded: bytes) -> np.ndarray:
+  """An encoded image (PNG bytes, as TFDS stores them) -> uint8 [H, W] or [H, W, C]."""
+  with Image.open(io.BytesIO(encoded)) as image:
+    return np.asarray(image, np.uint8)
 
 
 class ImageBatches:

@@ -1,9 +1,10 @@
-"""`python -m train.evaluate --workdir=DIR --classifier=CLASSIFIER_DIR [flags]`: image model scores.
+"""`python -m train.evaluate --workdir=DIR --classifier=workdirs/classifier_mnist [flags]`.
 
-Generates --num_samples images (default 10,000) from DIR's latest checkpoint (EMA weights where
-kept) in batches of --batch, with the family's own sampling flags (as `train.sample`: --labels,
-and for diffusion --sampler --steps --eta --guidance; a conditional model gets balanced labels
-over all classes unless --labels is given). A feature extractor (--features) maps generated
+Image model scores. Generates --num_samples images (default 10,000) from DIR's latest
+checkpoint (EMA weights where kept) in batches of --batch, with the family's own sampling flags
+(as `train.sample`: --labels, and for diffusion --sampler --steps --eta --guidance; a
+conditional model gets balanced labels over all classes unless --labels is given), printing a
+progress line (images/s, ETA) per batch. A feature extractor (--features) maps generated
 and real test images to features and class probabilities, and the report gives:
 
   frechet_distance   between Gaussian fits of generated and real test features (FID's formula)
@@ -77,7 +78,7 @@ class ClassifierFeatures:
     if not workdir:
       raise UserError('--classifier is required: the workdir of a classifier run, e.g. '
                       '`python -m train --config=experiments/configs/classifier_mnist.py '
-                      '--workdir=CLASSIFIER_DIR`')
+                      '--workdir=workdirs/classifier_mnist`')
     if not storage.isdir(workdir):
       raise UserError(f'--classifier={workdir}: no such directory')
     try:
@@ -248,27 +249,15 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
     reference['test_coverage'] = image_metrics.class_coverage(real_probs, test_labels, threshold)
 
   gen_key, likelihood_key = jax.random.split(jax.random.key(seed))
-  chunks, times = [], []
-  for i, lo in enumerate(range(0, num_samples, batch)):
-    num = min(batch, num_samples - lo)
-    t0 = time.perf_counter()
-    images = family.generate_images(
-        models, jax.random.fold_in(gen_key, i), num,
-        None if requested is None else requested[lo:lo + num], **options)
-    times.append((num, time.perf_counter() - t0))
-    images = np.asarray(images)
-    if images.shape != (num,) + tuple(family.image_shape) or images.dtype != np.uint8:
-      raise RuntimeError(f'{family.name}.generate_images returned {images.dtype} '
-                         f'{images.shape}, expected uint8 {(num,) + tuple(family.image_shape)}')
-    chunks.append(images)
-  generated = np.concatenate(chunks)
+  generated, times = images_lib.generate_in_batches(family, models, gen_key, num_samples,
+                                                    requested, options, batch)
   scores, probs = score(extractor, generated, real, batch=batch, labels=requested, k=k,
                         threshold=threshold)
   steady = times[1:] or times  # the first batch includes compilation
   sampling = {'images_per_s': sum(n for n, _ in steady) / sum(t for _, t in steady),
               'first_batch_s': times[0][1], 'total_s': sum(t for _, t in times)}
 
-  likelihood = {}
+  likelihood, likelihood_descriptions = {}, {}
   if likelihood_examples:
     t0 = time.perf_counter()
     likelihood = family.likelihood_metrics(
@@ -277,6 +266,7 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
     if likelihood:
       likelihood = {**likelihood, 'examples': min(likelihood_examples, len(test_images)),
                     'seconds': time.perf_counter() - t0}
+      likelihood_descriptions = family.likelihood_descriptions()
 
   report = {
       'workdir': storage.absolute(workdir), 'family': family.name, 'checkpoint_step': step,
@@ -286,6 +276,8 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
       'features': extractor.describe(), 'pr_k': k, 'confidence_threshold': threshold,
       **scores, 'reference_train_vs_test': reference, 'sampling': sampling,
       'likelihood': likelihood}
+  if likelihood_descriptions:
+    report['likelihood_descriptions'] = likelihood_descriptions
   return report, generated, probs
 
 
@@ -313,9 +305,16 @@ def summary(report: dict[str, Any]) -> str:
         f'classes covered {cov["classes_covered"]}/{len(cov["class_histogram"])}, '
         f'evenness {cov["evenness"]:.3f}' + (
             f', label accuracy {cov["label_accuracy"]:.3f}' if 'label_accuracy' in cov else ''))
-  if report['likelihood']:
+  likelihood = report['likelihood']
+  if likelihood:
+    # Each figure with its standard error (key + '_stderr') where the family gives one.
+    described = report.get('likelihood_descriptions', {})
     lines.append('  likelihood: ' + ', '.join(
-        f'{k} {v:.4g}' for k, v in report['likelihood'].items()))
+        f'{k} {v:.4g}' + (f' +- {likelihood[k + "_stderr"]:.2g}' if k + '_stderr' in likelihood
+                          else '')
+        for k, v in likelihood.items() if not k.endswith('_stderr') and k not in described))
+    lines.extend(f'  {k} {likelihood[k]:.4g} +- {likelihood.get(k + "_stderr", float("nan")):.2g}'
+                 f': {text}' for k, text in described.items() if k in likelihood)
   return '\n'.join(lines)
 
 

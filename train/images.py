@@ -12,6 +12,7 @@ Pixels: datasets hold uint8 [N, H, W, C]; `to_float` maps them to [-1, 1] and `t
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from train import data as data_lib
+from train import metrics as metrics_lib
 from train import storage
 from train.errors import UserError
 from train.family import Family
@@ -105,6 +107,34 @@ def parse_labels(text: str | None, num: int, num_classes: int) -> np.ndarray | N
   return np.resize(np.asarray(values, np.int32), num)
 
 
+def generate_in_batches(family: ImageFamily, models, rng: jax.Array, num: int,
+                        labels: np.ndarray | None, options: dict[str, Any], batch: int,
+                        what: str = 'sampling') -> tuple[np.ndarray, list[tuple[int, float]]]:
+  """uint8 [num, H, W, C] from `family.generate_images`, `batch` images at a time (batch i with
+  key fold_in(rng, i)), printing a progress line (images/s, ETA) per batch.
+
+  Returns: (the images, [(images, seconds)] per batch; the first batch includes compilation).
+  """
+  batches = math.ceil(num / batch)
+  progress = metrics_lib.Progress(
+      what, num, note=f'{batches} batch{"es" if batches > 1 else ""} of up to {batch}; '
+      'the first one includes compilation')
+  chunks, times = [], []
+  for i, lo in enumerate(range(0, num, batch)):
+    n = min(batch, num - lo)
+    t0 = time.perf_counter()
+    images = np.asarray(family.generate_images(
+        models, jax.random.fold_in(rng, i), n, None if labels is None else labels[lo:lo + n],
+        **options))
+    times.append((n, time.perf_counter() - t0))
+    if images.shape != (n,) + tuple(family.image_shape) or images.dtype != np.uint8:
+      raise RuntimeError(f'{family.name}.generate_images returned {images.dtype} '
+                         f'{images.shape}, expected uint8 {(n,) + tuple(family.image_shape)}')
+    chunks.append(images)
+    progress.update(n)
+  return np.concatenate(chunks), times
+
+
 class ImageFamily(Family):
   """A family that trains on and generates images.
 
@@ -179,9 +209,17 @@ class ImageFamily(Family):
     `train.evaluate` adds them to its report."""
     return {}
 
+  def likelihood_descriptions(self) -> dict[str, str]:
+    """What each `likelihood_metrics` figure is, for the report (key -> one phrase)."""
+    return {}
+
   def check_sample_options(self, options: dict[str, Any]) -> dict[str, Any]:
     """Validates the family's own sampling options (UserError naming the flag); returns them."""
     return options
+
+  def sampling_batch(self) -> int | None:
+    """Images per `generate_images` call in `train.sample` (None: all at once)."""
+    return None
 
   def default_labels(self, num: int) -> np.ndarray | None:
     return np.arange(num, dtype=np.int32) % self.num_classes if self.num_classes else None
@@ -200,7 +238,8 @@ class ImageFamily(Family):
       labels = self.default_labels(num)
     out = options.pop('out', None) or storage.join(workdir, 'samples', 'sample.png')
     options = self.check_sample_options({k: v for k, v in options.items() if v is not None})
-    images = self.generate_images(models, rng, num, labels, **options)
+    images, _ = generate_in_batches(self, models, rng, num, labels, options,
+                                    self.sampling_batch() or num)
     path = save_grid(out, images, self.caption(labels))
     return f'wrote {num} samples to {path}'
 

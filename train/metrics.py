@@ -1,4 +1,4 @@
-"""Metrics out of the loop: metrics.jsonl, TensorBoard events, a progress line, MFU.
+"""Metrics out of the loop: metrics.jsonl, TensorBoard events, progress lines, MFU.
 
 Only process 0 writes; other processes get a writer that drops everything.
 """
@@ -74,6 +74,48 @@ def progress_line(step: int, total: int, scalars: Mapping[str, float], *, unit: 
 
 def print_line(line: str) -> None:
   print(line, file=sys.stdout, flush=True)
+
+
+class Progress:
+  """Progress of a long host-side loop over `total` items (sampling, likelihoods): a line after
+  each chunk, at most one every `every_s` seconds (the first and last always), with items/s
+  and an ETA. The first chunk usually includes compilation, so once a second chunk is done the
+  rate and ETA come from the chunks after it.
+
+    progress = Progress('sampling', 10_000)   # prints 'sampling: 10,000 images ...'
+    for ...: progress.update(len(chunk))      # 'sampling 500/10,000 images | 4.1 images/s | ...'
+  """
+
+  def __init__(self, what: str, total: int, *, unit: str = 'images', every_s: float = 5.0,
+               note: str = '', printer=print_line, clock=time.perf_counter):
+    self.what, self.total, self.unit, self.every_s = what, int(total), unit, every_s
+    self._print, self._clock = printer, clock
+    self.done, self._first = 0, None   # (items, time) after the first chunk
+    self._start = self._last_print = clock()
+    self._print(f'{what}: {self.total:,} {unit}' + (f' ({note})' if note else ''))
+
+  def rate(self) -> float:
+    """Items per second, excluding the first chunk once there are more."""
+    now = self._clock()
+    if self._first is not None and self.done > self._first[0] and now > self._first[1]:
+      return (self.done - self._first[0]) / (now - self._first[1])
+    return self.done / max(now - self._start, 1e-9)
+
+  def update(self, num: int) -> None:
+    self.done += int(num)
+    now = self._clock()
+    first = self._first is None
+    if first:
+      self._first = (self.done, now)
+    if not (first or self.done >= self.total or now - self._last_print >= self.every_s):
+      return
+    self._last_print = now
+    rate = self.rate()
+    eta = (self.total - self.done) / rate if rate > 0 else math.inf
+    self._print(' | '.join([
+        f'{self.what} {self.done:,}/{self.total:,} {self.unit}',
+        f'{rate:,.1f} {self.unit}/s' if rate < 100 else f'{rate:,.0f} {self.unit}/s',
+        f'elapsed {format_duration(now - self._start)}', f'ETA {format_duration(eta)}']))
 
 
 def matmul_peak_flops(devices=None, dtype=jnp.float32, size: int = 1024, repeats: int = 5) -> float:

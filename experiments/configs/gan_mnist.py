@@ -5,9 +5,9 @@ Default (no ARG): generator z(64) -> dense -> 7x7x64 -> sub-pixel upsampling con
 non-saturating loss with an R1 penalty (gamma 1) on real images; Adam lr 2e-4, beta1 0.5 for both
 players; batch 64, 16k steps (17 epochs); samples from an EMA (0.999) of the generator.
   Command:  python -m train --config=experiments/configs/gan_mnist.py --workdir=/tmp/gan_mnist
-            python -m train.evaluate --workdir=/tmp/gan_mnist --classifier=CLASSIFIER_DIR
+            python -m train.evaluate --workdir=/tmp/gan_mnist --classifier=workdirs/classifier_mnist
   Hardware: 2-core CPU (this project's CI machine), shared (load average 6-10 during the run).
-  Runtime:  about 33 min wall (30 min of logged step time, 90-160 ms/step; ~18 min CPU).
+  Runtime:  about 33 min wall (30 min of logged step time, 90-160 ms/step).
   Result:   at step 16000 (10k EMA samples, the MNIST classifier's features): Frechet distance
             33.2 (real train vs test: 0.83), precision 0.415, recall 0.797, 65.4% of samples
             classified with confidence > 0.9, all 10 classes covered (evenness 0.989). The
@@ -20,8 +20,9 @@ ARG `hinge`: the hinge loss instead of the non-saturating one.
 ARG `conditional`: class-conditional generator (label embedding concatenated to z) and
   projection discriminator; 10k steps.
   Command:  python -m train --config=experiments/configs/gan_mnist.py:conditional --workdir=/tmp/gan_cond
-            python -m train.evaluate --workdir=/tmp/gan_cond --classifier=CLASSIFIER_DIR
-  Runtime:  12.7 min wall, 12.3 min CPU (70-76 ms/step; load average ~3).
+            python -m train.evaluate --workdir=/tmp/gan_cond \
+              --classifier=workdirs/classifier_mnist
+  Runtime:  12.7 min wall (70-76 ms/step; load average ~3).
   Result:   10k EMA samples, 1000 per class: Frechet distance 3.41 (floor 0.83), precision
             0.624, recall 0.788, 95.2% classified with confidence > 0.9, 94.1% as the requested
             label with confidence > 0.9, all 10 classes (evenness 1.000).
@@ -29,6 +30,10 @@ ARG `fashion_mnist`: Fashion-MNIST (give --config.data.raw_dir=DIR_WITH_IDX_FILE
   --config.data.data_dir the first time).
 ARG `tiny`: a smoke run of seconds. ARGs combine, e.g. `fashion_mnist,conditional,tiny`.
 `hinge` and `fashion_mnist` were not measured here beyond smoke runs.
+Options for the quality search (defaults off, not yet measured: a screening run was stopped at
+465 steps when the shared machine ran at 1.1-1.6 s/step): --config.model.g_refine=N and
+d_refine=N add N 3x3 convs per generator resolution / at the discriminator's 7x7 features;
+--config.model.g_norm=pixel adds pixel norm (Karras et al. 2018) after the generator's ReLUs.
 
 Data: TFDS `mnist` / `fashion_mnist` from --config.data.data_dir or $TFDS_DATA_DIR.
 """
@@ -64,7 +69,8 @@ def get_config(arg: str | None = None):
   c.loss = 'hinge' if 'hinge' in args else 'non_saturating'
   c.r1_gamma = 1.0               # R1 penalty weight on real images (0: off)
   c.data.name = 'fashion_mnist' if 'fashion_mnist' in args else 'mnist'
-  c.model = dict(z_dim=64, g_channels=32, d_channels=32, dtype='float32')
+  c.model = dict(z_dim=64, g_channels=32, d_channels=32, g_refine=0, d_refine=0, g_norm='none',
+                 dtype='float32')
   # Generator (`optimizer`) and discriminator (`optimizer_d`): Adam, DCGAN's lr 2e-4, beta1 0.5.
   c.optimizer.update(name='adam', lr=2e-4, schedule='constant', warmup_steps=0, b1=0.5, b2=0.999,
                      grad_clip=0.0)

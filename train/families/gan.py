@@ -7,7 +7,8 @@ With `ema_decay` > 0 the loop keeps EMA weights, and samples come from the gener
 
 config.loss: 'non_saturating' | 'hinge'; config.r1_gamma: weight of the R1 penalty
 gamma/2 E||grad_x D(x)||^2 on real images (0: off); config.model: z_dim, g_channels,
-d_channels; config.conditional: class-conditional generator and projection discriminator.
+d_channels, g_refine, d_refine (extra 3x3 convs), g_norm (none|pixel); config.conditional:
+class-conditional generator and projection discriminator.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class GANFamily(images_lib.ImageFamily):
     if config.loss not in gan_lib.LOSSES:
       raise UserError(f'config.loss={config.loss!r}: unknown GAN loss '
                       f'(known: {", ".join(gan_lib.LOSSES)})')
+    if config.model.get('g_norm', 'none') not in gan_lib.NORMS:
+      raise UserError(f'config.model.g_norm={config.model.g_norm!r}: unknown (known: '
+                      f'{", ".join(gan_lib.NORMS)})')
     if config.get('r1_gamma', 0.0) < 0:
       raise UserError(f'config.r1_gamma={config.r1_gamma}: must be >= 0')
 
@@ -43,12 +47,15 @@ class GANFamily(images_lib.ImageFamily):
   def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
     m = self.config.model
     dtype = images_lib.activation_dtype(self.config)
+    # .get: runs written before these keys existed still load (their networks had none).
     return {'generator': gan_lib.Generator(image_shape=self.image_shape, z_dim=m.z_dim,
                                            channels=m.g_channels, num_classes=self.num_classes,
-                                           dtype=dtype, rngs=rngs),
+                                           refine=m.get('g_refine', 0),
+                                           norm=m.get('g_norm', 'none'), dtype=dtype, rngs=rngs),
             'discriminator': gan_lib.Discriminator(image_shape=self.image_shape,
                                                    channels=m.d_channels,
-                                                   num_classes=self.num_classes, dtype=dtype,
+                                                   num_classes=self.num_classes,
+                                                   refine=m.get('d_refine', 0), dtype=dtype,
                                                    rngs=rngs)}
 
   def optimizers(self, make_tx):

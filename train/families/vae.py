@@ -24,6 +24,7 @@ from flax import nnx
 from models import vae as vae_lib
 from train import data as data_lib
 from train import images as images_lib
+from train import metrics as metrics_lib
 from train.errors import UserError
 
 BINARIZE = ('dynamic', 'static', 'none')
@@ -160,12 +161,15 @@ class VAEFamily(images_lib.ImageFamily):
     images = binarize_fixed(images) if self.bernoulli else images
     vae = models['model']
     total = 0.0
+    progress = metrics_lib.Progress(
+        'IWAE test NLL', len(images), note=f'k={k} drawn {chunk} at a time, {batch} images per batch')
     for i, lo in enumerate(range(0, len(images), batch)):
       key = jax.random.fold_in(rng, i)
       pixel_key, z_key = jax.random.split(key)
       x = self._pixels(jnp.asarray(images[lo:lo + batch]), pixel_key, False)
       y = None if labels is None or not self.conditional else jnp.asarray(labels[lo:lo + batch])
       total += float(jnp.sum(_iwae(vae, x, y, z_key, k, chunk)))
+      progress.update(len(x))
     nll = -total / len(images)
     if self.bernoulli:
       return {'iwae_nll_nats': nll, 'iwae_samples': k}
