@@ -12,7 +12,9 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from typing import Any
@@ -329,6 +331,43 @@ class _Preemption:
     return False
 
 
+class _StepProfiler:
+  """`config.profile_steps`: a jax.profiler trace of the steps in [start, stop) in DIR/profile.
+
+  Steps are dispatched asynchronously: the trace stops only once the window's steps have
+  finished, so it holds their device work. jax.profiler writes local files: for a remote run
+  directory (gs://) the trace goes to a local temporary directory and is copied over when it
+  stops.
+  """
+
+  def __init__(self, window: tuple[int, int] | None, workdir: str):
+    self.window = window
+    self.target = storage.join(workdir, 'profile')
+    self._local = None  # where the running trace is written; None: not tracing
+
+  def before_step(self, step: int) -> None:
+    if self.window and step == self.window[0]:
+      self._local = (self.target if storage.is_local(self.target)
+                     else tempfile.mkdtemp(prefix='genlab-profile-'))
+      jax.profiler.start_trace(self._local, create_perfetto_trace=True)
+
+  def after_step(self, step: int, state) -> None:
+    if self._local is not None and step == self.window[1]:
+      jax.block_until_ready(state)
+      self.stop()
+      metrics_lib.print_line(f'profile of steps {self.window[0]}-{step - 1} written to '
+                             f'{self.target} (tensorboard --logdir, or ui.perfetto.dev)')
+
+  def stop(self) -> None:
+    if self._local is None:
+      return
+    jax.profiler.stop_trace()
+    if self._local != self.target:
+      storage.copy_tree(self._local, self.target)
+      shutil.rmtree(self._local, ignore_errors=True)
+    self._local = None
+
+
 @functools.lru_cache(maxsize=None)
 def _matmul_peak(devices: tuple[jax.Device, ...]) -> float:
   """Measured once per process and device set (it takes seconds on a CPU)."""
@@ -468,26 +507,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
 
   step = start
   batch = first_batch
-  profile = profile_window(config)
-  tracing = False
+  profiler = _StepProfiler(profile_window(config), workdir)
   try:
     with _Preemption() as preemption:
       while step < total:
-        if profile and step == profile[0]:
-          # Steps are dispatched asynchronously: the trace covers the device work of the steps
-          # dispatched inside the window, since it stops only once they have finished.
-          jax.profiler.start_trace(os.path.join(workdir, 'profile'), create_perfetto_trace=True)
-          tracing = True
+        profiler.before_step(step)
         state, m = compiled(state, batch)
         pending.append((step, m))
         step += 1
-        if tracing and step == profile[1]:
-          jax.block_until_ready(state)
-          jax.profiler.stop_trace()
-          tracing = False
-          metrics_lib.print_line(f'profile of steps {profile[0]}-{step - 1} written to '
-                                 f'{os.path.join(workdir, "profile")} (tensorboard --logdir, or '
-                                 f'ui.perfetto.dev)')
+        profiler.after_step(step, state)
         if step < total:
           batch = put_batch(family.train_batch(step))  # overlaps the step
         is_log = step % config.log_every == 0 or step == total
@@ -535,8 +563,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
     if step == total:
       write_samples(step)
   finally:
-    if tracing:  # the run ended (or failed) inside the profile window
-      jax.profiler.stop_trace()
+    profiler.stop()  # when the run ended (or failed) inside the profile window
     # On any error (a non-finite loss included) only finish saves already started: never
     # write the current, possibly bad, state.
     checkpointer.close()

@@ -99,6 +99,15 @@ def read_json(path, culprit: str) -> Any:
   return value
 
 
+def copy_tree(local_dir: str, target) -> None:
+  """Copies the files under the local directory `local_dir` to `target` (any epath path)."""
+  for root, _, files in os.walk(local_dir):
+    for name in files:
+      source = os.path.join(root, name)
+      with open(source, 'rb') as f:
+        write_bytes(join(target, os.path.relpath(source, local_dir)), f.read())
+
+
 def save_image(path, image) -> None:
   """Saves a PIL image (format from the extension)."""
   buffer = io.BytesIO()
