@@ -36,6 +36,7 @@ from train import evaluate as evaluate_lib
 from train import images as images_lib
 from train import loop
 from train import sample
+from train import storage
 from train.errors import UserError
 
 MODELS = ('vae', 'gan', 'ddpm')
@@ -62,7 +63,7 @@ _NLL_KEYS = (('iwae_nll_nats', '{:.2f} nats (IWAE, k={iwae_samples})'),
 
 
 def train_if_needed(name: str, workdir: str, spec: str) -> None:
-  checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  checkpoints = ckpt_lib.Checkpointer(storage.join(workdir, 'checkpoints'), async_save=False)
   has_checkpoint = checkpoints.latest_step() is not None
   checkpoints.close()
   if not has_checkpoint:
@@ -82,14 +83,14 @@ def load_config(spec: str):
 def train_seconds(workdir: str) -> float:
   """Sum of logged step times: each metrics.jsonl row's mean step time x the steps it covers."""
   total, last = 0.0, None
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    for row in map(json.loads, f):
-      if 'step_time_ms' in row:
-        if last is not None and row['step'] > last:
-          total += row['step_time_ms'] / 1e3 * (row['step'] - last)
-        last = row['step']
-      elif 'compile_time_s' in row:
-        last = row['step']
+  lines = storage.read_text(storage.join(workdir, 'metrics.jsonl')).splitlines()
+  for row in map(json.loads, lines):
+    if 'step_time_ms' in row:
+      if last is not None and row['step'] > last:
+        total += row['step_time_ms'] / 1e3 * (row['step'] - last)
+      last = row['step']
+    elif 'compile_time_s' in row:
+      last = row['step']
   return total
 
 
