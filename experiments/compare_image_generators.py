@@ -4,7 +4,9 @@ r"""VAE vs GAN vs DDPM on MNIST: one evaluation protocol, one Markdown table, on
       --vae_workdir=DIR --gan_workdir=DIR --ddpm_workdir=DIR [--out_dir=DIR] [--num_samples=10000]
 
 Each workdir that has no checkpoint is first trained with its config (--vae_config,
---gan_config, --ddpm_config; by default the experiments' quality configs); a model whose
+--gan_config, --ddpm_config: `path.py[:ARG]`, optionally followed by `--config.KEY=VALUE`
+overrides, e.g. 'experiments/configs/ddpm_mnist.py:cond --config.total_steps=2400'; by default
+the experiments' quality configs); a model whose
 workdir flag is empty is left out. Every model is scored by `train.evaluate.evaluate` with the
 same classifier features, the same number of samples, seed and sampling batch: Frechet
 distance, precision/recall, the share of samples classified with confidence > 0.9, classes
@@ -34,6 +36,7 @@ from train import evaluate as evaluate_lib
 from train import images as images_lib
 from train import loop
 from train import sample
+from train import storage
 from train.errors import UserError
 
 MODELS = ('vae', 'gan', 'ddpm')
@@ -60,25 +63,34 @@ _NLL_KEYS = (('iwae_nll_nats', '{:.2f} nats (IWAE, k={iwae_samples})'),
 
 
 def train_if_needed(name: str, workdir: str, spec: str) -> None:
-  checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  checkpoints = ckpt_lib.Checkpointer(storage.join(workdir, 'checkpoints'), async_save=False)
   has_checkpoint = checkpoints.latest_step() is not None
   checkpoints.close()
   if not has_checkpoint:
     print(f'{name}: no checkpoint in {workdir}; training {spec}', flush=True)
-    loop.train(config_lib.load(spec), workdir)
+    loop.train(load_config(spec), workdir)
+
+
+def load_config(spec: str):
+  """'path.py[:ARG] [--config.KEY=VALUE ...]' -> the config, overrides applied."""
+  path, *rest = spec.split()
+  rest, overrides = config_lib.split_overrides(rest)
+  if rest:
+    raise UserError(f'config {spec!r}: {" ".join(rest)} is not a --config.KEY=VALUE override')
+  return config_lib.apply_overrides(config_lib.load(path), overrides)
 
 
 def train_seconds(workdir: str) -> float:
   """Sum of logged step times: each metrics.jsonl row's mean step time x the steps it covers."""
   total, last = 0.0, None
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    for row in map(json.loads, f):
-      if 'step_time_ms' in row:
-        if last is not None and row['step'] > last:
-          total += row['step_time_ms'] / 1e3 * (row['step'] - last)
-        last = row['step']
-      elif 'compile_time_s' in row:
-        last = row['step']
+  lines = storage.read_text(storage.join(workdir, 'metrics.jsonl')).splitlines()
+  for row in map(json.loads, lines):
+    if 'step_time_ms' in row:
+      if last is not None and row['step'] > last:
+        total += row['step_time_ms'] / 1e3 * (row['step'] - last)
+      last = row['step']
+    elif 'compile_time_s' in row:
+      last = row['step']
   return total
 
 

@@ -70,7 +70,10 @@ def load_models(workdir: str, use_ema: bool = True):
   if not isinstance(config.get('family'), str):
     raise UserError(f'{culprit}: {config_path} is damaged (it names no `family`)')
   metadata = storage.read_json(storage.join(workdir, 'family.json'), culprit)
-  checkpointer = ckpt_lib.Checkpointer(storage.join(workdir, 'checkpoints'), async_save=False)
+  checkpoint_dir = storage.join(workdir, 'checkpoints')
+  if not storage.isdir(checkpoint_dir):  # (a Checkpointer would create it)
+    raise UserError(f'{culprit}: no checkpoint in {storage.absolute(checkpoint_dir)}')
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, async_save=False)
   step = checkpointer.latest_step()
   if step is None:
     raise UserError(f'{culprit}: no checkpoint in {checkpointer.directory}')
