@@ -2,11 +2,13 @@
 
 import glob
 import os
+import tempfile
 
 import pytest
 
 from tests import toy_families
 from train import loop
+from train import storage
 from train.errors import UserError
 
 
@@ -32,3 +34,17 @@ def test_bad_profile_steps_is_one_line(tmp_path, text):
     loop.train(toy_families.regression_config(profile_steps=text), str(tmp_path))
   assert '\n' not in str(e.value)
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_remote_run_directory_gets_the_trace_copied(tmp_path, monkeypatch):
+  # jax.profiler writes local files: for a run directory that is not local (gs://), the loop
+  # traces into a temporary directory and copies the files over. Pretend every path is remote.
+  monkeypatch.setattr(storage, 'is_local', lambda path: False)
+  temp_root = tmp_path / 'tmp'
+  temp_root.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(temp_root))
+  loop.train(toy_families.regression_config(total_steps=4, profile_steps='1,2'),
+             str(tmp_path / 'run'))
+  assert glob.glob(str(tmp_path / 'run/profile/**/*.xplane.pb'), recursive=True)
+  assert glob.glob(str(tmp_path / 'run/profile/**/*.trace.json.gz'), recursive=True)
+  assert not os.listdir(temp_root)  # the temporary trace directory is gone

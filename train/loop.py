@@ -359,13 +359,13 @@ class _StepProfiler:
                              f'{self.target} (tensorboard --logdir, or ui.perfetto.dev)')
 
   def stop(self) -> None:
-    if self._local is None:
+    local, self._local = self._local, None
+    if local is None:
       return
     jax.profiler.stop_trace()
-    if self._local != self.target:
-      storage.copy_tree(self._local, self.target)
-      shutil.rmtree(self._local, ignore_errors=True)
-    self._local = None
+    if local != self.target:
+      storage.copy_tree(local, self.target)
+      shutil.rmtree(local, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)

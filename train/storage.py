@@ -104,8 +104,10 @@ def copy_tree(local_dir: str, target) -> None:
   for root, _, files in os.walk(local_dir):
     for name in files:
       source = os.path.join(root, name)
+      destination = epath.Path(join(target, os.path.relpath(source, local_dir)))
+      destination.parent.mkdir(parents=True, exist_ok=True)  # a no-op on object stores
       with open(source, 'rb') as f:
-        write_bytes(join(target, os.path.relpath(source, local_dir)), f.read())
+        write_bytes(destination, f.read())
 
 
 def save_image(path, image) -> None:

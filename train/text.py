@@ -34,6 +34,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from train import storage
 from train.errors import UserError
 
 SPECIAL_TOKENS = ('[PAD]', '[BOS]', '[EOS]', '[UNK]', '[MASK]', '[SEP]')
@@ -102,18 +103,16 @@ class SubwordTokenizer:
     return cls(tokenizers.Tokenizer.from_str(text))
 
   def save(self, path: str) -> None:
-    with open(path, 'w', encoding='utf-8') as f:
-      f.write(self.to_str())
+    storage.write_text(path, self.to_str())
 
   @classmethod
   def load(cls, path: str) -> SubwordTokenizer:
     """The tokenizer saved at `path`; UserError when it is missing or damaged."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       raise UserError(f'{path}: tokenizer file missing (the run directory must hold the '
                       f'{TOKENIZER_FILE} that training wrote)')
     try:
-      with open(path, encoding='utf-8') as f:
-        return cls.from_str(f.read())
+      return cls.from_str(storage.read_text(path))
     except Exception as e:  # the library raises a bare Exception on a malformed file
       reason = str(e).splitlines()[0] if str(e) else type(e).__name__
       raise UserError(f'{path}: damaged tokenizer file ({reason[:200]})') from None
@@ -125,23 +124,20 @@ class SubwordTokenizer:
 def save_in_workdir(tokenizer: SubwordTokenizer, workdir: str) -> str:
   """Writes `workdir/tokenizer.json`; on a resumed run, checks that the tokenizer trained now is
   the one the run started with (a changed corpus or library would silently remap every id)."""
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.isfile(path):
-    with open(path, encoding='utf-8') as f:
-      if f.read() == tokenizer.to_str():
-        return path
+  path = storage.join(workdir, TOKENIZER_FILE)
+  if storage.isfile(path):
+    if storage.read_text(path) == tokenizer.to_str():
+      return path
     raise UserError(f'{path}: differs from the tokenizer trained now (changed data, '
                     'vocab_size or tokenizers version?); the checkpoints need the old one: '
                     'restore the file or use a new --workdir')
-  tmp = path + '.tmp'
-  tokenizer.save(tmp)
-  os.replace(tmp, path)  # atomic: a crash never leaves half a file
+  tokenizer.save(path)  # whole or not at all: a crash never leaves half a file
   return path
 
 
 def load_from_workdir(workdir: str) -> SubwordTokenizer:
   """`workdir/tokenizer.json`; UserError naming the file when missing or damaged."""
-  return SubwordTokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
+  return SubwordTokenizer.load(storage.join(workdir, TOKENIZER_FILE))
 
 
 # ---------------------------------------------------------------------------------------------

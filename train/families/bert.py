@@ -23,6 +23,7 @@ from flax import nnx
 
 from models import bert as bert_lib
 from train import mlm
+from train import storage
 from train import text
 from train.errors import UserError
 from train.family import Family
@@ -190,8 +191,8 @@ class BERTFamily(Family):
 
   def write_samples(self, models, rng, path: str) -> None:
     prompt = 'A man in a [MASK] shirt is playing [MASK] .'
-    with open(path + '.txt', 'w', encoding='utf-8') as f:
-      f.write(self.sample(models, rng, '', {'prompt': prompt, 'top_k': 5}) + '\n')
+    storage.write_text(path + '.txt',
+                       self.sample(models, rng, '', {'prompt': prompt, 'top_k': 5}) + '\n')
 
 
 def _fill_logits(graphdef, state, tokens, positions):

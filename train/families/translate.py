@@ -23,6 +23,7 @@ from flax import nnx
 
 from models import decoding
 from models import seq2seq
+from train import storage
 from train import text
 from train.errors import UserError
 from train.family import Family
@@ -227,9 +228,8 @@ class TranslateFamily(Family):
     beam, alpha = self._decode_options({})
     hyp, _ = self.translate(models['model'], src, beam_size=beam, length_penalty=alpha,
                             batch=len(src))
-    with open(path + '.txt', 'w', encoding='utf-8') as f:
-      for s, r, h in zip(src, ref, hyp):
-        f.write(f'SRC {s}\nREF {r}\nOUT {h}\n\n')
+    storage.write_text(path + '.txt', ''.join(
+        f'SRC {s}\nREF {r}\nOUT {h}\n\n' for s, r, h in zip(src, ref, hyp)))
 
   def evaluate(self, models, workdir: str, step: int, options: dict[str, Any]):
     """BLEU/chrF report on a Multi30k split; see train/translate_eval.py."""
