@@ -136,7 +136,7 @@ def main(argv):
           f'compile {r["compile_s"]:.1f}s')
   if _DECODE.value and not _GPT2.value:
     base = {k: v for k, v in gpt_shakespeare.get_config().model.to_dict().items()
-            if k not in ('dtype', 'dropout', 'init_std')}
+            if k not in ('dtype', 'dropout', 'init_std', 'attention')}
     for model_cfg in (base, {**base, 'block_size': 256}):
       for batch in (1, 8):
         r = bench_decode(model_cfg, batch, _NEW_TOKENS.value)

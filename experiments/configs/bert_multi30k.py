@@ -1,18 +1,24 @@
 r"""BERT (encoder-only masked language model) on Multi30k English sentences.
 
 Default (no ARG): 4 layers, 4 heads, width 128, sentences of at most 32 tokens (BOS and EOS
-included; 0.5% of training sentences are truncated), a byte-level BPE vocabulary of 4000 trained
+included; 0.7% of training sentences are truncated), a byte-level BPE vocabulary of 4000 trained
 on the train split, BERT's masking (15% of tokens; 80% [MASK], 10% random, 10% kept), dropout
 0.1, batch 64 sentences, 1200 steps (2.6 epochs), AdamW lr 1.5e-3 (100 warmup steps, cosine to
 1e-4), weight decay 0.01.
   Command:  python -m train --config=experiments/configs/bert_multi30k.py --workdir=/tmp/bert
-  Hardware: RESULT_HARDWARE
-  Runtime:  RESULT_RUNTIME
-  Result:   RESULT_ACCURACY
+  Hardware: 2-core CPU (AMD Zen 4, cpu family 25), shared: load average 7-16 during the run.
+  Runtime:  15.0 min wall, 295 s user + 100 s system CPU time (1.33M params, 11.5 GFLOP/step;
+            0.5-0.75 s/step under that load).
+  Result:   val (1014 sentences, the same masks at every eval) masked-token accuracy 29.8%,
+            loss 4.24 at step 1200 (23.6% / 28.2% at steps 400 / 800), against 7.1% accuracy
+            and loss 6.00 for the unigram baseline (always the most frequent training token /
+            the training unigram distribution).
   Fill-mask: python -m train.sample --workdir=/tmp/bert --prompt="a man in a [MASK] shirt ." --top_k=5
+            [MASK] #1: 'blue' 0.124  'red' 0.123  'white' 0.114  'black' 0.101  'yellow' 0.037
 
 ARG `de`: the same on the German side.
-ARG `tiny`: a smoke run (2 layers, width 32, vocab 300, 12 steps on 2000 sentences) in well under a minute on CPU.
+ARG `tiny`: a smoke run (2 layers, width 32, vocab 300, 12 steps on 2000 sentences), well
+under a minute of CPU time.
 
 Data: Multi30k task 1 raw files (train.en.gz, val.en.gz, ...) from --config.data.raw_dir=DIR
 (or DIR/multi30k), else $GENLAB_RAW_DATA/multi30k. Nothing downloads.
