@@ -6,7 +6,8 @@ r"""Translation speed: the train step's MFU and beam-search / greedy sentences p
     included, so MFU counts them as work) against a jitted f32 matmul peak measured by this
     script just before;
   * decode: sentences/s translating the first --sentences sentences of test2016 with greedy
-    search and with beam search (--beam_size, GNMT length penalty 0.6), batches of 64, timed on
+    search and with beam search (--beam_size, default 4; GNMT length penalty 0.6), batches of
+    64, timed on
     a second pass so compilation is excluded. With --workdir the run's trained model (which
     stops at EOS like a real translation); without it, an untrained model of the config,
     which seldom emits EOS and so decodes to max_len: a worst case.
@@ -32,13 +33,12 @@ from train import sharding as sharding_lib
 from train import text
 from train.families.translate import TranslateFamily
 
-_STEPS = flags.DEFINE_integer('steps', 5, 'Train steps per timed chunk.')
+_STEPS = flags.DEFINE_integer('train_steps', 5, 'Train steps per timed chunk.')
 _CHUNKS = flags.DEFINE_integer('chunks', 3, 'Timed chunks (the median is reported).')
 _TRAIN = flags.DEFINE_bool('train', True, 'Benchmark the train step.')
 _DECODE = flags.DEFINE_bool('decode', True, 'Benchmark decoding.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A trained translate run for decoding.')
 _SENTENCES = flags.DEFINE_integer('sentences', 128, 'test2016 sentences per decode timing.')
-_BEAM = flags.DEFINE_integer('beam_size', 4, 'Beam width of the beam-search timing.')
+# --workdir (a trained translate run) and --beam_size (default 4) are train.sample's flags.
 
 
 def bench_train(config) -> dict[str, float]:
@@ -69,8 +69,8 @@ def bench_train(config) -> dict[str, float]:
 
 
 def bench_decode(config) -> dict[str, float]:
-  if _WORKDIR.value:
-    family, models, _ = sample_lib.load_models(_WORKDIR.value)
+  if flags.FLAGS.workdir:
+    family, models, _ = sample_lib.load_models(flags.FLAGS.workdir)
     config = family.config
   else:
     setup = loop.setup(config)
@@ -80,7 +80,8 @@ def bench_decode(config) -> dict[str, float]:
   src = text.load_multi30k(config.data.raw_dir, 'test2016', config.data.source)
   src = src[:_SENTENCES.value]
   out = {}
-  for name, beam in (('greedy', 1), (f'beam{_BEAM.value}', _BEAM.value)):
+  beam_size = flags.FLAGS.beam_size or 4
+  for name, beam in (('greedy', 1), (f'beam{beam_size}', beam_size)):
     family.translate(models['model'], src, beam_size=beam, length_penalty=0.6)  # compile
     t = time.perf_counter()
     family.translate(models['model'], src, beam_size=beam, length_penalty=0.6)
@@ -102,7 +103,7 @@ def main(argv):
   if _DECODE.value:
     r = bench_decode(config)
     print(f'decode {_SENTENCES.value} test2016 sentences '
-          f'({"trained: " + _WORKDIR.value if _WORKDIR.value else "untrained"}): ' +
+          f'({"trained: " + flags.FLAGS.workdir if flags.FLAGS.workdir else "untrained"}): ' +
           ' | '.join(f'{k} {v:.1f}' for k, v in r.items()))
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -387,4 +388,7 @@ def evaluate_images(loaded, workdir: str) -> str:
 
 
 if __name__ == '__main__':
+  # `python -m train.evaluate` runs this file as __main__: image families' hook then imports
+  # `train.evaluate`, which must find this module, not a second copy defining every flag again.
+  sys.modules.setdefault('train.evaluate', sys.modules[__name__])
   cli.run(main)
