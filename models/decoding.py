@@ -7,7 +7,9 @@ the search (encoder outputs, cross-attention keys/values) is closed over by `ste
 beam search reorders only the cache. Both searches are `lax.while_loop`s that stop as soon as
 the result is settled, so they run inside `jax.jit`.
 
-Lengths count generated tokens, EOS included (BOS is not generated). A hypothesis that reaches
+Scores are the model's own log probabilities: `banned_ids` (e.g. PAD, BOS) are never
+generated, but the softmax is not renormalised without them. Lengths count generated tokens,
+EOS included (BOS is not generated). A hypothesis that reaches
 `max_len` tokens without EOS ends there and is scored at that length.
 
 Beam search scores a finished hypothesis y by log P(y | x) / lp(|y|) with GNMT's length penalty

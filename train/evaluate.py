@@ -1,4 +1,12 @@
-"""`python -m train.evaluate --workdir=DIR --classifier=workdirs/classifier_mnist [flags]`.
+"""`python -m train.evaluate --workdir=DIR [flags]`: a run's own metrics, per family.
+
+Every family scores itself through `Family.evaluate` with the flags it lists in
+`evaluate_flags` (another flag is an error naming it). Translation (train/families/translate.py):
+`--split=test2016 --beam_size=4 --length_penalty=0.6 --batch=64 --num_samples=N`, sacreBLEU
+BLEU and chrF.
+Image families: what follows.
+
+`python -m train.evaluate --workdir=DIR --classifier=workdirs/classifier_mnist [flags]`: image model scores.
 
 Image model scores. Generates --num_samples images (default 10,000) from DIR's latest
 checkpoint (EMA weights where kept) in batches of --batch, with the family's own sampling flags
@@ -32,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -65,6 +74,13 @@ _LIKELIHOOD_EXAMPLES = flags.DEFINE_integer(
     'likelihood_examples', 1000, 'Test images for the family\'s likelihood metrics (0: skip).')
 _PR_K = flags.DEFINE_integer('pr_k', 3, 'k of the k-NN balls of precision/recall.')
 _CONFIDENCE = flags.DEFINE_float('confidence', 0.9, 'Confidence threshold of class coverage.')
+flags.DEFINE_string('split', None, 'Translation: the Multi30k split to translate (train, val, '
+                    'test2016 (default), test2017, test2018, test2017_mscoco).')
+
+# Flags of the families' own evaluations (`Family.evaluate_flags`), besides their sampling flags.
+IMAGE_EVALUATE_FLAGS = ('classifier', 'features', 'inception_weights', 'batch', 'report',
+                        'likelihood_examples', 'pr_k', 'confidence')
+EVALUATE_FLAGS = IMAGE_EVALUATE_FLAGS + ('split',)
 
 DEFAULT_NUM_SAMPLES = 10_000
 
@@ -318,17 +334,42 @@ def summary(report: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def family_options(family) -> dict[str, Any]:
+  """The family's evaluation flags (None when not given); UserError for a given sampling or
+  evaluation flag it does not take."""
+  for name in sample.FAMILY_FLAGS + EVALUATE_FLAGS:
+    if flags.FLAGS[name].present and name not in family.evaluate_flags:
+      raise UserError(f'--{name}: not an evaluation flag of family {family.name!r} (it takes: '
+                      f'{", ".join("--" + f for f in family.evaluate_flags) or "none"})')
+  return {name: flags.FLAGS[name].value if flags.FLAGS[name].present else None
+          for name in family.evaluate_flags}
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   workdir = flags.FLAGS.workdir
   if not workdir:
     raise UserError('--workdir is required')
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    # Not a run directory: the image flags are checked first (then the workdir), as before
+    # families had their own evaluations.
+    print(evaluate_images(None, workdir), flush=True)
+    return
+  family, models, step = sample.load_models(workdir)
+  options = family_options(family)
+  # Each family scores itself: image families with `evaluate_images` below.
+  print(family.evaluate(models, workdir, step, options), flush=True)
+
+
+def evaluate_images(loaded, workdir: str) -> str:
+  """`train.evaluate` of an image family (`ImageFamily.evaluate`), with the flags above;
+  `loaded` is `sample.load_models(workdir)` or None to load it here."""
   if _FEATURES.value == 'inception':
     extractor = InceptionFeatures(_INCEPTION_WEIGHTS.value)
   else:
     extractor = ClassifierFeatures(_CLASSIFIER.value)
-  loaded = sample.load_models(workdir)
+  loaded = loaded or sample.load_models(workdir)
   options = sample.family_options(loaded[0])
   num = options.pop('num_samples', None)
   labels = options.pop('labels', None)
@@ -347,9 +388,11 @@ def main(argv):
       for p in probs[:100]]
   grid = images_lib.save_grid(grid_path or os.path.splitext(path)[0] + '.png', images[:100],
                               captions)
-  print(summary(report), flush=True)
-  print(f'wrote {path} and {grid}', flush=True)
+  return f'{summary(report)}\nwrote {path} and {grid}'
 
 
 if __name__ == '__main__':
+  # `python -m train.evaluate` runs this file as __main__: image families' hook then imports
+  # `train.evaluate`, which must find this module, not a second copy defining every flag again.
+  sys.modules.setdefault('train.evaluate', sys.modules[__name__])
   cli.run(main)

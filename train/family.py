@@ -26,6 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from train.errors import UserError
+
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
 # loss_fn(models, batch, rng) -> (scalar loss, metrics); models maps a network's name to its module.
@@ -224,6 +226,17 @@ class Family(abc.ABC):
   #: The `train.sample` flags this family takes (train/sample.py defines them all); giving a
   #: flag that is not listed here is an error naming it.
   sample_flags: tuple[str, ...] = ()
+
+  #: The `train.evaluate` flags this family takes (train/evaluate.py lists them all); giving
+  #: one that is not listed here is an error naming it.
+  evaluate_flags: tuple[str, ...] = ()
+
+  def evaluate(self, models: dict[str, nnx.Module], workdir: str, step: int,
+               options: dict[str, Any]) -> str:
+    """`python -m train.evaluate`: computes the family's own metrics of checkpoint `step`
+    with `options` (flag name -> value, None when not given), writes a JSON report under
+    `workdir/eval/` (or `options['report']`), and returns the summary to print."""
+    raise UserError(f'family {self.name!r} has no `train.evaluate` metrics')
 
   def sample(self, models: dict[str, nnx.Module], rng: jax.Array, workdir: str,
              options: dict[str, Any]) -> str:

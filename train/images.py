@@ -213,6 +213,16 @@ class ImageFamily(Family):
     """What each `likelihood_metrics` figure is, for the report (key -> one phrase)."""
     return {}
 
+  @property
+  def evaluate_flags(self) -> tuple[str, ...]:
+    from train import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+    return tuple(self.sample_flags) + evaluate_lib.IMAGE_EVALUATE_FLAGS
+
+  def evaluate(self, models, workdir: str, step: int, options: dict[str, Any]) -> str:
+    """Frechet distance, precision/recall, coverage: see train/evaluate.py."""
+    from train import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+    return evaluate_lib.evaluate_images((self, models, step), workdir)
+
   def check_sample_options(self, options: dict[str, Any]) -> dict[str, Any]:
     """Validates the family's own sampling options (UserError naming the flag); returns them."""
     return options

@@ -4,11 +4,21 @@ Default (no ARG): 3 encoder + 3 decoder pre-LN layers, width 256, 4 heads, MLP 5
 0.1, a joint byte-level BPE vocabulary of 8000 tokens shared by both languages (one embedding
 for encoder input, decoder input and output projection: the two languages share most of
 their characters and many names and numbers), label smoothing 0.1, AdamW (b2 0.98, weight
-decay 0.01, peak lr 1e-3), 150 warmup steps then cosine decay to 1e-5 at step 1000, batches of
+decay 0.01, peak lr 1e-3), 150 warmup steps then cosine decay to 1e-5 at step 600, batches of
 24 packed rows of 64 tokens per side (~96 sentence pairs, ~1,400 target tokens).
-  Command:  python -m train --config=experiments/configs/translate_multi30k.py --workdir=/tmp/tr
-  Hardware: 2-core CPU (this project's CI machine).
-  Runtime / result: see experiments/README.md (filled in from the measured run).
+  Command:  GENLAB_RAW_DATA=../shared/data python -m train \
+                --config=experiments/configs/translate_multi30k.py --workdir=/tmp/tr
+            GENLAB_RAW_DATA=../shared/data python -m train.evaluate --workdir=/tmp/tr \
+                --split=test2016 --beam_size=4
+  Hardware: 2-core CPU, Zen 4 (cpu family 25), shared with other jobs (load average 7-14).
+  Runtime:  15.2 min of CPU time (708 s user + 203 s system); 36.9 min wall under that load.
+  Result:   6.0M params; val perplexity 25.2. test2016 BLEU 23.69 / chrF 45.85 with beam 4
+            (greedy: 21.91 / 45.29); test2017 15.76 / 39.61; test2018 14.59 / 38.30
+            (sacreBLEU 13a, cased, detokenised output vs the raw references).
+            The goal of BLEU >= 33 (must: 28) is NOT met: 600 steps (1.9 epochs) was what the
+            shared machine's wall clock allowed and the model is far from converged; a longer
+            schedule (--config.total_steps=N --config.optimizer.decay_steps=N, e.g. N=2400, an
+            hour of CPU) has not been measured. Details: experiments/README.md.
 
 Batches are packed, not length-bucketed: the loop compiles ONE train step for one batch shape,
 and packing several sentence pairs into each row of fixed length (segment ids keep the pairs
@@ -29,7 +39,7 @@ def get_config(arg: str | None = None):
   c = common.base_config()
   c.family = 'translate'
   c.seed = 0
-  c.total_steps = 1000           # ~3.3 epochs
+  c.total_steps = 600            # ~1.9 epochs
   c.batch_size = 24              # packed rows of model.max_len tokens per side (~96 pairs)
   c.log_every = 25
   c.eval_every = 250
@@ -39,10 +49,11 @@ def get_config(arg: str | None = None):
   c.data.source = 'en'
   c.data.target = 'de'
   c.data.vocab_size = 8000
+  c.data.max_train_pairs = 0     # > 0: train (and fit the tokenizer) on the first N pairs only
   c.model = dict(num_encoder_layers=3, num_decoder_layers=3, num_heads=4, embed_dim=256,
                  mlp_dim=512, dropout=0.1, max_len=64)
   c.decode = dict(beam_size=4, length_penalty=0.6)
-  c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=150, decay_steps=1000,
+  c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=150, decay_steps=600,
                      min_lr=1e-5, b1=0.9, b2=0.98, weight_decay=0.01, grad_clip=1.0)
   if arg is None:
     return c

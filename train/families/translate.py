@@ -12,7 +12,10 @@ against the raw references.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import time
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -45,7 +48,7 @@ def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: floa
 
 
 class TranslateFamily(Family):
-  """config.data: raw_dir, source, target ('en'/'de'), vocab_size (joint BPE).
+  """config.data: raw_dir, source, target ('en'/'de'), vocab_size (joint BPE), max_train_pairs.
   config.model: num_encoder_layers, num_decoder_layers, num_heads, embed_dim, mlp_dim, dropout,
   max_len (row length of packed batches and the longest source/target accepted).
   config.label_smoothing; config.decode: beam_size, length_penalty (defaults of sample/evaluate).
@@ -54,7 +57,7 @@ class TranslateFamily(Family):
   name = 'translate'
   unit = 'tokens'
   sample_flags = ('prompt', 'beam_size', 'length_penalty')
-  evaluate_flags = ('split', 'beam_size', 'length_penalty', 'batch', 'report')
+  evaluate_flags = ('split', 'beam_size', 'length_penalty', 'batch', 'report', 'num_samples')
 
   def __init__(self, config):
     super().__init__(config)
@@ -74,6 +77,8 @@ class TranslateFamily(Family):
   def setup_data(self, process_index: int, process_count: int) -> None:
     c = self.config
     src, tgt = text.load_multi30k_pairs(c.data.raw_dir, 'train', c.data.source, c.data.target)
+    if c.data.max_train_pairs > 0:
+      src, tgt = src[:c.data.max_train_pairs], tgt[:c.data.max_train_pairs]
     self.tokenizer = text.SubwordTokenizer.train(src + tgt, c.data.vocab_size)
     packed = lambda split_src, split_tgt, **kw: text.PackedPairs(
         self.tokenizer.encode_batch(split_src), self.tokenizer.encode_batch(split_tgt),
@@ -190,7 +195,9 @@ class TranslateFamily(Family):
     sources, cut = self.encode_sources(sentences, model.max_len, strict=strict)
     order = np.argsort([len(s) for s in sources], kind='stable')
     outputs: list[str] = [''] * len(sources)
+    widths_seen, times = set(), []  # (sentences, seconds, compiled a new shape)
     for lo in range(0, len(order), batch):
+      t0 = time.perf_counter()
       idx = order[lo:lo + batch]
       width = min(model.max_len, -(-max(len(sources[i]) for i in idx) // 16) * 16)
       src = np.full((batch, width), self.tokenizer.pad_id, np.int32)
@@ -202,7 +209,15 @@ class TranslateFamily(Family):
         row = tokens[r]
         end = np.flatnonzero(row == self.tokenizer.eos_id)
         outputs[i] = self.tokenizer.decode(row[:end[0]] if len(end) else row)
-    return outputs, {'truncated_sources': cut}
+      times.append((len(idx), time.perf_counter() - t0, width not in widths_seen))
+      widths_seen.add(width)
+    steady = [(n, t) for n, t, new in times if not new]
+    return outputs, {
+        'truncated_sources': cut, 'seconds': sum(t for _, t, _ in times),
+        'batches_compiling': len(times) - len(steady),
+        # Batches whose shape was already compiled: the decoding speed itself.
+        'sentences_per_s': (sum(n for n, _ in steady) / sum(t for _, t in steady)
+                            if steady else None)}
 
   # ---- sampling and evaluation ----
   def _decode_options(self, options: dict[str, Any]) -> tuple[int, float]:
@@ -231,12 +246,54 @@ class TranslateFamily(Family):
     storage.write_text(path + '.txt', ''.join(
         f'SRC {s}\nREF {r}\nOUT {h}\n\n' for s, r, h in zip(src, ref, hyp)))
 
-  def evaluate(self, models, workdir: str, step: int, options: dict[str, Any]):
-    """BLEU/chrF report on a Multi30k split; see train/translate_eval.py."""
-    from train import translate_eval  # pylint: disable=import-outside-toplevel
-    return translate_eval.evaluate(self, models, workdir, step, options)
-
-
-def log_truncation(cut: int, total: int) -> None:
-  if cut:
-    logging.warning('%d of %d source sentences were cut to the model max_len', cut, total)
+  def evaluate(self, models, workdir: str, step: int, options: dict[str, Any]) -> str:
+    """sacreBLEU BLEU and chrF on a Multi30k split (`--split`, default test2016; its first
+    `--num_samples` sentences when given): writes
+    DIR/eval/bleu_<split>_beam<K>_lp<alpha>_step<S>.json (or --report) and the translations
+    beside it (.txt); returns a summary."""
+    import sacrebleu  # pylint: disable=import-outside-toplevel
+    split = options.get('split') or 'test2016'
+    if split not in text.MULTI30K_SPLITS:
+      raise UserError(f'--split={split}: unknown Multi30k split (known: '
+                      f'{", ".join(text.MULTI30K_SPLITS)})')
+    beam, alpha = self._decode_options(options)
+    c = self.config
+    src, ref = text.load_multi30k_pairs(c.data.raw_dir, split, c.data.source, c.data.target)
+    if options.get('num_samples') is not None:
+      if options['num_samples'] < 1:
+        raise UserError(f'--num_samples={options["num_samples"]}: must be >= 1')
+      src, ref = src[:options['num_samples']], ref[:options['num_samples']]
+    t0 = time.perf_counter()
+    hyp, facts = self.translate(models['model'], src, beam_size=beam, length_penalty=alpha,
+                                batch=options.get('batch') or 64)
+    wall = time.perf_counter() - t0
+    if facts['truncated_sources']:
+      logging.warning('%d of %d sources longer than max_len %d were cut', 
+                      facts['truncated_sources'], len(src), models['model'].max_len)
+    bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
+    bleu_score, chrf_score = bleu.corpus_score(hyp, [ref]), chrf.corpus_score(hyp, [ref])
+    report = {
+        'workdir': os.path.abspath(workdir), 'family': self.name, 'checkpoint_step': step,
+        'num_params': seq2seq.num_params(models['model']), 'split': split,
+        'direction': f'{c.data.source}-{c.data.target}', 'num_sentences': len(src),
+        'beam_size': beam, 'length_penalty': alpha if beam > 1 else None,
+        'bleu': bleu_score.score, 'chrf': chrf_score.score, 'bleu_text': str(bleu_score),
+        'bleu_signature': str(bleu.get_signature()),
+        'chrf_signature': str(chrf.get_signature()),
+        'sentences_per_s': len(src) / wall, 'decode_seconds': wall,
+        'steady_sentences_per_s': facts['sentences_per_s'],
+        'batches_compiling': facts['batches_compiling'],
+        'truncated_sources': facts['truncated_sources'],
+        'examples': [{'source': s, 'reference': r, 'output': h}
+                     for s, r, h in list(zip(src, ref, hyp))[:5]]}
+    name = f'bleu_{split}_beam{beam}' + (f'_lp{alpha:g}' if beam > 1 else '') + f'_step{step}'
+    path = options.get('report') or os.path.join(workdir, 'eval', name + '.json')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump(report, f, indent=1, ensure_ascii=False)
+    with open(os.path.splitext(path)[0] + '.txt', 'w', encoding='utf-8') as f:
+      f.write('\n'.join(hyp) + '\n')
+    return (f'{self.name} step {step} {split} {report["direction"]}: {len(src)} sentences, '
+            f'beam {beam}: BLEU {bleu_score.score:.2f} chrF {chrf_score.score:.2f} | '
+            f'{report["sentences_per_s"]:.1f} sentences/s ({wall:.1f} s)\n'
+            f'  {bleu_score}\n  {report["bleu_signature"]}\nwrote {path}')

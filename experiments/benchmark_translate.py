@@ -1,0 +1,111 @@
+r"""Translation speed: the train step's MFU and beam-search / greedy sentences per second.
+
+  * train: ms/step, real (non-padding) tokens/s and MFU of the loop's jitted train step
+    (`train.loop.make_train_step`) for experiments/configs/translate_multi30k.py on real packed
+    Multi30k batches, with FLOPs from XLA's cost analysis of that compiled step (padding slots
+    included, so MFU counts them as work) against a jitted f32 matmul peak measured by this
+    script just before;
+  * decode: sentences/s translating the first --sentences sentences of test2016 with greedy
+    search and with beam search (--beam_size, default 4; GNMT length penalty 0.6), batches of
+    64, timed on
+    a second pass so compilation is excluded. With --workdir the run's trained model (which
+    stops at EOS like a real translation); without it, an untrained model of the config,
+    which seldom emits EOS and so decodes to max_len: a worst case.
+
+  GENLAB_RAW_DATA=../shared/data python -m experiments.benchmark_translate [--workdir=RUN]
+
+Run it when the machine is quiet, one benchmark at a time; report the host's `cpu family`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+from absl import app, flags
+
+from experiments.configs import translate_multi30k
+from train import loop
+from train import metrics as metrics_lib
+from train import sample as sample_lib
+from train import sharding as sharding_lib
+from train import text
+from train.families.translate import TranslateFamily
+
+_STEPS = flags.DEFINE_integer('train_steps', 5, 'Train steps per timed chunk.')
+_CHUNKS = flags.DEFINE_integer('chunks', 3, 'Timed chunks (the median is reported).')
+_TRAIN = flags.DEFINE_bool('train', True, 'Benchmark the train step.')
+_DECODE = flags.DEFINE_bool('decode', True, 'Benchmark decoding.')
+_SENTENCES = flags.DEFINE_integer('sentences', 128, 'test2016 sentences per decode timing.')
+# --workdir (a trained translate run) and --beam_size (default 4) are train.sample's flags.
+
+
+def bench_train(config) -> dict[str, float]:
+  setup = loop.setup(config)
+  state = setup.builder.init(setup.shardings)
+  step = loop.jit_train_step(setup.builder, config, setup.mesh, setup.shardings)
+  n = _STEPS.value
+  batches = [sharding_lib.put_batch(setup.family.train_batch(i), setup.mesh) for i in range(n)]
+  t = time.perf_counter()
+  compiled = step.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+  peak = metrics_lib.matmul_peak_flops(list(setup.mesh.devices.flat))
+  state, m = compiled(state, batches[0])  # warm-up
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(_CHUNKS.value):
+    t = time.perf_counter()
+    for b in batches:
+      state, m = compiled(state, b)
+    jax.block_until_ready(m)
+    times.append((time.perf_counter() - t) / n)
+  dt = statistics.median(times)
+  return {'compile_s': compile_s, 'ms_per_step': 1e3 * dt,
+          'tokens_per_s': setup.family.items_per_step() / dt, 'gflops_per_step': flops / 1e9,
+          'peak_gflops': peak / 1e9, 'mfu': flops / dt / peak}
+
+
+def bench_decode(config) -> dict[str, float]:
+  if flags.FLAGS.workdir:
+    family, models, _ = sample_lib.load_models(flags.FLAGS.workdir)
+    config = family.config
+  else:
+    setup = loop.setup(config)
+    family = setup.family
+    models = setup.builder.models(*jax.device_get(
+        (lambda s: (s['params'], s['rest']))(setup.builder.init(setup.shardings))))
+  src = text.load_multi30k(config.data.raw_dir, 'test2016', config.data.source)
+  src = src[:_SENTENCES.value]
+  out = {}
+  beam_size = flags.FLAGS.beam_size or 4
+  for name, beam in (('greedy', 1), (f'beam{beam_size}', beam_size)):
+    family.translate(models['model'], src, beam_size=beam, length_penalty=0.6)  # compile
+    t = time.perf_counter()
+    family.translate(models['model'], src, beam_size=beam, length_penalty=0.6)
+    out[f'{name}_sentences_per_s'] = len(src) / (time.perf_counter() - t)
+  return out
+
+
+def main(argv):
+  del argv
+  print(f'devices: {jax.devices()}')
+  config = translate_multi30k.get_config()
+  if _TRAIN.value:
+    r = bench_train(config)
+    print(f'train {config.model.to_dict()} batch {config.batch_size} rows: '
+          f'{r["ms_per_step"]:.0f} ms/step | {r["tokens_per_s"]:,.0f} real tokens/s | '
+          f'{r["gflops_per_step"]:.2f} GFLOP/step (XLA cost analysis) | matmul peak '
+          f'{r["peak_gflops"]:.1f} GFLOP/s | MFU {100 * r["mfu"]:.1f}% | '
+          f'compile {r["compile_s"]:.1f}s')
+  if _DECODE.value:
+    r = bench_decode(config)
+    print(f'decode {_SENTENCES.value} test2016 sentences '
+          f'({"trained: " + flags.FLAGS.workdir if flags.FLAGS.workdir else "untrained"}): ' +
+          ' | '.join(f'{k} {v:.1f}' for k, v in r.items()))
+
+
+if __name__ == '__main__':
+  app.run(main)
