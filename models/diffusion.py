@@ -204,18 +204,23 @@ class GaussianDiffusion:
     mean, _, logvar = self.q_mean_variance(x0, t)
     return _mean_flat(normal_kl(mean, logvar, 0.0, 0.0)) / math.log(2.0)
 
-  def vlb_term_bpd(self, denoise_fn: DenoiseFn, x0, t, noise) -> jax.Array:
+  def vlb_term_bpd(self, denoise_fn: DenoiseFn, x0, t, noise, clip: bool = False) -> jax.Array:
     """[B] the bound's term at t in bits/dim: KL(q(x_t|x_{t+1},x_0) || p(x_t|x_{t+1})) for t > 0,
-    the discretised decoder's -log p(x_0 | x_1) for t = 0 (x0 must lie on the 8-bit grid)."""
+    the discretised decoder's -log p(x_0 | x_1) for t = 0 (x0 must lie on the 8-bit grid).
+
+    `clip`: the reverse model whose bound this is predicts x0 clipped to [-1, 1], as the
+    samplers do with clip=True (improved-diffusion's clip_denoised). Without it, the term at
+    t = T - 1 of a cosine schedule (beta clipped at 0.999) amplifies the network's eps error
+    by 1 / sqrt(alpha) ~ 32 in the mean, i.e. ~1000 in the KL, and can dominate the bound."""
     x_t = self.q_sample(x0, t, noise)
     true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, x_t, t)
-    mean, _, logvar, _ = self.p_mean_variance(denoise_fn, x_t, t)
+    mean, _, logvar, _ = self.p_mean_variance(denoise_fn, x_t, t, clip)
     kl = _mean_flat(normal_kl(true_mean, true_logvar, mean, logvar))
     nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar))
     return jnp.where(t == 0, nll, kl) / math.log(2.0)
 
   def bpd_estimate(self, denoise_fn: DenoiseFn, x0, rng, *, exact_steps: int = 0,
-                   stratified: bool = False) -> jax.Array:
+                   stratified: bool = False, clip: bool = False) -> jax.Array:
     """[B] an unbiased one-sample estimate of the bound (`bpd`) in bits/dim:
 
       L_T + sum_{t < exact_steps} L_t + (T - exact_steps) * L_s,  s uniform in [exact_steps, T)
@@ -227,6 +232,7 @@ class GaussianDiffusion:
     the first `exact_steps` terms exactly (one network call each) removes that tail.
     `stratified`: the B draws of s are stratified over [exact_steps, T) (one per 1/B slice,
     randomly assigned to the images): still unbiased for the batch mean, less variable.
+    `clip`: as in `vlb_term_bpd`.
     """
     num_steps = self.num_steps
     if not 0 <= exact_steps < num_steps:
@@ -239,28 +245,30 @@ class GaussianDiffusion:
     else:
       s = jax.random.randint(t_key, (b,), 0, tail)
     noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-    total = tail * self.vlb_term_bpd(denoise_fn, x0, s + exact_steps, noise) + self.prior_bpd(x0)
+    total = (tail * self.vlb_term_bpd(denoise_fn, x0, s + exact_steps, noise, clip)
+             + self.prior_bpd(x0))
     if exact_steps:
       total += self.sum_terms(denoise_fn, x0, jnp.arange(exact_steps),
-                              jax.random.split(head_key, exact_steps))
+                              jax.random.split(head_key, exact_steps), clip)
     return total
 
-  def sum_terms(self, denoise_fn: DenoiseFn, x0, ts, keys) -> jax.Array:
+  def sum_terms(self, denoise_fn: DenoiseFn, x0, ts, keys, clip: bool = False) -> jax.Array:
     """[B] sum of the bound's terms at timesteps `ts` [K], one network call each; the noise of
     the term at ts[k] is drawn with keys[k]."""
     def body(total, inputs):
       t, key = inputs
       tt = jnp.full((x0.shape[0],), t, jnp.int32)
-      return total + self.vlb_term_bpd(denoise_fn, x0, tt, jax.random.normal(key, x0.shape)), None
+      noise = jax.random.normal(key, x0.shape)
+      return total + self.vlb_term_bpd(denoise_fn, x0, tt, noise, clip), None
     total, _ = lax.scan(body, jnp.zeros(x0.shape[0], jnp.float32), (ts, keys))
     return total
 
-  def bpd(self, denoise_fn: DenoiseFn, x0, rng) -> jax.Array:
+  def bpd(self, denoise_fn: DenoiseFn, x0, rng, clip: bool = False) -> jax.Array:
     """[B] the full bound in bits/dim (DDPM eq. 5): all T terms plus the prior L_T (T network
     calls; the noise of term t drawn with `jax.random.split(rng, T)[t]`). Still one draw of
     the noise per term, but every t is counted."""
     return self.prior_bpd(x0) + self.sum_terms(
-        denoise_fn, x0, jnp.arange(self.num_steps), jax.random.split(rng, self.num_steps))
+        denoise_fn, x0, jnp.arange(self.num_steps), jax.random.split(rng, self.num_steps), clip)
 
 
 # ---------------------------------------------------------------------------------------------

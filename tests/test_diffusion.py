@@ -206,8 +206,27 @@ def test_bits_per_dim_true_noise_model_beats_random_model():
   np.testing.assert_allclose(good, d.prior_bpd(x0) + decoder, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize('exact_steps,stratified', [(0, False), (3, False), (2, True)])
-def test_bits_per_dim_estimate_is_unbiased_for_the_full_bound(exact_steps, stratified):
+def test_last_term_of_the_cosine_bound_amplifies_eps_errors_unless_x0_is_clipped():
+  # beta_{T-1} is clipped at 0.999, so alpha = 0.001: an eps error e moves the reverse mean by
+  # about e / sqrt(alpha) ~ 32 e, a KL of ~500 e^2 nats per dimension (DDPM eq. 12's weight).
+  d = SCHEDULES['cosine']
+  x0 = (jax.random.randint(jax.random.key(0), (2, 4, 4, 1), 0, 256) / 127.5 - 1.0)
+  x0 = x0.astype(jnp.float32)
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  err = 0.05
+  denoise = lambda x, t: d.eps_from_x0(x, t, x0) + err
+  last = jnp.full((2,), d.num_steps - 1, jnp.int32)
+  beta = float(d.betas[-1])
+  expected_nats = beta ** 2 / (1 - beta) * err ** 2 / (2 * float(d.posterior_variance[-1]))
+  np.testing.assert_allclose(d.vlb_term_bpd(denoise, x0, last, noise) * math.log(2),
+                             expected_nats, rtol=2e-2)
+  # Clipped x0 (what the samplers use) bounds the mean's error by 2 * coef_x0 ~ 3e-3.
+  assert np.all(np.asarray(d.vlb_term_bpd(denoise, x0, last, noise, clip=True)) < 1e-3)
+
+
+@pytest.mark.parametrize('exact_steps,stratified,clip', [(0, False, False), (3, False, True),
+                                                         (2, True, False)])
+def test_bits_per_dim_estimate_is_unbiased_for_the_full_bound(exact_steps, stratified, clip):
   # A wrong (so every KL term is non-zero) but cheap denoiser: the exact one for Gaussian
   # data of the wrong mean and scale, plus a t-dependent bias. T = 8 keeps the full sum cheap.
   d = D.GaussianDiffusion(D.cosine_beta_schedule(8))
@@ -217,9 +236,10 @@ def test_bits_per_dim_estimate_is_unbiased_for_the_full_bound(exact_steps, strat
   draws = 4096   # each image repeated: one draw of t and noise per copy
   x0 = jnp.tile((u8 / 127.5 - 1.0).astype(jnp.float32), (draws, 1, 1, 1))
   estimate = np.asarray(jax.jit(lambda k: d.bpd_estimate(
-      denoise, x0, k, exact_steps=exact_steps, stratified=stratified))(jax.random.key(1)))
+      denoise, x0, k, exact_steps=exact_steps, stratified=stratified, clip=clip))(
+          jax.random.key(1)))
   # The reference: all T terms summed (each still at one noise draw), as many draws.
-  full = np.asarray(jax.jit(lambda k: d.bpd(denoise, x0, k))(jax.random.key(2)))
+  full = np.asarray(jax.jit(lambda k: d.bpd(denoise, x0, k, clip=clip))(jax.random.key(2)))
   stderr = math.sqrt(estimate.var() / len(estimate) + full.var() / len(full))
   assert abs(estimate.mean() - full.mean()) < 4 * stderr, (estimate.mean(), full.mean(), stderr)
   # Sharp enough to matter: leaving out the factor on the sampled term, or the exact head,
@@ -227,7 +247,7 @@ def test_bits_per_dim_estimate_is_unbiased_for_the_full_bound(exact_steps, strat
   assert abs(full.mean() - d.prior_bpd(x0).mean()) > 20 * stderr
   # Summing the first terms exactly can only lower the spread of the per-image estimates.
   if exact_steps:
-    plain = np.asarray(d.bpd_estimate(denoise, x0, jax.random.key(1)))
+    plain = np.asarray(d.bpd_estimate(denoise, x0, jax.random.key(1), clip=clip))
     assert estimate.std() < plain.std()
 
 
@@ -335,5 +355,5 @@ def test_train_checkpoint_resume_sample(tmp_path):
   x0, labels = ddpm[:2].astype(np.float32) / 127.5 - 1.0, jnp.array([1, 2])
   model = models['model']
   reference = family.diffusion.bpd(lambda x, t: model(x, t, labels), jnp.asarray(x0),
-                                   jax.random.split(jax.random.key(0))[1])
+                                   jax.random.split(jax.random.key(0))[1], clip=True)
   np.testing.assert_allclose(metrics['vlb_bits_per_dim'], float(reference.mean()), rtol=1e-4)

@@ -8,8 +8,11 @@ evaluates and samples with it.
 
 Bits per dimension: every figure is the variational bound of DDPM eq. 5 (prior L_T, KL terms,
 discretised decoder L_0) per pixel in bits, on the model's [-1, 1] scaling of 8-bit pixels (no
-dequantisation: the decoder integrates over each pixel's bin). They differ only in how the T
-terms are summed, and each is printed with its standard error:
+dequantisation: the decoder integrates over each pixel's bin), for the reverse model the
+samplers use (x0 predictions clipped to [-1, 1] when `config.sampling.clip`, as
+improved-diffusion's clip_denoised; unclipped, the last step's term alone can be most of the
+bound, see `GaussianDiffusion.vlb_term_bpd`). They differ only in how the T terms are summed,
+and each is printed with its standard error:
   eval `bits_per_dim` (training)       the estimate of `GaussianDiffusion.bpd_estimate`: the
                                        first `config.sampling.vlb_exact_steps` terms summed,
                                        the rest sampled at one stratified t per image, on the
@@ -114,7 +117,7 @@ class DiffusionFamily(images_lib.ImageFamily):
     key = jax.random.key(0)
     loss = self.diffusion.training_losses(denoise, x0, key).mean()
     bpd = self.diffusion.bpd_estimate(denoise, x0, key, exact_steps=self.vlb_exact_steps(),
-                                      stratified=True)
+                                      stratified=True, clip=bool(self.config.sampling.clip))
     # The mean square gives the standard error across the eval images (derived_eval_metrics).
     return {'loss': loss, 'bits_per_dim': bpd.mean(), 'bits_per_dim_sq': jnp.mean(bpd ** 2)}
 
@@ -201,6 +204,7 @@ class DiffusionFamily(images_lib.ImageFamily):
     del options
     graphdef, state = nnx.split(models['model'])
     conditional, exact = self.conditional, self.vlb_exact_steps()
+    clip = bool(self.config.sampling.clip)   # the bound of the reverse model we sample from
 
     def denoiser(state, y):
       model = nnx.merge(graphdef, state)
@@ -208,11 +212,12 @@ class DiffusionFamily(images_lib.ImageFamily):
 
     @jax.jit
     def estimates(state, x0, y, key):
-      return self.diffusion.bpd_estimate(denoiser(state, y), x0, key, exact_steps=exact)
+      return self.diffusion.bpd_estimate(denoiser(state, y), x0, key, exact_steps=exact,
+                                         clip=clip)
 
     @jax.jit
     def terms(state, x0, y, ts, keys):
-      return self.diffusion.sum_terms(denoiser(state, y), x0, ts, keys)
+      return self.diffusion.sum_terms(denoiser(state, y), x0, ts, keys, clip)
 
     x0 = images_lib.to_float(np.asarray(images))
     y = np.asarray(labels, np.int32)
