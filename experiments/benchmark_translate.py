@@ -31,7 +31,6 @@ from train import metrics as metrics_lib
 from train import sample as sample_lib
 from train import sharding as sharding_lib
 from train import text
-from train.families.translate import TranslateFamily
 
 _STEPS = flags.DEFINE_integer('train_steps', 5, 'Train steps per timed chunk.')
 _CHUNKS = flags.DEFINE_integer('chunks', 3, 'Timed chunks (the median is reported).')
