@@ -12,7 +12,7 @@ r"""Translation speed: the train step's MFU and beam-search / greedy sentences p
     stops at EOS like a real translation); without it, an untrained model of the config,
     which seldom emits EOS and so decodes to max_len: a worst case.
 
-  GENLAB_RAW_DATA=../shared/data python -m experiments.benchmark_translate [--workdir=RUN]
+  GENLAB_RAW_DATA=DIR python -m experiments.benchmark_translate [--workdir=RUN]   # DIR/multi30k/*.gz
 
 Run it when the machine is quiet, one benchmark at a time; report the host's `cpu family`.
 """

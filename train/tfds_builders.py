@@ -6,7 +6,7 @@ does not. The builders below subclass the stock ones, keeping their name, versio
 features, splits and registered checksums, and replace only the TF-using parts: gzip is read
 with Python and images are handed to `tfds.features.Image` as PIL-encoded PNG bytes. The
 prepared data_dir is then read by the stock reader (`tfds.data_source(name)`), no custom
-code needed (see shared/data/README.md, recipe 6b).
+code needed.
 
 Raw files come either from a local `raw_dir` (TFDS's `manual_dir`: the download manager
 picks `raw_dir/<file name>` and checks its size and sha256 against TFDS's registered

@@ -6,10 +6,11 @@ for encoder input, decoder input and output projection: the two languages share 
 their characters and many names and numbers), label smoothing 0.1, AdamW (b2 0.98, weight
 decay 0.01, peak lr 1e-3), 150 warmup steps then cosine decay to 1e-5 at step 600, batches of
 24 packed rows of 64 tokens per side (~96 sentence pairs, ~1,400 target tokens).
-  Command:  GENLAB_RAW_DATA=../shared/data python -m train \
+  Command:  GENLAB_RAW_DATA=DIR python -m train \
                 --config=experiments/configs/translate_multi30k.py --workdir=/tmp/tr
-            GENLAB_RAW_DATA=../shared/data python -m train.evaluate --workdir=/tmp/tr \
+            GENLAB_RAW_DATA=DIR python -m train.evaluate --workdir=/tmp/tr \
                 --split=test2016 --beam_size=4
+            (DIR holds multi30k/*.gz, the task 1 raw files)
   Hardware: 2-core CPU, Zen 4 (cpu family 25), shared with other jobs (load average 7-14).
   Runtime:  15.2 min of CPU time (708 s user + 203 s system); 36.9 min wall under that load.
   Result:   6.0M params; val perplexity 25.2. test2016 BLEU 23.69 / chrF 45.85 with beam 4
