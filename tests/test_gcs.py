@@ -90,6 +90,22 @@ def listing(env, path) -> list[str]:
   return proc.stdout.split()
 
 
+def test_emulator_media_reads_carry_the_generation(gcs):
+  """tensorstore's conditional writes need `x-goog-generation` on its JSON-API media reads (GCS
+  sends it; the emulator is patched to, see tests/gcs_emulator.py)."""
+  import requests  # pylint: disable=import-outside-toplevel
+  url = gcs['STORAGE_EMULATOR_HOST']
+  upload = requests.post(f'{url}/upload/storage/v1/b/{BUCKET}/o',
+                         params={'uploadType': 'media', 'name': 'probe/x'}, data=b'abc',
+                         timeout=30)
+  upload.raise_for_status()
+  generation = upload.json()['generation']
+  for path in (f'/storage/v1/b/{BUCKET}/o/probe%2Fx', f'/download/storage/v1/b/{BUCKET}/o/probe%2Fx'):
+    read = requests.get(url + path, params={'alt': 'media'}, timeout=30)
+    assert read.status_code == 200 and read.content == b'abc', (path, read.status_code)
+    assert read.headers.get('x-goog-generation') == generation, (path, dict(read.headers))
+
+
 def test_toy_run_on_gcs_is_killed_and_resumes(gcs):
   workdir = f'gs://{BUCKET}/toy'
   args = ['-m', 'train', '--config=tests/toy_config.py', f'--workdir={workdir}',
