@@ -14,11 +14,14 @@ EOS included (BOS is not generated). A hypothesis that reaches
 
 Beam search scores a finished hypothesis y by log P(y | x) / lp(|y|) with GNMT's length penalty
 lp(n) = ((5 + n) / 6) ** alpha (Wu et al. 2016, eq. 14; alpha = `length_penalty`, 0 = raw log
-probability). Each step it expands the `beam` live hypotheses by every token, keeps the best
-2 * beam candidates (at most `beam` of them end with EOS, so `beam` remain live), moves the EOS
-ones into the finished set (the best `beam` kept), and stops when no live hypothesis can still
-beat the worst finished one: with alpha >= 0 and log probabilities only falling, a live
-hypothesis scores at most (its log probability) / lp(max_len).
+probability). Each step it expands the `beam` live hypotheses by every token and ranks the
+candidates by log probability. Those among the best `beam` that end with EOS finish (the finished
+set keeps its best `beam`); the best `beam` candidates that do not end with EOS stay live (taken
+from the best 2 * beam, which always holds enough), so the beam never shrinks. It stops when no
+live hypothesis can still beat the worst finished one: with alpha >= 0 and log probabilities
+only falling, a live hypothesis scores at most (its log probability) / lp(max_len). Only an EOS
+that would have held a beam slot finishes, so with beam 1 and alpha = 0 the result is exactly
+greedy search's.
 """
 
 from __future__ import annotations
@@ -122,7 +125,8 @@ def beam_search(step_fn: StepFn, cache: Any, *, batch_size: int, beam_size: int,
     cand_seq = alive_seq[rows, parent].at[:, :, i].set(token)  # [b, 2k, max_len]
     ends = token == eos_id
     last_step = i == max_len - 1  # every candidate ends here, EOS or not
-    cand_score = jnp.where(ends | last_step,
+    in_beam = jnp.arange(2 * k) < k  # the candidates that would hold a beam slot
+    cand_score = jnp.where((ends | last_step) & in_beam,
                            cand_lp / gnmt_length_penalty(i + 1, length_penalty), _NEG_INF)
     cand_score = jnp.where(cand_lp <= _NEG_INF / 2, _NEG_INF, cand_score)  # children of void
     fin_score, pick = lax.top_k(jnp.concatenate([fin_score, cand_score], 1), k)

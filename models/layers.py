@@ -33,9 +33,10 @@ Public API (shapes; B batch, S/T sequence lengths, D embed, H heads, Dh head_dim
   MultiHeadAttention(cross=False)                     self attention: __call__, prefill, decode
   MultiHeadAttention(cross=True)                      cross attention: context_kv, __call__
   MLP                                                 [N, D] -> [N, D], 4x GELU
-  Block(cross_attention=False|True)                   pre-LN block: __call__, prefill, decode
+  Block(cross_attention=False|True, mlp_dim=None)     pre-LN block: __call__, prefill, decode
   Embeddings                                          token + learned position embeddings, tied
   embed_tokens(wte, wpe, tokens, positions), tied_logits(h, wte)   the same as functions
+  sinusoidal_positions(positions [...], dim) -> [..., dim]           fixed (Vaswani) positions
 """
 
 from __future__ import annotations
@@ -174,6 +175,17 @@ def embed_tokens(wte: nnx.Embed, wpe: nnx.Embed, tokens: jax.Array,
   if wpe.dtype is not None:
     table = table.astype(wpe.dtype)
   return wte(tokens) + table[positions]
+
+
+def sinusoidal_positions(positions: jax.Array, dim: int) -> jax.Array:
+  """Fixed position encodings (Vaswani et al. 2017, section 3.5): positions `[...]` int ->
+  `[..., dim]` float32, sin(p / 10000^(2i/dim)) at feature 2i, cos at 2i + 1."""
+  if dim % 2:
+    raise ValueError(f'sinusoidal positions need an even width, got {dim}')
+  i = jnp.arange(dim // 2, dtype=jnp.float32)
+  angles = positions[..., None].astype(jnp.float32) / (10000.0 ** (2.0 * i / dim))
+  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(
+      positions.shape + (dim,))
 
 
 def tied_logits(h: jax.Array, wte: nnx.Embed) -> jax.Array:
@@ -322,7 +334,8 @@ class MultiHeadAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """Position-wise `[tokens, embed] -> [tokens, embed]`: fc (4x wider), exact GELU, proj."""
+  """Position-wise `[tokens, embed] -> [tokens, embed]`: fc (4x wider by default), exact GELU,
+  proj."""
 
   def __init__(self, *, embed_dim: int, dropout: float = 0.0, init_std: float,
                out_init_std: float | None = None, hidden_dim: int | None = None,
@@ -355,8 +368,10 @@ class Block(nnx.Module):
 
   def __init__(self, *, embed_dim: int, num_heads: int, dropout: float = 0.0,
                init_std: float, out_init_std: float | None = None,
-               cross_attention: bool = False, implementation: str | None = None,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               cross_attention: bool = False, mlp_dim: int | None = None,
+               implementation: str | None = None, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """mlp_dim: the MLP's hidden width (default 4 * embed_dim)."""
     ln = functools.partial(nnx.LayerNorm, embed_dim, epsilon=1e-5, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
     attn = functools.partial(MultiHeadAttention, embed_dim=embed_dim, num_heads=num_heads,
@@ -369,7 +384,8 @@ class Block(nnx.Module):
     self.attn = attn()
     self.ln2 = ln()
     self.mlp = MLP(embed_dim=embed_dim, dropout=dropout, init_std=init_std,
-                   out_init_std=out_init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                   out_init_std=out_init_std, hidden_dim=mlp_dim, dtype=dtype,
+                   param_dtype=param_dtype, rngs=rngs)
     if cross_attention:
       self.ln_cross = ln()
       self.cross_attn = attn(cross=True)

@@ -68,8 +68,8 @@ def test_cross_attention_reads_the_encoder_output():
   assert (np.abs(out - base).max(axis=-1) > 1e-5).all()
   # Zeroing the cross-attention output projection makes the source irrelevant.
   for block in model.decoder:
-    block.cross_attn.out.kernel[...] = jnp.zeros_like(block.cross_attn.out.kernel[...])
-    block.cross_attn.out.bias[...] = jnp.zeros_like(block.cross_attn.out.bias[...])
+    block.cross_attn.proj.kernel[...] = jnp.zeros_like(block.cross_attn.proj.kernel[...])
+    block.cross_attn.proj.bias[...] = jnp.zeros_like(block.cross_attn.proj.bias[...])
   np.testing.assert_allclose(np.asarray(model(_batch(src2, tgt))), np.asarray(model(b)),
                              atol=1e-6)
 
