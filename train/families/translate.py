@@ -273,7 +273,7 @@ class TranslateFamily(Family):
     bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
     bleu_score, chrf_score = bleu.corpus_score(hyp, [ref]), chrf.corpus_score(hyp, [ref])
     report = {
-        'workdir': os.path.abspath(workdir), 'family': self.name, 'checkpoint_step': step,
+        'workdir': storage.absolute(workdir), 'family': self.name, 'checkpoint_step': step,
         'num_params': seq2seq.num_params(models['model']), 'split': split,
         'direction': f'{c.data.source}-{c.data.target}', 'num_sentences': len(src),
         'beam_size': beam, 'length_penalty': alpha if beam > 1 else None,
@@ -287,12 +287,9 @@ class TranslateFamily(Family):
         'examples': [{'source': s, 'reference': r, 'output': h}
                      for s, r, h in list(zip(src, ref, hyp))[:5]]}
     name = f'bleu_{split}_beam{beam}' + (f'_lp{alpha:g}' if beam > 1 else '') + f'_step{step}'
-    path = options.get('report') or os.path.join(workdir, 'eval', name + '.json')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump(report, f, indent=1, ensure_ascii=False)
-    with open(os.path.splitext(path)[0] + '.txt', 'w', encoding='utf-8') as f:
-      f.write('\n'.join(hyp) + '\n')
+    path = options.get('report') or storage.join(workdir, 'eval', name + '.json')
+    storage.write_text(path, json.dumps(report, indent=1, ensure_ascii=False))
+    storage.write_text(os.path.splitext(str(path))[0] + '.txt', '\n'.join(hyp) + '\n')
     return (f'{self.name} step {step} {split} {report["direction"]}: {len(src)} sentences, '
             f'beam {beam}: BLEU {bleu_score.score:.2f} chrF {chrf_score.score:.2f} | '
             f'{report["sentences_per_s"]:.1f} sentences/s ({wall:.1f} s)\n'
