@@ -122,11 +122,12 @@ def test_eight_devices_equal_one():
 
   ref_losses, init, ref_params = three_steps(tiny_config(), jax.devices()[:1])
   assert ref_losses[2] < ref_losses[0] - 0.05  # it learns
-  losses, _, params = three_steps(
-      tiny_config(**{'mesh.data': 4, 'mesh.fsdp': 2}), init_state=init)
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params,
-               ref_params)
+  for mesh in ({'mesh.data': 4, 'mesh.fsdp': 2},
+               {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}):  # + Megatron TP
+    losses, _, params = three_steps(tiny_config(**mesh), init_state=init)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, err_msg=str(mesh))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params,
+                 ref_params)
 
 
 @needs_multi30k
