@@ -19,17 +19,15 @@ Run it when the machine is quiet, one benchmark at a time; report the host's `cp
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import jax
 from absl import app, flags
 
+from experiments import train_speed
 from experiments.configs import translate_multi30k
 from train import loop
-from train import metrics as metrics_lib
 from train import sample as sample_lib
-from train import sharding as sharding_lib
 from train import text
 
 _STEPS = flags.DEFINE_integer('train_steps', 5, 'Train steps per timed chunk.')
@@ -41,30 +39,8 @@ _SENTENCES = flags.DEFINE_integer('sentences', 128, 'test2016 sentences per deco
 
 
 def bench_train(config) -> dict[str, float]:
-  setup = loop.setup(config)
-  state = setup.builder.init(setup.shardings)
-  step = loop.jit_train_step(setup.builder, config, setup.mesh, setup.shardings)
-  n = _STEPS.value
-  batches = [sharding_lib.put_batch(setup.family.train_batch(i), setup.mesh) for i in range(n)]
-  t = time.perf_counter()
-  compiled = step.lower(state, batches[0]).compile()
-  compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
-  peak = metrics_lib.matmul_peak_flops(list(setup.mesh.devices.flat))
-  state, m = compiled(state, batches[0])  # warm-up
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(_CHUNKS.value):
-    t = time.perf_counter()
-    for b in batches:
-      state, m = compiled(state, b)
-    jax.block_until_ready(m)
-    times.append((time.perf_counter() - t) / n)
-  dt = statistics.median(times)
-  return {'compile_s': compile_s, 'ms_per_step': 1e3 * dt,
-          'tokens_per_s': setup.family.items_per_step() / dt, 'gflops_per_step': flops / 1e9,
-          'peak_gflops': peak / 1e9, 'mfu': flops / dt / peak}
+  r = train_speed.measure(config, steps=_STEPS.value, chunks=_CHUNKS.value)
+  return {**r, 'tokens_per_s': r['items_per_s']}
 
 
 def bench_decode(config) -> dict[str, float]:
