@@ -21,7 +21,8 @@ from train import sharding as sharding_lib
 def matmul_peak(devices, repeats: int = 3) -> float:
   """The best of `repeats` measurements of the jitted f32 matmul peak (FLOP/s): on a shared
   machine a single one can catch another job's burst."""
-  return max(metrics_lib.matmul_peak_flops(list(devices)) for _ in range(repeats))
+  devices = list(devices)
+  return max(metrics_lib.matmul_peak_flops(devices) for _ in range(repeats))
 
 
 def measure(config, *, steps: int = 5, chunks: int = 3, peak: float | None = None

@@ -5,9 +5,13 @@ vocabulary size (4000, trained on the train split) and the same network size (4 
 heads, width 128, dropout 0.1), so experiments/README.md can set the three transformer shapes
 side by side. Each sentence is followed by [EOS] and the stream is cut into random windows of
 64 tokens (nanoGPT's batching), so a window spans sentence boundaries.
-  Command:  python -m train --config=experiments/configs/gpt_multi30k.py --workdir=/tmp/gpt_m30k
-  Hardware: 2-core CPU. Not trained to the end yet: no measured runtime or perplexity (the
-            :tiny run is covered by tests/test_gpt_subword.py).
+  Command:  GENLAB_RAW_DATA=DIR python -m train --config=experiments/configs/gpt_multi30k.py \
+                --workdir=/tmp/gpt_m30k      (DIR holds multi30k/*.gz)
+  Hardware: 2-core CPU, Zen 4 (cpu family 25), shared with two other engineers' niced jobs.
+  Runtime:  6.6 min wall; 462 s user + 191 s system CPU time (1200 steps of 32 x 64 tokens).
+  Result:   val perplexity 34.2 per subword token at step 1200 (51.0 / 37.3 at steps 400 / 800).
+            The run's own samples at step 1200 (samples/step_0001200.txt) read like "A group of
+            dogs playing the ball in a field." between garbled ones.
   Sample:   python -m train.sample --workdir=/tmp/gpt_m30k --prompt="A man in" --max_new_tokens=60
 
 ARG `tiny`: a smoke run (2 layers, width 32, vocab 300, 20 steps).
