@@ -10,7 +10,8 @@ State layout (a plain pytree, checkpointed as is):
   {'step': int32 [],
    'params': {name: nnx.State of nnx.Param},        # trainable weights per network
    'rest':   {name: nnx.State of other variables},  # e.g. BatchNorm statistics (often empty)
-   'opt':    {name: optax state},                   # one optimizer per trained network
+   'opt':    {name: optax state},                   # one optimizer per trained network (of
+                                                    # the trained params only: train/tune.py)
    'ema':    {name: nnx.State of nnx.Param}}        # only when config.ema_decay > 0
 """
 
@@ -85,7 +86,8 @@ class StepContext:
     summing gradients, so peak activation memory is that of one micro-batch. Loss, metrics and
     gradients are means over the whole batch, as if it had been processed in one go. Non-param
     state (e.g. BatchNorm statistics) mutated by the forward pass is carried from micro-batch to
-    micro-batch and stored back.
+    micro-batch and stored back. With `config.trainable` freezing some params, only the trained
+    ones are differentiated; the returned gradients hold zeros in the frozen places.
     """
     n = self._accum_steps
     params, rest = self.state['params'][wrt], self.state['rest'][wrt]

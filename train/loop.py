@@ -425,7 +425,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
 
   n_params = num_params(builder.abstract['params'])
   metrics_lib.print_line(
-      f'{family.name}: {n_params:,} params | mesh {dict(mesh.shape)} | batch {config.batch_size}'
+      f'{family.name}: {n_params:,} params'
+      + ('' if builder.trainable.everything else
+         f' ({builder.trainable.count(builder.abstract["params"]):,} trained: '
+         f'config.trainable={builder.trainable.spec!r})')
+      + f' | mesh {dict(mesh.shape)} | batch {config.batch_size}'
       f' | steps {start}->{total}')
 
   train_step = jit_train_step(builder, config, mesh, shardings)

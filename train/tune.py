@@ -109,6 +109,11 @@ class Trainable:
 
     return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
 
+  def count(self, abstract_params: dict[str, Any]) -> int:
+    """How many scalars train (all networks)."""
+    return sum(x.size for n, tree in abstract_params.items()
+               for x, m in zip(jax.tree.leaves(tree), self.mask(n, tree)) if m)
+
   def check(self, abstract_params: dict[str, Any], trained_networks) -> None:
     """UserError when the regex trains no param of any optimised network."""
     if self.pattern is None:
