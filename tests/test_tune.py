@@ -94,7 +94,9 @@ def test_lora_rank_out_of_range():
 
 
 def test_frozen_params_unchanged_and_without_optimizer_state(tmp_path):
-  config = toy(trainable='model/l2/', ema_decay=0.9, total_steps=3)
+  # Under FSDP (params split over 8 devices, gathered in the step) with gradient accumulation.
+  config = toy(trainable='model/l2/', ema_decay=0.9, total_steps=3, grad_accum_steps=2,
+               **{'mesh.data': 1, 'mesh.fsdp': -1})
   setup = loop.setup(config)
   init = jax.device_get(setup.builder.init(setup.shardings))
   result = loop.train(config, str(tmp_path / 'run'))
