@@ -193,6 +193,25 @@ def test_training_resumes_from_the_imported_weights(hf_dir, tmp_path):
   assert int(result.state['step']) == 2
 
 
+@needs_data
+def test_evaluate_reports_transformers_validation_loss(hf_dir, imported, tmp_path):
+  _, hf = hf_dir
+  run, family, model = imported
+  report_path = str(tmp_path / 'report.json')
+  summary = family.evaluate({'model': model}, run, 0, {'report': report_path})
+  with open(report_path, encoding='utf-8') as f:
+    report = json.load(f)
+  losses = []
+  with torch.no_grad():
+    for batch in family.eval_batches():
+      logits = hf(torch.tensor(batch['inputs'])).logits
+      losses.append(torch.nn.functional.cross_entropy(
+          logits.reshape(-1, VOCAB), torch.tensor(batch['targets']).reshape(-1).long()).item())
+  assert abs(report['loss'] - np.mean(losses)) < 1e-4
+  assert report['perplexity'] == pytest.approx(np.exp(report['loss']))
+  assert report['dataset'] == 'tiny_shakespeare' and 'perplexity' in summary
+
+
 def _broken_copy(hf_dir, tmp_path, drop=None, **config_changes):
   broken = str(tmp_path / 'broken')
   shutil.copytree(hf_dir, broken)

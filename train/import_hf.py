@@ -31,6 +31,7 @@ from train import storage
 from train import text as text_lib
 from train.errors import UserError
 
+
 def read_weights(hf_dir: str, model: dict) -> dict:
   """genlab param path -> float32 array, from HF_DIR/model.safetensors."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=import-outside-toplevel
@@ -62,9 +63,12 @@ def import_gpt2(hf_dir: str, out: str, dropout: float | None = None) -> str:
   model = hf_gpt2.model_settings(hf_config, config_path)
   loop.check_workdir(out)
   checkpoint_dir = storage.join(out, 'checkpoints')
-  if storage.isdir(checkpoint_dir) and ckpt_lib.Checkpointer(
-      checkpoint_dir, async_save=False).latest_step() is not None:
-    raise UserError(f'--out={out}: already holds checkpoints; use a new directory')
+  if storage.isdir(checkpoint_dir):
+    existing = ckpt_lib.Checkpointer(checkpoint_dir, async_save=False)
+    latest = existing.latest_step()
+    existing.close()
+    if latest is not None:
+      raise UserError(f'--out={out}: already holds checkpoint {latest}; use a new directory')
 
   tokenizer_path = os.path.join(hf_dir, hf_gpt2.TOKENIZER_FILE)
   raw = text_lib.read_tokenizer_file(tokenizer_path)

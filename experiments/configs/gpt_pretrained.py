@@ -7,6 +7,7 @@ GPT-2's tokenizer (config.data.tokenizer='pretrained'):
   python -m train.import_hf --hf_dir=HF_DIR --out=DIR
   python -m train --config=experiments/configs/gpt_pretrained.py:DIR --workdir=DIR \
       --config.total_steps=200
+  python -m train.evaluate --workdir=DIR    # validation loss and perplexity
 
 ARG is the run directory: its config.json gives the model's shape and tokenizer (so that the
 checkpoint restores), and any other key it holds; `--config.KEY=VALUE` overrides as usual. Without

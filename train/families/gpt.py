@@ -12,6 +12,7 @@ directory; `python -m train.import_hf` writes such runs).
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Iterable
 
@@ -172,6 +173,29 @@ class GPTFamily(Family):
     loss = metrics['loss']
     bits = 'bits_per_char' if self.tokenizer_kind == 'char' else 'bits_per_token'
     return {**metrics, 'perplexity': math.exp(min(loss, 700.0)), bits: loss / math.log(2)}
+
+  evaluate_flags = ('report',)
+
+  def evaluate(self, models, workdir: str, step: int, options: dict[str, Any]) -> str:
+    """Validation loss, perplexity and bits per token (char) on the config's dataset: the
+    `config.eval_batches` windows that training evaluates on. Writes
+    DIR/eval/perplexity_step<S>.json (or --report); returns a summary."""
+    self.setup_data(0, 1)  # the run's own (deterministic) tokenizer and validation windows
+    graphdef, state = nnx.split(models['model'])
+    loss_of = jax.jit(lambda state, batch: self.loss(
+        {'model': nnx.merge(graphdef, state)}, batch, None, train=False)[0])
+    losses = [float(loss_of(state, batch)) for batch in self._eval]
+    metrics = self.derived_eval_metrics({'loss': float(np.mean(losses))})
+    c = self.config
+    report = {'workdir': storage.absolute(workdir), 'family': self.name,
+              'checkpoint_step': step, 'dataset': c.data.name, 'split': 'validation',
+              'tokenizer': self.tokenizer_kind, 'windows': len(losses) * c.batch_size,
+              'window_tokens': c.model.block_size, **metrics}
+    path = options.get('report') or storage.join(workdir, 'eval', f'perplexity_step{step}.json')
+    storage.write_text(path, json.dumps(report, indent=1))
+    return (f'{self.name} step {step} {c.data.name} validation ({report["windows"]} windows of '
+            f'{c.model.block_size} tokens): ' + ' | '.join(
+                f'{k} {v:.4f}' for k, v in metrics.items()) + f'\nwrote {path}')
 
   # ---- reporting ----
   def items_per_step(self) -> int:
