@@ -180,7 +180,13 @@ class GPTFamily(Family):
     """Validation loss, perplexity and bits per token (char) on the config's dataset: the
     `config.eval_batches` windows that training evaluates on. Writes
     DIR/eval/perplexity_step<S>.json (or --report); returns a summary."""
-    self.setup_data(0, 1)  # the run's own (deterministic) tokenizer and validation windows
+    run_tokenizer = self.tokenizer
+    self.setup_data(0, 1)  # the validation windows (the tokenizer is rebuilt from the data)
+    as_text = lambda t: t.chars if self.tokenizer_kind == 'char' else t.to_str()
+    if as_text(self.tokenizer) != as_text(run_tokenizer):
+      raise UserError(f'--workdir={workdir}: the tokenizer built from config.data now differs '
+                      'from the run\'s (changed data?): its validation ids would not be the '
+                      'model\'s')
     graphdef, state = nnx.split(models['model'])
     loss_of = jax.jit(lambda state, batch: self.loss(
         {'model': nnx.merge(graphdef, state)}, batch, None, train=False)[0])
