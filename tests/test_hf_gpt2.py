@@ -28,6 +28,7 @@ from models import gpt as gpt_lib  # pylint: disable=wrong-import-position
 from tests.conftest import needs_data  # pylint: disable=wrong-import-position
 from train import export_hf  # pylint: disable=wrong-import-position
 from train import families  # pylint: disable=wrong-import-position
+from train import hf_gpt2  # pylint: disable=wrong-import-position
 from train import import_hf  # pylint: disable=wrong-import-position
 from train import loop  # pylint: disable=wrong-import-position
 from train import sample as sample_lib  # pylint: disable=wrong-import-position
@@ -147,6 +148,28 @@ def test_export_round_trip_is_exact(hf_dir, imported, tmp_path):
   assert set(first) == set(second)
   for name, x in first.items():
     np.testing.assert_array_equal(second[name], x, err_msg=name)
+
+
+def test_a_genlab_gpt_with_exact_gelu_exports(tmp_path):
+  """genlab's own GPT (exact GELU, its init) as GPT-2 files: transformers' logits are genlab's."""
+  model = gpt_lib.GPT(vocab_size=70, block_size=16, num_layers=2, num_heads=4, embed_dim=32,
+                      init_std=0.3, rngs=nnx.Rngs(1))
+  settings = dict(block_size=16, num_layers=2, num_heads=4, embed_dim=32, vocab_size=70,
+                  activation='gelu', dropout=0.0, init_std=0.3)
+  params = {k.removesuffix('/value'): v for k, v in _params(model).items()}
+  out = str(tmp_path / 'hf')
+  os.makedirs(out)
+  safetensors_numpy.save_file(hf_gpt2.to_hf(params, settings),
+                              os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
+  with open(os.path.join(out, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(hf_gpt2.hf_config(settings, bos_id=None, eos_id=None), f)
+  hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+  ids = np.random.default_rng(2).integers(0, 70, (2, 16))
+  with torch.no_grad():
+    want = hf(torch.tensor(ids)).logits.numpy()
+  assert hf.config.activation_function == 'gelu' and np.abs(want).max() > 1.0
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids, jnp.int32))), want, atol=1e-4,
+                             rtol=0)
 
 
 def test_greedy_sampling_equals_transformers_generate(hf_dir, imported):
