@@ -13,7 +13,6 @@ from experiments.configs import gpt_shakespeare
 from models import gpt
 from models import lora as lora_lib
 from tests import toy_families
-from train import checkpoint as ckpt_lib
 from train import export
 from train import loop
 from train import sample
