@@ -50,11 +50,12 @@ class GPT(nnx.Module):
 
   def __init__(self, *, vocab_size: int, block_size: int, num_layers: int, num_heads: int,
                embed_dim: int, dropout: float = 0.0, init_std: float | None = None,
-               attention_implementation: str | None = None,
+               attention_implementation: str | None = None, activation: str = 'gelu',
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     """init_std: std of the weight and embedding init (residual projections get
     init_std / sqrt(2 * num_layers)); None is 1 / sqrt(embed_dim), 0.02 is nanoGPT's.
-    attention_implementation: see `layers.attention_implementation`."""
+    attention_implementation: see `layers.attention_implementation`.
+    activation: the MLP's GELU, 'gelu' (exact, nanoGPT's) or 'gelu_tanh' (GPT-2's)."""
     if embed_dim % num_heads:
       raise ValueError(f'embed_dim {embed_dim} not divisible by num_heads {num_heads}')
     self.vocab_size = vocab_size
@@ -75,8 +76,8 @@ class GPT(nnx.Module):
     self.blocks = nnx.List([
         layers.Block(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout,
                      init_std=init_std, out_init_std=init_std / math.sqrt(2 * num_layers),
-                     implementation=attention_implementation, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
+                     activation=activation, implementation=attention_implementation,
+                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for _ in range(num_layers)])
     self.ln_f = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs)

@@ -23,7 +23,7 @@ Conventions:
 
 Public API (shapes; B batch, S/T sequence lengths, D embed, H heads, Dh head_dim, V vocab):
   dropout(x, rate, key)                               inverted dropout, identity if key is None
-  gelu(x)                                             exact (erf) GELU
+  gelu(x), gelu_tanh(x)                               exact (erf) GELU; tanh approximation
   causal_mask(q_len, k_len=None) -> [1, 1, T, S]      query i sees keys <= i
   padding_mask(valid [B, S]) -> [B, 1, 1, S]          keys that are real tokens
   combine_masks(*masks) -> mask or None               logical and, Nones skipped
@@ -32,8 +32,9 @@ Public API (shapes; B batch, S/T sequence lengths, D embed, H heads, Dh head_dim
   init_kv_cache(batch, length, heads, head_dim, dtype) -> {'k', 'v'}
   MultiHeadAttention(cross=False)                     self attention: __call__, prefill, decode
   MultiHeadAttention(cross=True)                      cross attention: context_kv, __call__
-  MLP                                                 [N, D] -> [N, D], 4x GELU
-  Block(cross_attention=False|True, mlp_dim=None)     pre-LN block: __call__, prefill, decode
+  MLP(activation='gelu'|'gelu_tanh')                  [N, D] -> [N, D], 4x GELU
+  Block(cross_attention=False|True, mlp_dim=None, activation='gelu')   pre-LN block: __call__,
+                                                      prefill, decode
   Embeddings                                          token + learned position embeddings, tied
   embed_tokens(wte, wpe, tokens, positions), tied_logits(h, wte)   the same as functions
   sinusoidal_positions(positions [...], dim) -> [..., dim]           fixed (Vaswani) positions
@@ -79,6 +80,16 @@ def gelu(x: jax.Array) -> jax.Array:
   is written with erfc, whose derivative costs ~2x more on XLA:CPU.
   """
   return 0.5 * x * (1.0 + lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """GELU's tanh approximation (Hendrycks & Gimpel 2016, section 2), which GPT-2 uses
+  (transformers' "gelu_new"): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+#: The MLP activations by name ('gelu' is the default of every model).
+ACTIVATIONS = {'gelu': gelu, 'gelu_tanh': gelu_tanh}
 
 
 def causal_mask(q_len: int, k_len: int | None = None) -> jax.Array:
@@ -334,13 +345,17 @@ class MultiHeadAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """Position-wise `[tokens, embed] -> [tokens, embed]`: fc (4x wider by default), exact GELU,
-  proj."""
+  """Position-wise `[tokens, embed] -> [tokens, embed]`: fc (4x wider by default), GELU (exact,
+  or `activation='gelu_tanh'`), proj."""
 
   def __init__(self, *, embed_dim: int, dropout: float = 0.0, init_std: float,
                out_init_std: float | None = None, hidden_dim: int | None = None,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               activation: str = 'gelu', dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if activation not in ACTIVATIONS:
+      raise ValueError(f'activation {activation!r}: use one of {", ".join(ACTIVATIONS)}')
     self.dropout = dropout
+    self.activation = activation
     hidden_dim = 4 * embed_dim if hidden_dim is None else hidden_dim
     out_init_std = init_std if out_init_std is None else out_init_std
     self.fc = nnx.Linear(embed_dim, hidden_dim, kernel_init=nnx.initializers.normal(init_std),
@@ -351,7 +366,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """x `[tokens, embed]`; key: dropout key on the output (None = off)."""
-    return dropout(self.proj(gelu(self.fc(x))), self.dropout, key)
+    return dropout(self.proj(ACTIVATIONS[self.activation](self.fc(x))), self.dropout, key)
 
 
 class Block(nnx.Module):
@@ -369,9 +384,10 @@ class Block(nnx.Module):
   def __init__(self, *, embed_dim: int, num_heads: int, dropout: float = 0.0,
                init_std: float, out_init_std: float | None = None,
                cross_attention: bool = False, mlp_dim: int | None = None,
-               implementation: str | None = None, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    """mlp_dim: the MLP's hidden width (default 4 * embed_dim)."""
+               activation: str = 'gelu', implementation: str | None = None,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """mlp_dim: the MLP's hidden width (default 4 * embed_dim); activation: the MLP's ('gelu'
+    exact, 'gelu_tanh' GPT-2's)."""
     ln = functools.partial(nnx.LayerNorm, embed_dim, epsilon=1e-5, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
     attn = functools.partial(MultiHeadAttention, embed_dim=embed_dim, num_heads=num_heads,
@@ -384,8 +400,8 @@ class Block(nnx.Module):
     self.attn = attn()
     self.ln2 = ln()
     self.mlp = MLP(embed_dim=embed_dim, dropout=dropout, init_std=init_std,
-                   out_init_std=out_init_std, hidden_dim=mlp_dim, dtype=dtype,
-                   param_dtype=param_dtype, rngs=rngs)
+                   out_init_std=out_init_std, hidden_dim=mlp_dim, activation=activation,
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if cross_attention:
       self.ln_cross = ln()
       self.cross_attn = attn(cross=True)

@@ -10,7 +10,8 @@ State layout (a plain pytree, checkpointed as is):
   {'step': int32 [],
    'params': {name: nnx.State of nnx.Param},        # trainable weights per network
    'rest':   {name: nnx.State of other variables},  # e.g. BatchNorm statistics (often empty)
-   'opt':    {name: optax state},                   # one optimizer per trained network
+   'opt':    {name: optax state},                   # one optimizer per trained network (of
+                                                    # the trained params only: train/tune.py)
    'ema':    {name: nnx.State of nnx.Param}}        # only when config.ema_decay > 0
 """
 
@@ -26,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from train import tune
 from train.errors import UserError
 
 Batch = Mapping[str, Any]
@@ -43,7 +45,9 @@ class StepContext:
   """
 
   def __init__(self, graphdefs, state, optimizers: Mapping[str, optax.GradientTransformation],
-               *, accum_steps: int, ema_decay: float, micro_batch_constraint=None):
+               *, accum_steps: int, ema_decay: float, micro_batch_constraint=None,
+               trainable=None):
+    """trainable: a `train.tune.Trainable` (None: every param trains)."""
     self._graphdefs = graphdefs
     self.state = dict(state)
     self.state['params'] = dict(state['params'])
@@ -55,6 +59,13 @@ class StepContext:
     self._accum_steps = accum_steps
     self._ema_decay = ema_decay
     self._constrain = micro_batch_constraint or (lambda x: x)
+    self._trainable = trainable
+
+  def _mask(self, name: str, params) -> list[bool] | None:
+    """Per leaf of `params`: trains (True) or frozen; None when all train."""
+    if self._trainable is None or self._trainable.everything:
+      return None
+    return self._trainable.mask(name, params)
 
   @property
   def step(self) -> jax.Array:
@@ -75,20 +86,28 @@ class StepContext:
     summing gradients, so peak activation memory is that of one micro-batch. Loss, metrics and
     gradients are means over the whole batch, as if it had been processed in one go. Non-param
     state (e.g. BatchNorm statistics) mutated by the forward pass is carried from micro-batch to
-    micro-batch and stored back.
+    micro-batch and stored back. With `config.trainable` freezing some params, only the trained
+    ones are differentiated; the returned gradients hold zeros in the frozen places.
     """
     n = self._accum_steps
+    params, rest = self.state['params'][wrt], self.state['rest'][wrt]
+    mask = self._mask(wrt, params)
+    if mask is None:
+      trained, rebuild = params, lambda p: p
+    else:
+      # Gradients of the trained leaves only: frozen params are constants of the loss, so no
+      # weight gradient is computed (or accumulated) for them.
+      trained, rebuild = tune.split_trained(params, mask)
 
     def micro_loss(p, rest, micro, key):
-      models = self.models({wrt: p}, {wrt: rest})
+      models = self.models({wrt: rebuild(p)}, {wrt: rest})
       loss, metrics = loss_fn(models, micro, key)
       new_rest = nnx.state(models[wrt], nnx.Not(nnx.Param))
       return loss, (metrics, new_rest)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    params, rest = self.state['params'][wrt], self.state['rest'][wrt]
     if n == 1:
-      (loss, (metrics, rest)), grads = grad_fn(params, rest, batch, rng)
+      (loss, (metrics, rest)), grads = grad_fn(trained, rest, batch, rng)
     else:
       # Micro-batch i takes rows i, i+n, i+2n, ...: with the batch sharded contiguously over
       # devices, every micro-batch then stays evenly sharded (a plain reshape to [n, B/n] would
@@ -101,33 +120,45 @@ class StepContext:
       def body(carry, xs):
         grads_sum, loss_sum, metrics_sum, rest = carry
         micro, i = xs
-        (loss, (metrics, rest)), grads = grad_fn(params, rest, micro, jax.random.fold_in(rng, i))
+        (loss, (metrics, rest)), grads = grad_fn(trained, rest, micro, jax.random.fold_in(rng, i))
         add = lambda a, b: jax.tree.map(jnp.add, a, b)
         return (add(grads_sum, grads), loss_sum + loss, add(metrics_sum, metrics), rest), None
 
       zeros_like = lambda t: jax.tree.map(jnp.zeros_like, t)
       first = jax.tree.map(lambda x: x[0], micro_batches)
-      metrics_shape = jax.eval_shape(lambda: micro_loss(params, rest, first, rng)[1][0])
-      init = (zeros_like(params), jnp.zeros((), jnp.float32),
+      metrics_shape = jax.eval_shape(lambda: micro_loss(trained, rest, first, rng)[1][0])
+      init = (zeros_like(trained), jnp.zeros((), jnp.float32),
               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape), rest)
       (grads, loss, metrics, rest), _ = jax.lax.scan(
           body, init, (micro_batches, jnp.arange(n)))
       grads = jax.tree.map(lambda g: g / n, grads)
       loss = loss / n
       metrics = jax.tree.map(lambda m: m / n, metrics)
+    if mask is not None:
+      # The params' tree for the optimizer: zeros in the frozen places, which its
+      # `optax.set_to_zero` branch ignores (XLA drops them).
+      frozen_zeros = jax.tree.map(jnp.zeros_like, params)
+      grads = tune.split_trained(frozen_zeros, mask)[1](grads)
     self.state['rest'][wrt] = rest
     return loss, metrics, grads
 
   def apply_gradients(self, name: str, grads) -> Metrics:
     """One optimizer update of network `name` (and its EMA); returns the gradient norm."""
     params = self.state['params'][name]
+    mask = self._mask(name, params)
     updates, self.state['opt'][name] = self._optimizers[name].update(
         grads, self.state['opt'][name], params)
-    self.state['params'][name] = optax.apply_updates(params, updates)
+    new_params = optax.apply_updates(params, updates)
+    if mask is not None:  # frozen params stay bit for bit (p + 0 would turn -0.0 into 0.0)
+      new_params = tune.keep_frozen(new_params, params, mask)
+    self.state['params'][name] = new_params
     if 'ema' in self.state and name in self.state['ema']:
       # ema <- decay * ema + (1 - decay) * params
-      self.state['ema'][name] = optax.incremental_update(
-          self.state['params'][name], self.state['ema'][name], step_size=1.0 - self._ema_decay)
+      ema = self.state['ema'][name]
+      new_ema = optax.incremental_update(new_params, ema, step_size=1.0 - self._ema_decay)
+      self.state['ema'][name] = new_ema if mask is None else tune.keep_frozen(new_ema, ema, mask)
+    if mask is not None:
+      grads = tune.split_trained(grads, mask)[0]
     return {f'grad_norm/{name}' if len(self._optimizers) > 1 else 'grad_norm':
             optax.tree.norm(grads)}
 

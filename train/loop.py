@@ -33,6 +33,7 @@ from train import metrics as metrics_lib
 from train import optim
 from train import sharding as sharding_lib
 from train import storage
+from train import tune
 from train.errors import UserError
 from train.family import Family, StepContext
 
@@ -146,15 +147,21 @@ class StateBuilder:
 
   def __init__(self, family: Family, config: ml_collections.ConfigDict):
     self.family = family
+    self.config = config
     self.ema_decay = float(config.get('ema_decay', 0.0))
-    self.optimizers = family.optimizers(optim.make_optimizer)
+    self.trainable = tune.Trainable(config)
+    self.optimizers = {n: self.trainable.wrap_optimizer(n, tx)
+                       for n, tx in family.optimizers(optim.make_optimizer).items()}
     self.graphdefs: dict[str, Any] = {}
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     self.abstract = jax.eval_shape(self._init, init_key)
     self.init_key = init_key
+    self.trainable.check(self.abstract['params'], self.optimizers)
 
   def _init(self, key: jax.Array) -> dict[str, Any]:
     models = self.family.make_models(nnx.Rngs(key))
+    # LoRA adapters draw from their own key: the base params are those of a run without them.
+    models = tune.apply_lora(models, self.config, jax.random.fold_in(key, 1))
     params, rest = {}, {}
     for name, model in models.items():
       self.graphdefs[name], params[name], rest[name] = nnx.split(model, nnx.Param, ...)
@@ -220,7 +227,7 @@ def make_train_step(builder: StateBuilder, config, mesh, shardings=None):
     rng = jax.random.fold_in(step_key, state['step'])
     ctx = context(builder.graphdefs, state, builder.optimizers,
                       accum_steps=int(config.get('grad_accum_steps', 1)),
-                      ema_decay=builder.ema_decay,
+                      ema_decay=builder.ema_decay, trainable=builder.trainable,
                       micro_batch_constraint=lambda x: jax.lax.with_sharding_constraint(
                           x, micro_sharding))
     metrics = family.train_step(ctx, batch, rng)
@@ -392,8 +399,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
   checkpointer = ckpt_lib.Checkpointer(storage.join(workdir, 'checkpoints'),
                                        keep=int(config.get('keep_checkpoints', 3)))
   latest = checkpointer.latest_step()
+  init_from = str(config.get('init_from', '') or '')
   if latest is None:
     state = builder.init(shardings)
+    if init_from:
+      state, resolved, fresh = tune.load_init(init_from, state, shardings, family.metadata())
+      config = config.copy_and_resolve_references()
+      config.init_from = resolved  # config.json records the base run's step
+      metrics_lib.print_line(f'Initialised from {resolved}' + (
+          f' ({len(fresh)} arrays new in this model keep their init, e.g. {fresh[0]})'
+          if fresh else ''))
   else:
     check_same_run(workdir, config, checkpointer, latest, builder.abstract)
     state, meta = checkpointer.restore(
@@ -410,7 +425,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
 
   n_params = num_params(builder.abstract['params'])
   metrics_lib.print_line(
-      f'{family.name}: {n_params:,} params | mesh {dict(mesh.shape)} | batch {config.batch_size}'
+      f'{family.name}: {n_params:,} params'
+      + ('' if builder.trainable.everything else
+         f' ({builder.trainable.count(builder.abstract["params"]):,} trained: '
+         f'config.trainable={builder.trainable.spec!r})')
+      + f' | mesh {dict(mesh.shape)} | batch {config.batch_size}'
       f' | steps {start}->{total}')
 
   train_step = jit_train_step(builder, config, mesh, shardings)

@@ -108,17 +108,58 @@ class SubwordTokenizer:
   @classmethod
   def load(cls, path: str) -> SubwordTokenizer:
     """The tokenizer saved at `path`; UserError when it is missing or damaged."""
-    if not storage.isfile(path):
-      raise UserError(f'{path}: tokenizer file missing (the run directory must hold the '
-                      f'{TOKENIZER_FILE} that training wrote)')
-    try:
-      return cls.from_str(storage.read_text(path))
-    except Exception as e:  # the library raises a bare Exception on a malformed file
-      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise UserError(f'{path}: damaged tokenizer file ({reason[:200]})') from None
+    return _load(path, cls.from_str)
 
   def __repr__(self) -> str:
     return f'SubwordTokenizer(vocab_size={self.vocab_size})'
+
+
+class PretrainedTokenizer(SubwordTokenizer):
+  """A pretrained model's own `tokenizer.json` (e.g. GPT-2's byte-level BPE), used as is.
+
+  Its special tokens are its own: only the one that ends a document, `eos_token` (GPT-2's
+  `<|endoftext|>`), is used; the ids of `SubwordTokenizer`'s specials do not apply.
+  """
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, eos_token: str):
+    # pylint: disable=super-init-not-called (SubwordTokenizer's id checks do not apply)
+    self._tok = tokenizer
+    self.eos_token = eos_token
+    self.eos_id = tokenizer.token_to_id(eos_token)
+    if self.eos_id is None:
+      raise ValueError(f'the tokenizer has no token {eos_token!r}')
+
+  @classmethod
+  def load(cls, path: str, eos_token: str) -> PretrainedTokenizer:
+    """The tokenizer file at `path`; UserError when missing, damaged or without `eos_token`."""
+    def parse(text):
+      tok = tokenizers.Tokenizer.from_str(text)
+      if tok.token_to_id(eos_token) is None:
+        raise UserError(f'{path}: the tokenizer has no end-of-text token {eos_token!r}')
+      return cls(tok, eos_token)
+    return _load(path, parse)
+
+  def __repr__(self) -> str:
+    return f'PretrainedTokenizer(vocab_size={self.vocab_size}, eos_token={self.eos_token!r})'
+
+
+def read_tokenizer_file(path: str) -> tokenizers.Tokenizer:
+  """The `tokenizers` file at `path`; UserError when it is missing or damaged."""
+  return _load(path, tokenizers.Tokenizer.from_str)
+
+
+def _load(path: str, parse):
+  """parse(text of `path`); UserError when the file is missing or does not parse."""
+  if not storage.isfile(path):
+    raise UserError(f'{path}: tokenizer file missing (the run directory must hold the '
+                    f'{TOKENIZER_FILE} that training wrote)')
+  try:
+    return parse(storage.read_text(path))
+  except UserError:
+    raise
+  except Exception as e:  # the library raises a bare Exception on a malformed file
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f'{path}: damaged tokenizer file ({reason[:200]})') from None
 
 
 def save_in_workdir(tokenizer: SubwordTokenizer, workdir: str) -> str:

@@ -18,6 +18,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_every = 0             # 0: samples only at the end
   c.ema_decay = 0.0              # 0: no EMA; else EMA params are used for sampling
   c.profile_steps = ''           # 'START,COUNT': a jax.profiler trace of those steps in DIR/profile
+  # Fine-tuning (train/tune.py). init_from: 'RUN_DIR[:STEP]' starts a NEW run from another run's
+  # params (latest checkpoint, or STEP), matched by param path; params new in this model (e.g.
+  # LoRA adapters) keep their fresh init. A workdir with its own checkpoints always resumes
+  # from them instead: init_from only seeds a run's first start.
+  c.init_from = ''
+  # 'all' | 'lora' (the LoRA adapters only) | a regex searched in '/'-joined param paths such as
+  # 'model/blocks/0/attn/qkv/kernel'. Frozen params get no gradient and no optimizer state.
+  c.trainable = 'all'
+  # LoRA adapters (models/lora.py) on the nnx.Linear modules whose paths (e.g.
+  # 'model/blocks/0/attn/qkv') match `targets`; rank 0: none. Output x W + (alpha / rank) x A B.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=8.0, targets=r'(attn/(qkv|proj)|mlp/(fc|proj))$'))
   c.data = ml_collections.ConfigDict()
   c.data.name = ''
   c.data.data_dir = config_dict.placeholder(str)   # None: $TFDS_DATA_DIR or ~/tensorflow_datasets

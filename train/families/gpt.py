@@ -3,13 +3,16 @@
 Data (config.data.name): a TFDS text dataset (tiny_shakespeare: one document, cut into random
 windows as nanoGPT) or 'multi30k' (one language's sentences, each followed by [EOS] with the
 subword tokenizer or by a newline with the character one, then cut into windows the same way).
-config.data.tokenizer: 'char' (nanoGPT's, vocabulary in family.json) or 'subword' (byte-level
+config.data.tokenizer: 'char' (nanoGPT's, vocabulary in family.json), 'subword' (byte-level
 BPE of train/text.py, trained on the train split with config.data.vocab_size tokens, saved as
-tokenizer.json in the run directory).
+tokenizer.json in the run directory) or 'pretrained' (a pretrained model's own tokenizer.json,
+config.data.tokenizer_file, whose config.data.eos_token ends each document; copied into the run
+directory; `python -m train.import_hf` writes such runs).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Iterable
 
@@ -20,6 +23,7 @@ import optax
 from flax import nnx
 
 from models import gpt as gpt_lib
+from models import layers
 from train import data as data_lib
 from train import storage
 from train import text as text_lib
@@ -32,9 +36,11 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 class GPTFamily(Family):
   """config.model: block_size, num_layers, num_heads, embed_dim, dropout, init_std (None:
   1/sqrt(embed_dim); 0.02 is nanoGPT's), dtype ('float32' or 'bfloat16' activations; params
-  stay float32), attention (None: by backend; 'einsum', 'xla', 'cudnn'). config.data: name,
-  data_dir, raw_dir, tokenizer ('char' or 'subword'), vocab_size (subword), language
-  (multi30k).
+  stay float32), attention (None: by backend; 'einsum', 'xla', 'cudnn'), activation ('gelu'
+  exact, the default; 'gelu_tanh' GPT-2's), vocab_size (pretrained tokenizer only: the
+  model's, which may exceed the tokenizer's). config.data: name, data_dir, raw_dir, tokenizer
+  ('char', 'subword' or 'pretrained'), vocab_size (subword), tokenizer_file and eos_token
+  (pretrained), language (multi30k).
   config.eval_batches: how many validation batches each eval averages over."""
 
   name = 'gpt'
@@ -45,9 +51,13 @@ class GPTFamily(Family):
     self.tokenizer: data_lib.CharTokenizer | text_lib.SubwordTokenizer | None = None
     # Runs written before the subword tokenizer existed have no data.tokenizer: char.
     self.tokenizer_kind = config.data.get('tokenizer', 'char')
-    if self.tokenizer_kind not in ('char', 'subword'):
-      raise UserError(f'config.data.tokenizer={self.tokenizer_kind!r}: use char or subword')
+    if self.tokenizer_kind not in ('char', 'subword', 'pretrained'):
+      raise UserError(f'config.data.tokenizer={self.tokenizer_kind!r}: use char, subword or '
+                      'pretrained')
     m = config.model
+    if m.get('activation', 'gelu') not in layers.ACTIVATIONS:
+      raise UserError(f'config.model.activation={m.activation!r}: use one of '
+                      f'{", ".join(layers.ACTIVATIONS)}')
     if m.dtype not in _DTYPES:
       raise UserError(f'config.model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}')
     if not isinstance(config.eval_batches, int) or config.eval_batches < 1:
@@ -70,7 +80,7 @@ class GPTFamily(Family):
             ''.join('\n'.join(t) + '\n' for t in texts.values()))
         return {k: self.tokenizer.encode('\n'.join(t) + '\n') for k, t in texts.items()}
       self.tokenizer = self._train_subword(texts['train'])
-      eos = np.array([text_lib.EOS_ID], np.int32)
+      eos = np.array([self._eos_id], np.int32)
       return {k: np.concatenate([x for ids in self.tokenizer.encode_batch(t) for x in (ids, eos)])
               for k, t in texts.items()}
     chars, splits = data_lib.load_text(c.data.name, c.data.data_dir, c.data.raw_dir)
@@ -83,6 +93,14 @@ class GPTFamily(Family):
     return {k: self.tokenizer.encode(t) for k, t in texts.items()}
 
   def _train_subword(self, texts: list[str]) -> text_lib.SubwordTokenizer:
+    if self.tokenizer_kind == 'pretrained':
+      tokenizer = text_lib.PretrainedTokenizer.load(self.config.data.tokenizer_file,
+                                                    self.config.data.eos_token)
+      if tokenizer.vocab_size > self._vocab_size():
+        raise UserError(f'config.data.tokenizer_file={self.config.data.tokenizer_file}: '
+                        f'{tokenizer.vocab_size} tokens > config.model.vocab_size='
+                        f'{self._vocab_size()}')
+      return tokenizer
     try:
       return text_lib.SubwordTokenizer.train(texts, self.config.data.vocab_size)
     except ValueError as e:
@@ -105,9 +123,20 @@ class GPTFamily(Family):
   def eval_batches(self) -> Iterable[dict[str, np.ndarray]]:
     return self._eval
 
+  @property
+  def _eos_id(self) -> int:
+    """The token that ends a sentence or document (subword and pretrained tokenizers)."""
+    return (self.tokenizer.eos_id if self.tokenizer_kind == 'pretrained' else text_lib.EOS_ID)
+
+  def _vocab_size(self) -> int:
+    """The model's vocabulary: a pretrained model's may exceed its tokenizer's (padding)."""
+    if self.tokenizer_kind == 'pretrained':
+      return int(self.config.model.vocab_size)
+    return self.tokenizer.vocab_size
+
   def metadata(self) -> dict[str, Any]:
-    if self.tokenizer_kind == 'subword':
-      return {'tokenizer': 'subword', 'vocab_size': self.tokenizer.vocab_size}
+    if self.tokenizer_kind != 'char':
+      return {'tokenizer': self.tokenizer_kind, 'vocab_size': self.tokenizer.vocab_size}
     return {'chars': self.tokenizer.chars}
 
   def load_metadata(self, metadata: dict[str, Any]) -> None:
@@ -115,21 +144,25 @@ class GPTFamily(Family):
       self.tokenizer = data_lib.CharTokenizer(metadata['chars'])
 
   def write_run_files(self, workdir: str) -> None:
-    if self.tokenizer_kind == 'subword':
+    if self.tokenizer_kind != 'char':
       text_lib.save_in_workdir(self.tokenizer, workdir)
 
   def read_run_files(self, workdir: str) -> None:
     if self.tokenizer_kind == 'subword':
       self.tokenizer = text_lib.load_from_workdir(workdir)
+    elif self.tokenizer_kind == 'pretrained':
+      self.tokenizer = text_lib.PretrainedTokenizer.load(
+          storage.join(workdir, text_lib.TOKENIZER_FILE), self.config.data.eos_token)
 
   # ---- model and loss ----
   def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
     m = self.config.model
     return {'model': gpt_lib.GPT(
-        vocab_size=self.tokenizer.vocab_size, block_size=m.block_size, num_layers=m.num_layers,
+        vocab_size=self._vocab_size(), block_size=m.block_size, num_layers=m.num_layers,
         num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
         init_std=m.get('init_std'), attention_implementation=m.get('attention'),
-        dtype=_DTYPES[m.dtype], param_dtype=jnp.float32, rngs=rngs)}
+        activation=m.get('activation', 'gelu'), dtype=_DTYPES[m.dtype],
+        param_dtype=jnp.float32, rngs=rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):
     logits = models['model'](batch['inputs'], dropout_key=rng if train else None)
@@ -140,6 +173,35 @@ class GPTFamily(Family):
     loss = metrics['loss']
     bits = 'bits_per_char' if self.tokenizer_kind == 'char' else 'bits_per_token'
     return {**metrics, 'perplexity': math.exp(min(loss, 700.0)), bits: loss / math.log(2)}
+
+  evaluate_flags = ('report',)
+
+  def evaluate(self, models, workdir: str, step: int, options: dict[str, Any]) -> str:
+    """Validation loss, perplexity and bits per token (char) on the config's dataset: the
+    `config.eval_batches` windows that training evaluates on. Writes
+    DIR/eval/perplexity_step<S>.json (or --report); returns a summary."""
+    run_tokenizer = self.tokenizer
+    self.setup_data(0, 1)  # the validation windows (the tokenizer is rebuilt from the data)
+    as_text = lambda t: t.chars if self.tokenizer_kind == 'char' else t.to_str()
+    if as_text(self.tokenizer) != as_text(run_tokenizer):
+      raise UserError(f'--workdir={workdir}: the tokenizer built from config.data now differs '
+                      'from the run\'s (changed data?): its validation ids would not be the '
+                      'model\'s')
+    graphdef, state = nnx.split(models['model'])
+    loss_of = jax.jit(lambda state, batch: self.loss(
+        {'model': nnx.merge(graphdef, state)}, batch, None, train=False)[0])
+    losses = [float(loss_of(state, batch)) for batch in self._eval]
+    metrics = self.derived_eval_metrics({'loss': float(np.mean(losses))})
+    c = self.config
+    report = {'workdir': storage.absolute(workdir), 'family': self.name,
+              'checkpoint_step': step, 'dataset': c.data.name, 'split': 'validation',
+              'tokenizer': self.tokenizer_kind, 'windows': len(losses) * c.batch_size,
+              'window_tokens': c.model.block_size, **metrics}
+    path = options.get('report') or storage.join(workdir, 'eval', f'perplexity_step{step}.json')
+    storage.write_text(path, json.dumps(report, indent=1))
+    return (f'{self.name} step {step} {c.data.name} validation ({report["windows"]} windows of '
+            f'{c.model.block_size} tokens): ' + ' | '.join(
+                f'{k} {v:.4f}' for k, v in metrics.items()) + f'\nwrote {path}')
 
   # ---- reporting ----
   def items_per_step(self) -> int:
@@ -164,11 +226,15 @@ class GPTFamily(Family):
       raise UserError(f'--max_new_tokens={max_new_tokens}: must be >= 1')
     if temperature < 0:
       raise UserError(f'--temperature={temperature}: must be >= 0 (0 is greedy)')
-    if top_k is not None and not 1 <= top_k <= self.tokenizer.vocab_size:
-      raise UserError(f'--top_k={top_k}: must be in [1, {self.tokenizer.vocab_size}]')
+    if top_k is not None and not 1 <= top_k <= self._vocab_size():
+      raise UserError(f'--top_k={top_k}: must be in [1, {self._vocab_size()}]')
     if top_p is not None and not 0.0 < top_p <= 1.0:
       raise UserError(f'--top_p={top_p}: must be in (0, 1]')
-    if self.tokenizer_kind == 'subword':
+    if self.tokenizer_kind == 'pretrained':
+      # As GPT-2 was trained: a document starts after <|endoftext|> (the eos token).
+      ids = np.concatenate([[self._eos_id], self.tokenizer.encode(prompt)]).astype(np.int32)
+      decode = lambda row: self.tokenizer.decode(row, skip_special=False)
+    elif self.tokenizer_kind == 'subword':
       # [EOS] ends a sentence in the Multi30k stream: a prompt continues from a boundary.
       ids = np.concatenate([[text_lib.EOS_ID], self.tokenizer.encode(prompt)]).astype(np.int32)
       decode = lambda row: self.tokenizer.decode(row, skip_special=False).replace('[EOS]', '\n')

@@ -1,0 +1,228 @@
+"""Fine-tuning: LoRA identities (zero B, merge), frozen params and their (absent) optimizer
+state, init_from across meshes, exact resume of a LoRA run, export, and one-line bad inputs."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.configs import gpt_shakespeare
+from models import gpt
+from models import lora as lora_lib
+from tests import toy_families
+from train import export
+from train import loop
+from train import sample
+from train import tune
+from train.errors import UserError
+
+needs_tfds = pytest.mark.skipif(not os.environ.get('TFDS_DATA_DIR'),
+                                reason='TFDS_DATA_DIR (a prepared data_dir) is not set')
+
+TARGETS = r'(attn/(qkv|proj)|mlp/(fc|proj))$'
+
+
+def tiny_gpt(seed=0):
+  return gpt.GPT(vocab_size=23, block_size=8, num_layers=2, num_heads=2, embed_dim=16,
+                 rngs=nnx.Rngs(seed))
+
+
+def tokens():
+  return jax.random.randint(jax.random.key(5), (2, 8), 0, 23, dtype=jnp.int32)
+
+
+def toy(**overrides):
+  """The toy regression MLP (l1: 1 -> 32, l2: 32 -> 1) with Adam, as fine-tuning tests need."""
+  return toy_families.regression_config(**{
+      'optimizer.name': 'adam', 'optimizer.lr': 1e-2, **overrides})
+
+
+def leaves_by_path(tree):
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+# ------------------------------------------------------------------------------ LoRA math
+
+
+def test_lora_with_zero_b_equals_base_exactly():
+  model = tiny_gpt()
+  base = np.asarray(model(tokens()))
+  wrapped = lora_lib.apply_lora(model, targets=TARGETS, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+  assert len(wrapped) == 8  # 2 blocks x (qkv, proj, fc, proj)
+  lora = model.blocks[0].attn.qkv.lora
+  assert isinstance(lora.lora_b, nnx.LoRAParam) and not np.any(lora.lora_b[...])
+  np.testing.assert_array_equal(np.asarray(model(tokens())), base)
+
+
+def test_lora_linear_and_merge_against_numpy():
+  model = tiny_gpt()
+  lora_lib.apply_lora(model, targets=TARGETS, rank=2, alpha=3.0, rngs=nnx.Rngs(1))
+  keys = iter(jax.random.split(jax.random.key(9), 16))
+  for block in model.blocks:
+    for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+      layer.lora.lora_b[...] = jax.random.normal(next(keys), layer.lora.lora_b.shape)
+  # One adapted layer by hand: x W + b + (alpha / rank) x A B.
+  layer = model.blocks[1].mlp.fc
+  x = np.asarray(jax.random.normal(jax.random.key(2), (5, 16)), np.float64)
+  w, b = np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...], np.float64)
+  a, bb = (np.asarray(layer.lora.lora_a[...], np.float64),
+           np.asarray(layer.lora.lora_b[...], np.float64))
+  np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x, jnp.float32))),
+                             x @ w + b + 1.5 * (x @ a @ bb), rtol=1e-5, atol=1e-5)
+  adapted = np.asarray(model(tokens()))
+  lora_lib.merge_lora(model)
+  assert type(model.blocks[1].mlp.fc) is nnx.Linear
+  plain = nnx.state(tiny_gpt(), nnx.Param)  # the merged model has the base model's param tree
+  assert jax.tree.structure(nnx.state(model, nnx.Param)) == jax.tree.structure(plain)
+  # float32: W + s A B rounds differently from the two products summed.
+  np.testing.assert_allclose(np.asarray(model(tokens())), adapted, rtol=1e-4, atol=1e-4)
+  assert np.abs(adapted).max() > 0.1
+
+
+def test_lora_rank_out_of_range():
+  for rank in (0, 17):
+    with pytest.raises(ValueError, match=f'LoRA rank {rank} must be in'):
+      lora_lib.apply_lora(tiny_gpt(), targets=TARGETS, rank=rank, alpha=1.0, rngs=nnx.Rngs(1))
+
+
+# ------------------------------------------------------------------------ frozen params
+
+
+def test_frozen_params_unchanged_and_without_optimizer_state(tmp_path):
+  # Under FSDP (params split over 8 devices, gathered in the step) with gradient accumulation.
+  config = toy(trainable='model/l2/', ema_decay=0.9, total_steps=3, grad_accum_steps=2,
+               **{'mesh.data': 1, 'mesh.fsdp': -1})
+  setup = loop.setup(config)
+  init = jax.device_get(setup.builder.init(setup.shardings))
+  result = loop.train(config, str(tmp_path / 'run'))
+  after = leaves_by_path(result.state)
+  before = leaves_by_path(init)
+  for path in before:
+    if path.startswith(('params/model/l1/', 'ema/model/l1/')):
+      assert after[path].tobytes() == before[path].tobytes(), path  # bit for bit
+    elif path.startswith(('params/model/l2/', 'ema/model/l2/')):
+      assert not np.array_equal(after[path], before[path]), path  # these did train
+  # Adam's two moments for l2's kernel and bias only; nothing of l1.
+  opt = [x.shape for x in jax.tree.leaves(result.state['opt']) if x.ndim]
+  assert sorted(opt) == sorted([(32, 1), (1,)] * 2)
+  assert not any('l1' in p for p in leaves_by_path(result.state['opt']))
+
+
+def test_lora_trains_only_adapters_with_exact_resume(tmp_path):
+  overrides = {'lora.rank': 1, 'lora.targets': r'model/l[12]$', 'trainable': 'lora',
+               'init_from': str(tmp_path / 'base'), 'ema_decay': 0.5}
+  base = loop.train(toy(total_steps=3), str(tmp_path / 'base'))
+  full = loop.train(toy(total_steps=6, **overrides), str(tmp_path / 'full'))
+  workdir = str(tmp_path / 'resumed')
+  first = loop.train(toy(total_steps=3, **overrides), workdir)
+  # A workdir with its own checkpoint resumes from it: init_from is not even read.
+  second = loop.train(toy(total_steps=6, **{**overrides, 'init_from': '/nonexistent'}), workdir)
+  assert sorted(second.step_losses) == [4, 5, 6]
+  for s in range(1, 7):
+    assert (first.step_losses | second.step_losses)[s] == full.step_losses[s], s
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state),
+               jax.device_get(full.state))
+  # The base weights are the base run's, bit for bit; the adapters moved.
+  tuned, started = leaves_by_path(full.state['params']), leaves_by_path(base.state['params'])
+  for path, value in started.items():
+    assert tuned[path].tobytes() == value.tobytes(), path
+  assert np.abs(tuned['model/l2/lora/lora_b/value']).max() > 0
+  opt = {x.shape for x in jax.tree.leaves(full.state['opt']) if x.ndim}
+  assert opt == {(1, 1), (1, 32), (32, 1)}  # l1: A [1, 1], B [1, 32]; l2: A [32, 1], B [1, 1]
+
+
+# --------------------------------------------------------------------------------- init_from
+
+
+def test_init_from_8_devices_onto_4(tmp_path):
+  overrides = {'mesh.data': 1, 'mesh.fsdp': -1, 'hidden': 64}
+  base = loop.train(toy(total_steps=2, **overrides), str(tmp_path / 'base'))
+  assert len(base.state['params']['model']['l1']['kernel'][...].sharding.device_set) == 8
+  config = toy(init_from=str(tmp_path / 'base'), **{'lora.rank': 1,
+                                                    'lora.targets': 'l2$', **overrides})
+  setup = loop.setup(config, jax.devices()[:4])
+  fresh = setup.builder.init(setup.shardings)
+  fresh_host = leaves_by_path(fresh)
+  state, resolved, new = tune.load_init(config.init_from, fresh, setup.shardings,
+                                        setup.family.metadata())
+  assert resolved == f'{tmp_path / "base"}:2'
+  assert new == ['params/model/l2/lora/lora_a', 'params/model/l2/lora/lora_b']
+  kernel = state['params']['model']['l1']['kernel'][...]
+  assert len(kernel.sharding.device_set) == 4 and kernel.addressable_shards[0].data.shape == (1, 16)
+  loaded, want = leaves_by_path(state), leaves_by_path(base.state)
+  for path, value in loaded.items():
+    if 'lora' in path:
+      np.testing.assert_array_equal(value, fresh_host[path])  # new: keeps its init
+    elif path.startswith(('params/', 'ema/')):
+      np.testing.assert_array_equal(value, want[path.replace('ema/', 'params/', 1)])
+  # An earlier step by DIR:STEP, recorded in config.json with the step.
+  loop.train(toy(total_steps=1, checkpoint_every=1), str(tmp_path / 'steps'))
+  run = loop.train(toy(total_steps=2, init_from=f'{tmp_path / "steps"}:1'), str(tmp_path / 't'))
+  assert f'"init_from": "{tmp_path / "steps"}:1"' in (tmp_path / 't' / 'config.json').read_text()
+  assert sorted(run.step_losses) == [1, 2]
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'init_from': 'EMPTY'}, r'config.init_from=.*empty: no checkpoint in .*empty/checkpoints$'),
+    ({'init_from': 'BASE:7'}, r'no checkpoint at step 7 \(steps: \[2\]\)'),
+    ({'init_from': 'BASE', 'hidden': 16}, r"params do not fit this model \(params/model/l1/bias: "
+     r'\[32\] in the base run, \[16\] here; .*l1/kernel.*l2/kernel.*\)$'),
+    ({'trainable': 'nothing'}, r"config.trainable='nothing': matches no parameter"),
+    ({'trainable': 'lora'}, r'set config.lora.rank >= 1'),
+    ({'lora.rank': 2, 'lora.targets': 'l[12]$'}, r'config.lora.rank=2: LoRA rank 2 must be in \[1, min\(in, out\) = 1\]'),
+    ({'lora.rank': 1, 'lora.targets': 'qkv'}, r"matches no nnx.Linear module \(their paths: "
+     r'model/l1, model/l2\)'),
+])
+def test_bad_inputs_are_one_line_user_errors(tmp_path, overrides, message):
+  (tmp_path / 'empty').mkdir()
+  if 'BASE' in str(overrides.get('init_from')):
+    loop.train(toy(total_steps=2), str(tmp_path / 'base'))
+  overrides = {k: v.replace('EMPTY', str(tmp_path / 'empty')).replace('BASE', str(
+      tmp_path / 'base')) if isinstance(v, str) else v for k, v in overrides.items()}
+  with pytest.raises(UserError, match=message) as error:
+    loop.train(toy(**overrides), str(tmp_path / 'run'))
+  assert '\n' not in str(error.value)
+  assert not (tmp_path / 'run' / 'checkpoints').exists() or not os.listdir(
+      tmp_path / 'run' / 'checkpoints')
+
+
+# ------------------------------------------------------------------------- GPT end to end
+
+
+@needs_tfds
+def test_gpt_lora_from_base_then_export_merged(tmp_path):
+  def config(**overrides):
+    c = gpt_shakespeare.get_config('tiny')
+    c.update_from_flattened_dict({'total_steps': 2, 'log_every': 1, 'eval_every': 0,
+                                  'checkpoint_every': 0, 'sample_tokens': 4, **overrides})
+    return c
+
+  one = jax.devices()[:1]
+  base = loop.train(config(), str(tmp_path / 'base'), devices=one)
+  run = str(tmp_path / 'lora')
+  tuned = loop.train(config(**{'init_from': str(tmp_path / 'base'), 'lora.rank': 2,
+                               'lora.alpha': 4.0, 'trainable': 'lora',
+                               'optimizer.lr': 0.05, 'optimizer.warmup_steps': 0}), run,
+                     devices=one)
+  before, after = leaves_by_path(base.state['params']), leaves_by_path(tuned.state['params'])
+  for path, value in before.items():
+    assert after[path].tobytes() == value.tobytes(), path
+  assert sum('lora' in p for p in after) == 2 * 4 * 2  # A and B x 4 Linears x 2 blocks
+  assert np.abs(after['model/blocks/1/mlp/fc/lora/lora_b/value']).max() > 0
+  out = str(tmp_path / 'merged')
+  export.merge_lora_run(run, out)
+  _, lora_models, _ = sample.load_models(run)
+  family, merged_models, step = sample.load_models(out)
+  assert step == 2 and not any('lora' in p for p in leaves_by_path(
+      nnx.state(merged_models['model'], nnx.Param)))
+  batch = jax.random.randint(jax.random.key(3), (2, 32), 0, family.tokenizer.vocab_size)
+  np.testing.assert_allclose(np.asarray(merged_models['model'](batch)),
+                             np.asarray(lora_models['model'](batch)), rtol=1e-4, atol=1e-4)
+  with pytest.raises(UserError, match='already holds a run'):
+    export.merge_lora_run(run, out)
+  with pytest.raises(UserError, match='not a LoRA run'):
+    export.merge_lora_run(str(tmp_path / 'base'), str(tmp_path / 'other'))

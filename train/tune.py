@@ -1,0 +1,248 @@
+"""Fine-tuning as loop features, for every family: LoRA surgery, trainable params, init_from.
+
+* `apply_lora`: `config.lora` (rank > 0) wraps the matching `nnx.Linear`s of freshly built
+  networks in `models.lora.LoRALinear` (base param paths unchanged, adapters added).
+* `Trainable`: `config.trainable` ('all', 'lora' or a regex over '/'-joined param paths such as
+  'model/blocks/0/attn/qkv/kernel') splits each network's params into trained and frozen ones.
+  Frozen params are constants of the loss (no gradient is computed for them), their optimizer
+  state does not exist (`optax.multi_transform` with `optax.set_to_zero`: the trained
+  transformation's state holds `optax.MaskedNode`s in their place), and the step copies them
+  through unchanged, bit for bit (EMA included).
+* `load_init`: `config.init_from` ('RUN_DIR[:STEP]') overwrites a new run's initial params (and
+  non-param variables) with another run's, read from its Orbax checkpoint straight into this
+  run's shardings (any mesh), matched by path. Checkpoints keep the whole state (frozen params
+  included); config.json's `init_from` (with the step resolved) records the base.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from models import lora as lora_lib
+from train import sharding as sharding_lib
+from train import storage
+from train.errors import UserError
+
+LORA_PARAMS = r'/lora/lora_[ab]$'
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA surgery.
+# ---------------------------------------------------------------------------------------------
+def lora_rank(config: ml_collections.ConfigDict) -> int:
+  lora = config.get('lora') or {}
+  return int(lora.get('rank', 0) or 0)
+
+
+def apply_lora(models: dict[str, nnx.Module], config: ml_collections.ConfigDict,
+               key: jax.Array) -> dict[str, nnx.Module]:
+  """`config.lora` adapters on `models` in place (nothing when lora.rank is 0)."""
+  rank = lora_rank(config)
+  if rank == 0:
+    return models
+  lora = config.lora
+  if rank < 0:
+    raise UserError(f'config.lora.rank={rank}: must be >= 1 (0: no LoRA)')
+  try:
+    re.compile(lora.targets)
+  except re.error as e:
+    raise UserError(f'config.lora.targets={lora.targets!r}: bad regex ({e})') from None
+  rngs = nnx.Rngs(key)
+  wrapped, linears = [], []
+  for name, model in models.items():
+    linears += lora_lib.linear_paths(model, name)
+    try:
+      wrapped += lora_lib.apply_lora(model, targets=lora.targets, rank=rank,
+                                     alpha=float(lora.alpha), rngs=rngs, prefix=name)
+    except ValueError as e:
+      raise UserError(f'config.lora.rank={rank}: {e}') from None
+  if not wrapped:
+    raise UserError(f'config.lora.targets={lora.targets!r}: matches no nnx.Linear module '
+                    f'(their paths: {", ".join(linears[:4]) or "none"}'
+                    f'{", ..." if len(linears) > 4 else ""})')
+  return models
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained and frozen params.
+# ---------------------------------------------------------------------------------------------
+class Trainable:
+  """Which params of each network train (`config.trainable`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.spec = str(config.get('trainable', 'all') or 'all')
+    regex = LORA_PARAMS if self.spec == 'lora' else None if self.spec == 'all' else self.spec
+    try:
+      self.pattern = None if regex is None else re.compile(regex)
+    except re.error as e:
+      raise UserError(f'config.trainable={self.spec!r}: bad regex ({e}); use all, lora or a '
+                      'regex over param paths') from None
+
+  @property
+  def everything(self) -> bool:
+    return self.pattern is None
+
+  def mask(self, name: str, params: Any) -> list[bool]:
+    """Per leaf of network `name`'s params (flatten order): True when it trains."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if self.pattern is None:
+      return [True] * len(flat)
+    return [bool(self.pattern.search(f'{name}/{sharding_lib.leaf_path(p)}')) for p, _ in flat]
+
+  def wrap_optimizer(self, name: str, tx: optax.GradientTransformation
+                     ) -> optax.GradientTransformation:
+    """`tx` on the trained params only; frozen ones get a zero update and no state."""
+    if self.pattern is None:
+      return tx
+
+    def labels(params):
+      treedef = jax.tree.structure(params)
+      return treedef.unflatten(['trained' if m else 'frozen' for m in self.mask(name, params)])
+
+    return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+
+  def count(self, abstract_params: dict[str, Any]) -> int:
+    """How many scalars train (all networks)."""
+    return sum(x.size for n, tree in abstract_params.items()
+               for x, m in zip(jax.tree.leaves(tree), self.mask(n, tree)) if m)
+
+  def check(self, abstract_params: dict[str, Any], trained_networks) -> None:
+    """UserError when the regex trains no param of any optimised network."""
+    if self.pattern is None:
+      return
+    if not any(any(self.mask(n, abstract_params[n])) for n in trained_networks):
+      example = next(iter(jax.tree_util.tree_flatten_with_path(abstract_params)[0]), None)
+      hint = (' (set config.lora.rank >= 1 to add LoRA adapters)' if self.spec == 'lora'
+              else f' (paths look like {sharding_lib.leaf_path(example[0])!r})' if example
+              else '')
+      raise UserError(f'config.trainable={self.spec!r}: matches no parameter{hint}')
+
+
+def split_trained(params: Any, mask: list[bool]
+                  ) -> tuple[list[jax.Array], Callable[[list[jax.Array]], Any]]:
+  """(trained leaves, rebuild): rebuild(trained leaves) puts them back among the frozen ones."""
+  leaves, treedef = jax.tree.flatten(params)
+  trained = [x for x, m in zip(leaves, mask) if m]
+
+  def rebuild(new_trained):
+    it = iter(new_trained)
+    return treedef.unflatten([next(it) if m else x for x, m in zip(leaves, mask)])
+
+  return trained, rebuild
+
+
+def keep_frozen(new: Any, old: Any, mask: list[bool]) -> Any:
+  """`new` with its frozen leaves taken from `old` (bit for bit)."""
+  new_leaves, treedef = jax.tree.flatten(new)
+  old_leaves = jax.tree.leaves(old)
+  return treedef.unflatten([n if m else o for n, o, m in zip(new_leaves, old_leaves, mask)])
+
+
+# ---------------------------------------------------------------------------------------------
+# init_from.
+# ---------------------------------------------------------------------------------------------
+def parse_init_from(text: str) -> tuple[str, int | None]:
+  """'DIR' or 'DIR:STEP' (a DIR such as gs://b/run keeps its colon)."""
+  head, sep, tail = text.rpartition(':')
+  if sep and tail.isdigit() and head:
+    return head, int(tail)
+  return text, None
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {sharding_lib.leaf_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _prune(node: Any, path: str, keep: dict[str, Any]) -> Any:
+  """The part of a saved metadata tree whose leaves are in `keep`, leaves replaced by them."""
+  if isinstance(node, dict):
+    out = {k: _prune(v, f'{path}/{k}' if path else str(k), keep) for k, v in node.items()}
+    out = {k: v for k, v in out.items() if v is not None}
+    return out or None
+  if isinstance(node, (list, tuple)):
+    return None  # optimizer states; params and variables are dicts
+  return keep.get(path.removesuffix('/value'))
+
+
+def load_init(spec: str, state: dict[str, Any], shardings: dict[str, Any],
+              metadata: dict[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
+  """`state` with its 'params' and 'rest' overwritten by run `spec`'s, in `shardings`.
+
+  Returns (state, 'DIR:STEP' as resolved, paths that kept their fresh init). `metadata` is this
+  run's `family.metadata()`: a base run whose family.json differs (e.g. another vocabulary)
+  is refused, since its embedding rows would mean other tokens.
+  """
+  culprit = f'config.init_from={spec}'
+  directory, step = parse_init_from(spec)
+  checkpoints = storage.join(directory, 'checkpoints')
+  if not storage.isdir(checkpoints):
+    raise UserError(f'{culprit}: no checkpoint in {storage.absolute(checkpoints)}')
+  manager = ocp.CheckpointManager(
+      storage.absolute(checkpoints),
+      options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'meta': ocp.JsonCheckpointHandler()})
+  try:
+    steps = list(manager.all_steps())
+    if not steps:
+      raise UserError(f'{culprit}: no checkpoint in {storage.absolute(checkpoints)}')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise UserError(f'{culprit}: no checkpoint at step {step} (steps: {sorted(steps)})')
+    family_path = storage.join(directory, 'family.json')
+    if storage.isfile(family_path):
+      base = storage.read_json(family_path, culprit)
+      if base != json.loads(json.dumps(metadata)):
+        raise UserError(f'{culprit}: its family.json (vocabulary, shapes) differs from this '
+                        "run's data; fine-tune on data with the base run's vocabulary")
+    try:
+      saved_tree = manager.item_metadata(step)['state'].tree
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f'{culprit}: checkpoint {step} cannot be read ({type(e).__name__}: '
+                      f'{(str(e).strip().splitlines() or [""])[0][:200]})') from None
+    saved = {p.removesuffix('/value'): x for p, x in _flat(saved_tree).items()
+             if p.startswith(('params/', 'rest/'))}
+    now = {p: x for p, x in _flat(state).items() if p.startswith(('params/', 'rest/'))}
+    now_shardings = _flat(shardings)
+    bad = [f'{p}: {list(saved[p].shape)} in the base run, {list(now[p].shape)} here'
+           for p in sorted(saved) if p in now and tuple(saved[p].shape) != tuple(now[p].shape)]
+    bad += [f'{p}: not in this model' for p in sorted(saved) if p not in now]
+    if bad:
+      raise UserError(f'{culprit}: the base run\'s params do not fit this model ('
+                      + '; '.join(bad[:6]) + (f'; {len(bad) - 6} more' if len(bad) > 6 else '')
+                      + ')')
+    keep = {p: jax.ShapeDtypeStruct(now[p].shape, now[p].dtype, sharding=now_shardings[p])
+            for p in saved}
+    item = _prune(saved_tree, '', keep)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True), meta=ocp.args.JsonRestore()))['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f'{culprit}: checkpoint {step} cannot be restored ({type(e).__name__}: '
+                      f'{(str(e).strip().splitlines() or [""])[0][:200]})') from None
+  finally:
+    manager.close()
+  loaded = {p.removesuffix('/value'): x for p, x in _flat(restored).items()}
+
+  def put(path, leaf):
+    name = sharding_lib.leaf_path(path)
+    return loaded.get(name, leaf)
+
+  new_state = dict(state)
+  for group in ('params', 'rest'):
+    new_state[group] = jax.tree_util.tree_map_with_path(
+        lambda p, x, g=group: put(((jax.tree_util.DictKey(g),) + p), x), state[group])
+  if 'ema' in state:  # the EMA starts where the params start
+    new_state['ema'] = {n: jax.tree.map(lambda x: x.copy(), new_state['params'][n])
+                        for n in state['ema']}
+  fresh = sorted(p for p in now if p not in loaded)
+  return new_state, f'{directory}:{step}', fresh
