@@ -4,7 +4,7 @@ r"""Translation speed: the train step's MFU and beam-search / greedy sentences p
     (`train.loop.make_train_step`) for experiments/configs/translate_multi30k.py on real packed
     Multi30k batches, with FLOPs from XLA's cost analysis of that compiled step (padding slots
     included, so MFU counts them as work) against a jitted f32 matmul peak measured by this
-    script just before;
+    script just before (the best of 3: `experiments/train_speed.py`);
   * decode: sentences/s translating the first --sentences sentences of test2016 with greedy
     search and with beam search (--beam_size, default 4; GNMT length penalty 0.6), batches of
     64, timed on

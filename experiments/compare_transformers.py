@@ -22,7 +22,6 @@ Run it when the machine is quiet; report the host's `cpu family`.
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import jax
@@ -39,14 +38,14 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Train steps per timed chunk.')
 _CHUNKS = flags.DEFINE_integer('chunks', 3, 'Timed chunks (the median is reported).')
 
 
-def last_eval(workdir: str, key: str) -> tuple[int, float] | None:
-  """(step, value) of the last metrics.jsonl row holding `key`."""
+def last_eval(workdir: str) -> dict[str, float] | None:
+  """The last eval row of the run's metrics.jsonl (every eval/ metric of that step)."""
   path = storage.join(workdir, 'metrics.jsonl')
   if not storage.isfile(path):
     raise FileNotFoundError(f'{path}: not found (is {workdir} a run directory?)')
   rows = [json.loads(l) for l in storage.read_text(path).splitlines() if l.strip()]
-  rows = [r for r in rows if key in r]
-  return (rows[-1]['step'], rows[-1][key]) if rows else None
+  rows = [r for r in rows if 'eval/loss' in r]
+  return rows[-1] if rows else None
 
 
 def bleu_report(workdir: str) -> dict | None:
@@ -61,16 +60,15 @@ def bleu_report(workdir: str) -> dict | None:
 def metric(name: str, workdir: str | None) -> str:
   if workdir is None:
     return '(no run given)'
-  if name == 'bert':
-    acc = last_eval(workdir, 'eval/mlm_accuracy')
-    base = last_eval(workdir, 'eval/unigram_baseline_accuracy')
-    return ('(no eval yet)' if acc is None else
-            f'masked-token accuracy {100 * acc[1]:.1f}% at step {acc[0]} '
-            f'(unigram baseline {100 * base[1]:.1f}%)')
-  if name == 'gpt':
-    loss = last_eval(workdir, 'eval/loss')
-    return ('(no eval yet)' if loss is None else
-            f'val perplexity {math.exp(loss[1]):.1f} per subword token at step {loss[0]}')
+  if name in ('bert', 'gpt'):
+    row = last_eval(workdir)
+    if row is None:
+      return '(no eval yet)'
+    if name == 'bert':
+      return (f'masked-token accuracy {100 * row["eval/mlm_accuracy"]:.1f}% at step '
+              f'{row["step"]} (unigram baseline '
+              f'{100 * row["eval/unigram_baseline_accuracy"]:.1f}%)')
+    return f'val perplexity {row["eval/perplexity"]:.1f} per subword token at step {row["step"]}'
   report = bleu_report(workdir)
   return ('(no test2016 beam-4 report: run train.evaluate)' if report is None else
           f'test2016 BLEU {report["bleu"]:.2f}, chrF {report["chrf"]:.2f} (beam 4, step '

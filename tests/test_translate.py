@@ -19,9 +19,9 @@ from absl import flags
 
 from experiments.configs import translate_multi30k
 from tests import toy_families
+from tests.test_sharding import three_steps
 from train import loop
 from train import sample as sample_lib
-from train import sharding as sharding_lib
 from train import text
 from train.errors import UserError
 from train.families import translate
@@ -108,26 +108,15 @@ def tiny_config(**overrides):
 
 @needs_multi30k
 def test_eight_devices_equal_one():
-  def three_steps(config, devices=None, init_state=None):
-    setup = loop.setup(config, devices)
-    if init_state is None:
-      init_state = jax.device_get(setup.builder.init(setup.shardings))
-    state = jax.device_put(init_state, setup.shardings)
-    step = loop.jit_train_step(setup.builder, config, setup.mesh, setup.shardings)
-    losses = []
-    for s in range(3):
-      state, m = step(state, sharding_lib.put_batch(setup.family.train_batch(s), setup.mesh))
-      losses.append(float(m['loss']))
-    return losses, init_state, jax.device_get(state['params'])
-
-  ref_losses, init, ref_params = three_steps(tiny_config(), jax.devices()[:1])
+  ref_losses, init, ref_state = three_steps(tiny_config(), jax.devices()[:1])
+  ref_params = jax.device_get(ref_state['params'])
   assert ref_losses[2] < ref_losses[0] - 0.05  # it learns
   for mesh in ({'mesh.data': 4, 'mesh.fsdp': 2},
                {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}):  # + Megatron TP
-    losses, _, params = three_steps(tiny_config(**mesh), init_state=init)
+    losses, _, state = three_steps(tiny_config(**mesh), init_state=init)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, err_msg=str(mesh))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params,
-                 ref_params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.device_get(state['params']), ref_params)
 
 
 @needs_multi30k

@@ -50,15 +50,7 @@ def get_config(arg: str | None = None):
   c.mlm = dict(rate=0.15, mask_prob=0.8, random_prob=0.1)
   c.optimizer.update(lr=1.5e-3, schedule='cosine', warmup_steps=100, decay_steps=1200,
                      min_lr=1e-4, b1=0.9, b2=0.98, weight_decay=0.01, grad_clip=1.0)
-  # Megatron tensor parallelism with --config.mesh.tensor=N (as gpt_shakespeare.py).
-  c.sharding.rules = (
-      (r'attn/qkv/kernel$', (None, 'tensor')),
-      (r'attn/qkv/bias$', ('tensor',)),
-      (r'attn/proj/kernel$', ('tensor', None)),
-      (r'mlp/fc/kernel$', (None, 'tensor')),
-      (r'mlp/fc/bias$', ('tensor',)),
-      (r'mlp/proj/kernel$', ('tensor', None)),
-  )
+  c.sharding.rules = common.MEGATRON_RULES   # with --config.mesh.tensor=N
   c.sharding.divides = (('tensor', 'model.num_heads'),)
   if arg is None:
     return c

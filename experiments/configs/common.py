@@ -4,6 +4,22 @@ import ml_collections
 from ml_collections import config_dict
 
 
+# Megatron tensor parallelism for the models/layers.py transformers (GPT, BERT, translation),
+# active with --config.mesh.tensor=N: the attention input projections (self-attention qkv,
+# cross-attention q and kv; head-major columns) and the MLP's fc split by columns, every output
+# projection by rows, so each device computes whole heads and a slice of the MLP hidden layer,
+# with one all-reduce after each projection. Pair with sharding.divides = (('tensor',
+# 'model.num_heads'),).
+MEGATRON_RULES = (
+    (r'attn/(qkv|q|kv)/kernel$', (None, 'tensor')),
+    (r'attn/(qkv|q|kv)/bias$', ('tensor',)),
+    (r'attn/proj/kernel$', ('tensor', None)),
+    (r'mlp/fc/kernel$', (None, 'tensor')),
+    (r'mlp/fc/bias$', ('tensor',)),
+    (r'mlp/proj/kernel$', ('tensor', None)),
+)
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.family = ''

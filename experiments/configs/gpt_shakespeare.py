@@ -18,8 +18,8 @@ ARG `gpu`: nanoGPT's GPU config: 6 layers, 6 heads, width 384, block 256, batch 
 ARG `tiny`: a smoke run (2 layers, width 32, 20 steps) in well under a minute on CPU.
 
 Parallelism (any ARG): `--config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2` on 8
-devices combines data parallel, FSDP and Megatron tensor parallelism (the `sharding.rules`
-below; `mesh.tensor` must divide `model.num_heads`). Whether a size fits before renting it:
+devices combines data parallel, FSDP and Megatron tensor parallelism (`common.MEGATRON_RULES`;
+`mesh.tensor` must divide `model.num_heads`). Whether a size fits before renting it:
   python -m train.compile --config=experiments/configs/gpt_shakespeare.py --devices=8 \
       --config.batch_size=16 --config.mesh.data=1 --config.mesh.fsdp=-1
 
@@ -56,17 +56,7 @@ def get_config(arg: str | None = None):
   c.model.attention = config_dict.placeholder(str)  # None: einsum on CPU, else XLA; or 'cudnn'
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=2000,
                      min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
-  # Megatron tensor parallelism, active with --config.mesh.tensor=N: qkv (head-major columns)
-  # and MLP fc split by columns, both output projections by rows, so each device computes
-  # whole heads and a slice of the MLP hidden layer; one all-reduce after each projection.
-  c.sharding.rules = (
-      (r'attn/qkv/kernel$', (None, 'tensor')),
-      (r'attn/qkv/bias$', ('tensor',)),
-      (r'attn/proj/kernel$', ('tensor', None)),
-      (r'mlp/fc/kernel$', (None, 'tensor')),
-      (r'mlp/fc/bias$', ('tensor',)),
-      (r'mlp/proj/kernel$', ('tensor', None)),
-  )
+  c.sharding.rules = common.MEGATRON_RULES   # with --config.mesh.tensor=N
   c.sharding.divides = (('tensor', 'model.num_heads'),)
   if arg is None:
     return c

@@ -52,17 +52,7 @@ def get_config(arg: str | None = None):
   c.model = dict(num_encoder_layers=3, num_decoder_layers=3, num_heads=4, embed_dim=256,
                  mlp_dim=512, dropout=0.1, max_len=64)
   c.decode = dict(beam_size=4, length_penalty=0.6)
-  # Megatron tensor parallelism with --config.mesh.tensor=N (the blocks are models/layers.py's,
-  # as GPT's and BERT's): self-attention qkv, cross-attention q and kv (head-major columns)
-  # and MLP fc split by columns, every output projection by rows.
-  c.sharding.rules = (
-      (r'attn/(qkv|q|kv)/kernel$', (None, 'tensor')),
-      (r'attn/(qkv|q|kv)/bias$', ('tensor',)),
-      (r'attn/proj/kernel$', ('tensor', None)),
-      (r'mlp/fc/kernel$', (None, 'tensor')),
-      (r'mlp/fc/bias$', ('tensor',)),
-      (r'mlp/proj/kernel$', ('tensor', None)),
-  )
+  c.sharding.rules = common.MEGATRON_RULES   # with --config.mesh.tensor=N
   c.sharding.divides = (('tensor', 'model.num_heads'),)
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=150, decay_steps=3000,
                      min_lr=1e-5, b1=0.9, b2=0.98, weight_decay=0.01, grad_clip=1.0)
