@@ -11,21 +11,24 @@ discretised decoder L_0) per pixel in bits, on the model's [-1, 1] scaling of 8-
 dequantisation: the decoder integrates over each pixel's bin), for the reverse model the
 samplers use (x0 predictions clipped to [-1, 1] when `config.sampling.clip`, as
 improved-diffusion's clip_denoised; unclipped, the last step's term alone can be most of the
-bound, see `GaussianDiffusion.vlb_term_bpd`). They differ only in how the T terms are summed,
-and each is printed with its standard error:
-  eval `bits_per_dim` (training)       the estimate of `GaussianDiffusion.bpd_estimate`: the
-                                       first `config.sampling.vlb_exact_steps` terms summed,
-                                       the rest sampled at one stratified t per image, on the
-                                       eval batches (the same t and noise at every eval, so
-                                       curves are comparable); `bits_per_dim_stderr` beside it
-  `vlb_bits_per_dim_estimate`          the same estimator (t uniform) on train.evaluate's
-    (train.evaluate)                   --likelihood_examples test images
+bound, see `GaussianDiffusion.vlb_term_bpd`). They estimate the same number and differ only in
+how the T terms are summed; each comes with `_stderr`, its standard error across images
+(each image's figure has its own draw of t and of the noise, so this covers both):
+  `vlb_bits_per_dim_estimate`          `GaussianDiffusion.bpd_estimate`: the first
+    training eval (eval/, eval_ema/)   `config.sampling.vlb_exact_steps` terms summed, the rest
+                                       sampled at one stratified t per image, on the eval
+                                       batches (the same t and noise at every eval, so curves
+                                       are comparable; the stderr treats the stratified draws
+                                       as independent, which overstates it)
+    train.evaluate                     the same with one uniform t per image, on
+                                       --likelihood_examples test images
   `vlb_bits_per_dim` (train.evaluate)  all T terms (T network calls per image, ~3-5 s per
                                        MNIST image on the 2-core CPU), on the first
                                        `config.sampling.vlb_images` test images
-The estimator is unbiased for the full bound (tests/test_diffusion.py checks it against the
-full sum). Without the exact head (vlb_exact_steps = 0) it is heavy-tailed: the first terms
-are by far the largest, so a rare draw of a small t, multiplied by T, decides the mean.
+The estimator is unbiased for the full bound (tests/test_diffusion.py checks both against a
+sum over all T terms written out in numpy). Without the exact head (vlb_exact_steps = 0) it
+is heavy-tailed: the first terms are by far the largest, so a rare draw of a small t,
+multiplied by T, decides the mean.
 
 Sampling (`train.sample`, `train.evaluate`, the grids the loop writes): --sampler (ddpm|ddim),
 --steps, --eta, --guidance (scale w; 1 = plain conditional, 0 = unconditional, > 1 stronger
@@ -119,15 +122,18 @@ class DiffusionFamily(images_lib.ImageFamily):
     bpd = self.diffusion.bpd_estimate(denoise, x0, key, exact_steps=self.vlb_exact_steps(),
                                       stratified=True, clip=bool(self.config.sampling.clip))
     # The mean square gives the standard error across the eval images (derived_eval_metrics).
-    return {'loss': loss, 'bits_per_dim': bpd.mean(), 'bits_per_dim_sq': jnp.mean(bpd ** 2)}
+    return {'loss': loss, 'vlb_bits_per_dim_estimate': bpd.mean(),
+            'vlb_bits_per_dim_estimate_sq': jnp.mean(bpd ** 2)}
 
   def derived_eval_metrics(self, metrics):
     metrics = dict(metrics)
-    if 'bits_per_dim_sq' in metrics:
+    key = 'vlb_bits_per_dim_estimate'
+    if key + '_sq' in metrics:
       n = len(self._eval) * int(self.config.batch_size)
-      var = max(metrics.pop('bits_per_dim_sq') - metrics['bits_per_dim'] ** 2, 0.0)
-      # Treats the stratified draws as independent: slightly conservative.
-      metrics['bits_per_dim_stderr'] = float(np.sqrt(var / max(n - 1, 1)))
+      var = max(metrics.pop(key + '_sq') - metrics[key] ** 2, 0.0)
+      # Treats the stratified draws as independent: conservative (stratification removes most
+      # of the between-timestep variance from the mean).
+      metrics[key + '_stderr'] = float(np.sqrt(var / max(n - 1, 1)))
     return metrics
 
   # ---- sampling ----
@@ -253,8 +259,10 @@ class DiffusionFamily(images_lib.ImageFamily):
 
   def likelihood_descriptions(self) -> dict[str, str]:
     return {
-        'vlb_bits_per_dim': 'variational bound (DDPM eq. 5), all T terms, on the first '
-                            'vlb_images test images',
+        'vlb_bits_per_dim': 'variational bound (DDPM eq. 5) in bits/dim, all T terms summed, on '
+                            'the first vlb_images test images; +- its standard error across '
+                            'those images',
         'vlb_bits_per_dim_estimate': 'unbiased estimate of the same bound (vlb_exact_steps '
                                      'terms exact, one uniform t for the rest) on all '
-                                     'likelihood examples'}
+                                     'likelihood examples; +- its standard error across '
+                                     'images, each with its own t and noise'}
