@@ -59,7 +59,8 @@ _DDPM_FLAGS = ('sampler', 'steps', 'eta', 'guidance')
 
 # The likelihood each family reports, as (report key, table text).
 _NLL_KEYS = (('iwae_nll_nats', '{:.2f} nats (IWAE, k={iwae_samples})'),
-             ('vlb_bits_per_dim', '{:.3f} bits/dim (VLB)'))
+             ('vlb_bits_per_dim', '{:.3f} +- {vlb_bits_per_dim_stderr:.3f} bits/dim (VLB, all T '
+                                  'terms, {vlb_images} images)'))
 
 
 def train_if_needed(name: str, workdir: str, spec: str) -> None:
@@ -158,6 +159,8 @@ def main(argv):
     loaded = sample.load_models(workdir)
     config = loaded[0].config
     options = {f: fl[f].value for f in _DDPM_FLAGS} if name == 'ddpm' else {}
+    # train.evaluate's progress lines (sampling, features, likelihood) follow this one.
+    print(f'{name}: evaluating {workdir} (step {loaded[2]})', flush=True)
     t0 = time.perf_counter()
     report, images, _ = evaluate_lib.evaluate(
         workdir, extractor, num_samples=fl.num_samples or 10_000, batch=fl.batch, seed=fl.seed,

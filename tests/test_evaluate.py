@@ -4,6 +4,7 @@ better than one that returns noise; bad input gives one-line errors."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -155,14 +156,26 @@ def test_cli_bad_input(classifier_dir, tmp_path):
       run_cli(f'--workdir={cls}', f'--classifier={cls}'))
 
 
-def test_main_writes_report_and_grid(classifier_dir, tmp_path):
+def test_main_writes_report_and_grid(classifier_dir, tmp_path, capsys):
   toy = train_toy(tmp_path / 'toy', 'real')
+  capsys.readouterr()
   try:
     flags.FLAGS(['evaluate', f'--workdir={toy}', f'--classifier={classifier_dir[0]}',
                  '--num_samples=300', '--batch=100', '--labels=3,5', '--likelihood_examples=0'])
     evaluate.main(['evaluate'])
   finally:
     flags.FLAGS.unparse_flags()
+  # Progress of each long loop: a header, the first (compiling) batch said as such, the last.
+  out = capsys.readouterr().out.splitlines()
+  rate = r'[\d,.]+ images/s \| elapsed \S+ \| ETA '
+  for what, n in (('sampling', 300), ('features of the test split', 10_000),
+                  ('features of real train images', 300),
+                  ('features of the generated images', 300)):
+    lines = [l for l in out if l.startswith(what + ' ') or l.startswith(what + ':')]
+    assert lines[0].startswith(f'{what}: {n:,} images'), out
+    assert re.fullmatch(f'{what} 100/{n:,} images \\| {rate}\\S+ \\| first chunk: includes '
+                        'compilation, if any', lines[1]), lines
+    assert re.fullmatch(f'{what} {n:,}/{n:,} images \\| {rate}0s', lines[-1]), lines
   path = os.path.join(toy, 'eval', 'classifier_n300_labels-3-5_step1.json')
   with open(path, encoding='utf-8') as f:
     report = json.load(f)

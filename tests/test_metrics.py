@@ -12,7 +12,8 @@ def test_progress_rate_excludes_the_first_chunk_and_throttles_lines():
   assert lines == ['sampling: 1,000 images']
   now[0] = 100.0                # the first chunk: 100 s, mostly compilation
   progress.update(100)
-  assert lines[-1].startswith('sampling 100/1,000 images | 1.0 images/s')
+  assert lines[-1] == ('sampling 100/1,000 images | 1.0 images/s | elapsed 1m40s | ETA 15m00s'
+                       ' | first chunk: includes compilation, if any')
   now[0] = 102.0                # 2 s later: too soon for another line
   progress.update(100)
   assert len(lines) == 2

@@ -11,9 +11,9 @@ Image families: what follows.
 Image model scores. Generates --num_samples images (default 10,000) from DIR's latest
 checkpoint (EMA weights where kept) in batches of --batch, with the family's own sampling flags
 (as `train.sample`: --labels, and for diffusion --sampler --steps --eta --guidance; a
-conditional model gets balanced labels over all classes unless --labels is given), printing a
-progress line (images/s, ETA) per batch. A feature extractor (--features) maps generated
-and real test images to features and class probabilities, and the report gives:
+conditional model gets balanced labels over all classes unless --labels is given). A feature
+extractor (--features) maps generated and real test images to features and class
+probabilities, and the report gives:
 
   frechet_distance   between Gaussian fits of generated and real test features (FID's formula)
   precision, recall  improved precision/recall (Kynkaanniemi et al. 2019, k = --pr_k)
@@ -26,6 +26,12 @@ and real test images to features and class probabilities, and the report gives:
 plus the checkpoint step, parameter counts and the sampling options. It is written as JSON to
 --report (default DIR/eval/<features>_n<N>[_options]_step<S>.json) with a PNG grid of the first
 100 samples beside it (or at --out), and summarised on stdout.
+
+Progress: every long loop (sampling, featurising the test split, real train images and the
+samples, the family's likelihood metrics) prints a line per batch, at most one every 10 s (the
+first, which includes compilation, and the last always), with images/s, elapsed time and an
+ETA. A diffusion model samples --batch images per line: a smaller --batch gives more lines
+(other, equally distributed, samples).
 
 Feature extractors (--features): `classifier` (default) is a `classifier`-family workdir
 trained on the model's dataset (experiments/configs/classifier_mnist.py); its Frechet distance
@@ -55,6 +61,7 @@ from train import cli
 from train import data as data_lib
 from train import image_metrics
 from train import images as images_lib
+from train import metrics as metrics_lib
 from train import sample
 from train import storage
 from train.errors import UserError
@@ -83,6 +90,21 @@ IMAGE_EVALUATE_FLAGS = ('classifier', 'features', 'inception_weights', 'batch', 
 EVALUATE_FLAGS = IMAGE_EVALUATE_FLAGS + ('split',)
 
 DEFAULT_NUM_SAMPLES = 10_000
+
+
+def in_batches(apply, images: np.ndarray, batch: int, what: str) -> tuple[np.ndarray, ...]:
+  """`apply` (uint8 [batch, H, W, C] -> tuple of [batch, ...] arrays) over uint8 `images` [N, H, W,
+  C], `batch` rows at a time, with a progress line named `what`; the outputs concatenated."""
+  progress = metrics_lib.Progress(what, len(images))
+  outs = []
+  for lo in range(0, len(images), batch):
+    chunk = images[lo:lo + batch]
+    pad = batch - len(chunk)  # a fixed batch shape: one compilation
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    outs.append([np.asarray(x)[:batch - pad] for x in jax.device_get(apply(jnp.asarray(chunk)))])
+    progress.update(batch - pad)
+  return tuple(np.concatenate(parts) for parts in zip(*outs))
 
 
 class ClassifierFeatures:
@@ -126,18 +148,10 @@ class ClassifierFeatures:
       raise UserError(f'--classifier={self.workdir}: trained on {self.dataset!r}, but {culprit} '
                       f'models {dataset!r}; train a classifier on {dataset!r}')
 
-  def __call__(self, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+  def __call__(self, images: np.ndarray, batch: int, what: str = 'features'
+               ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N, H, W, C] -> (float32 [N, D] features, float32 [N, K] class probabilities)."""
-    feats, probs = [], []
-    for lo in range(0, len(images), batch):
-      chunk = images[lo:lo + batch]
-      pad = batch - len(chunk)  # a fixed batch shape: one compilation
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      f, p = jax.device_get(self._apply(jnp.asarray(chunk)))
-      feats.append(f[:batch - pad])
-      probs.append(p[:batch - pad])
-    return np.concatenate(feats), np.concatenate(probs)
+    return in_batches(self._apply, images, batch, what)
 
   def describe(self) -> dict[str, Any]:
     return {'name': self.name, 'workdir': storage.absolute(self.workdir), 'step': self.step,
@@ -169,35 +183,32 @@ class InceptionFeatures:
   def check(self, image_shape, dataset, culprit) -> None:
     del image_shape, dataset, culprit  # any image is resized to 299 x 299 RGB
 
-  def __call__(self, images: np.ndarray, batch: int) -> tuple[np.ndarray, None]:
+  def __call__(self, images: np.ndarray, batch: int, what: str = 'features'
+               ) -> tuple[np.ndarray, None]:
     """uint8 [N, H, W, C] -> (float32 [N, 2048] features, None)."""
     batch = min(batch, 100)  # 299 x 299 activations: ~5 MB per image
-    feats = []
-    for lo in range(0, len(images), batch):
-      chunk = images[lo:lo + batch]
-      pad = batch - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      feats.append(jax.device_get(self._apply(jnp.asarray(chunk)))[:batch - pad])
-    return np.concatenate(feats), None
+    feats, = in_batches(lambda x: (self._apply(x),), images, batch, what)
+    return feats, None
 
   def describe(self) -> dict[str, Any]:
     return {'name': self.name, 'weights': os.path.abspath(self.weights)}
 
 
 def score(extractor, images: np.ndarray, real: dict[str, np.ndarray], *, batch: int,
-          labels: np.ndarray | None = None, k: int = 3, threshold: float = 0.9
-          ) -> tuple[dict[str, Any], np.ndarray]:
+          labels: np.ndarray | None = None, k: int = 3, threshold: float = 0.9,
+          what: str = 'features of the generated images') -> tuple[dict[str, Any], np.ndarray]:
   """Frechet distance, precision/recall and class coverage of uint8 `images` against `real`;
   returns (those metrics, [N, K] class probabilities of `images`).
 
   Args:
-    extractor: maps (uint8 images, batch) to (features, probabilities).
+    extractor: maps (uint8 images, batch, what) to (features, probabilities); `what` names
+      the images in its progress line.
     images: uint8 [N, H, W, C] images to score.
     real: {'feats': [M, D] real test features, 'mu': [D], 'sigma': [D, D] their statistics}.
     labels: [N] requested classes (conditional models), or None.
+    what: names `images` in the progress line.
   """
-  feats, probs = extractor(images, batch)
+  feats, probs = extractor(images, batch, what)
   fd = image_metrics.frechet_distance(*image_metrics.feature_statistics(feats),
                                       real['mu'], real['sigma'])
   # Equal-sized sets: the k-NN radii of precision/recall depend on the set sizes.
@@ -255,12 +266,12 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
   ds = data_lib.load_images(config.data.name, config.data.data_dir, config.data.raw_dir)
   test_images, test_labels = ds['test']
   train_images = ds['train'][0]
-  real_feats, real_probs = extractor(test_images, batch)
+  real_feats, real_probs = extractor(test_images, batch, 'features of the test split')
   real = {'feats': real_feats}
   real['mu'], real['sigma'] = image_metrics.feature_statistics(real_feats)
   pick = np.random.default_rng(seed).permutation(len(train_images))[:num_samples]
   reference, _ = score(extractor, train_images[pick], real, batch=batch, k=k,
-                       threshold=threshold)
+                       threshold=threshold, what='features of real train images')
   if real_probs is not None:
     reference['test_coverage'] = image_metrics.class_coverage(real_probs, test_labels, threshold)
 

@@ -77,16 +77,18 @@ def print_line(line: str) -> None:
 
 
 class Progress:
-  """Progress of a long host-side loop over `total` items (sampling, likelihoods): a line after
-  each chunk, at most one every `every_s` seconds (the first and last always), with items/s
-  and an ETA. The first chunk usually includes compilation, so once a second chunk is done the
-  rate and ETA come from the chunks after it.
+  """Progress of a long host-side loop over `total` items (sampling, featurising, likelihoods):
+  a line after each chunk, at most one every `every_s` seconds (the first and last always), with
+  items/s, elapsed time and an ETA. The first chunk usually includes compilation: its line says
+  so, and once a second chunk is done the rate and ETA come from the chunks after it.
 
-    progress = Progress('sampling', 10_000)   # prints 'sampling: 10,000 images ...'
-    for ...: progress.update(len(chunk))      # 'sampling 500/10,000 images | 4.1 images/s | ...'
+    progress = Progress('sampling', 10_000)   # prints 'sampling: 10,000 images'
+    for ...: progress.update(len(chunk))
+    # 'sampling 500/10,000 images | 3.3 images/s | elapsed 2m30s | ETA 47m30s | first chunk:
+    #  includes compilation, if any', then e.g. 'sampling 1,000/10,000 images | 4.1 images/s | ...'
   """
 
-  def __init__(self, what: str, total: int, *, unit: str = 'images', every_s: float = 5.0,
+  def __init__(self, what: str, total: int, *, unit: str = 'images', every_s: float = 10.0,
                note: str = '', printer=print_line, clock=time.perf_counter):
     self.what, self.total, self.unit, self.every_s = what, int(total), unit, every_s
     self._print, self._clock = printer, clock
@@ -112,10 +114,12 @@ class Progress:
     self._last_print = now
     rate = self.rate()
     eta = (self.total - self.done) / rate if rate > 0 else math.inf
-    self._print(' | '.join([
-        f'{self.what} {self.done:,}/{self.total:,} {self.unit}',
-        f'{rate:,.1f} {self.unit}/s' if rate < 100 else f'{rate:,.0f} {self.unit}/s',
-        f'elapsed {format_duration(now - self._start)}', f'ETA {format_duration(eta)}']))
+    parts = [f'{self.what} {self.done:,}/{self.total:,} {self.unit}',
+             f'{rate:,.1f} {self.unit}/s' if rate < 100 else f'{rate:,.0f} {self.unit}/s',
+             f'elapsed {format_duration(now - self._start)}', f'ETA {format_duration(eta)}']
+    if first and self.done < self.total:
+      parts.append('first chunk: includes compilation, if any')
+    self._print(' | '.join(parts))
 
 
 def matmul_peak_flops(devices=None, dtype=jnp.float32, size: int = 1024, repeats: int = 5) -> float:
