@@ -2,8 +2,8 @@
 
 * `apply_lora`: `config.lora` (rank > 0) wraps the matching `nnx.Linear`s of freshly built
   networks in `models.lora.LoRALinear` (base param paths unchanged, adapters added).
-* `Trainable`: `config.trainable` ('all', 'lora' or a regex over '/'-joined param paths such as
-  'model/blocks/0/attn/qkv/kernel') splits each network's params into trained and frozen ones.
+* `Trainable`: `config.trainable` ('all', 'lora', 'prompt' or a regex over '/'-joined param
+  paths such as 'model/blocks/0/attn/qkv/kernel') splits each network's params into trained and frozen ones.
   Frozen params are constants of the loss (no gradient is computed for them), their optimizer
   state does not exist (`optax.multi_transform` with `optax.set_to_zero`: the trained
   transformation's state holds `optax.MaskedNode`s in their place), and the step copies them
@@ -32,6 +32,8 @@ from train import storage
 from train.errors import UserError
 
 LORA_PARAMS = r'/lora/lora_[ab]$'
+PROMPT_PARAMS = r'^model/prompt$'   # the GPT's soft prompt (config.model.prompt_tokens)
+NAMED = {'lora': LORA_PARAMS, 'prompt': PROMPT_PARAMS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,12 +81,12 @@ class Trainable:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.spec = str(config.get('trainable', 'all') or 'all')
-    regex = LORA_PARAMS if self.spec == 'lora' else None if self.spec == 'all' else self.spec
+    regex = None if self.spec == 'all' else NAMED.get(self.spec, self.spec)
     try:
       self.pattern = None if regex is None else re.compile(regex)
     except re.error as e:
-      raise UserError(f'config.trainable={self.spec!r}: bad regex ({e}); use all, lora or a '
-                      'regex over param paths') from None
+      raise UserError(f'config.trainable={self.spec!r}: bad regex ({e}); use all, lora, '
+                      'prompt or a regex over param paths') from None
 
   @property
   def everything(self) -> bool:
@@ -121,6 +123,8 @@ class Trainable:
     if not any(any(self.mask(n, abstract_params[n])) for n in trained_networks):
       example = next(iter(jax.tree_util.tree_flatten_with_path(abstract_params)[0]), None)
       hint = (' (set config.lora.rank >= 1 to add LoRA adapters)' if self.spec == 'lora'
+              else ' (set config.model.prompt_tokens >= 1 to add a soft prompt)'
+              if self.spec == 'prompt'
               else f' (paths look like {sharding_lib.leaf_path(example[0])!r})' if example
               else '')
       raise UserError(f'config.trainable={self.spec!r}: matches no parameter{hint}')

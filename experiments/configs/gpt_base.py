@@ -9,7 +9,7 @@ by [EOS] and the stream cut into random windows of 128 tokens. Instruction fine-
                 --config=experiments/configs/gpt_base.py --workdir=/tmp/gpt_base
             (DIR holds multi30k/*.gz and tiny_shakespeare; TFDS a prepared TFDS data_dir)
 
-ARG `tiny`: a smoke run (2 layers, width 32, vocab 400, 20 steps).
+ARG `tiny`: a smoke run (2 layers, width 32, 96 positions, vocab 1000, 20 steps).
 """
 
 from experiments.configs import gpt_shakespeare
@@ -32,7 +32,8 @@ def get_config(arg: str | None = None):
     c.optimizer.update(lr=1.5e-3, warmup_steps=100, weight_decay=0.1)
     c.model.update(block_size=128, num_layers=4, num_heads=4, embed_dim=128, dropout=0.0)
   elif arg == 'tiny':
-    c.data.vocab_size = 400
+    c.data.vocab_size = 1000
+    c.model.block_size = 96
   else:
     raise ValueError(f'unknown ARG {arg!r} (use tiny)')
   return c

@@ -69,7 +69,9 @@ class GPTFamily(Family):
   1/sqrt(embed_dim); 0.02 is nanoGPT's), dtype ('float32' or 'bfloat16' activations; params
   stay float32), attention (None: by backend; 'einsum', 'xla', 'cudnn'), activation ('gelu'
   exact, the default; 'gelu_tanh' GPT-2's), vocab_size (pretrained tokenizer only: the
-  model's, which may exceed the tokenizer's). config.data: name, data_dir, raw_dir, tokenizer
+  model's, which may exceed the tokenizer's), prompt_tokens (prompt tuning: that many learned
+  vectors before every sequence, which then holds block_size - prompt_tokens tokens; train them
+  alone with config.trainable='prompt'). config.data: name, data_dir, raw_dir, tokenizer
   ('char', 'subword' or 'pretrained'), vocab_size (subword), tokenizer_file and eos_token
   (pretrained), language (multi30k), sources (mix). With config.init_from and the subword
   tokenizer, the run reads its base run's tokenizer.json instead of training one.
@@ -95,6 +97,10 @@ class GPTFamily(Family):
     if not isinstance(config.eval_batches, int) or config.eval_batches < 1:
       raise UserError(f'config.eval_batches={config.eval_batches!r}: must be >= 1 (validation '
                       'batches per eval; config.eval_every=0 evaluates only at the end)')
+    self.prompt_tokens = int(m.get('prompt_tokens', 0) or 0)
+    if not 0 <= self.prompt_tokens < m.block_size:
+      raise UserError(f'config.model.prompt_tokens={self.prompt_tokens}: must be in [0, '
+                      f'config.model.block_size={m.block_size})')
     if m.embed_dim % m.num_heads:
       raise UserError(f'config.model.embed_dim={m.embed_dim} is not divisible by '
                       f'config.model.num_heads={m.num_heads}')
@@ -208,7 +214,8 @@ class GPTFamily(Family):
         vocab_size=self._vocab_size(), block_size=m.block_size, num_layers=m.num_layers,
         num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
         init_std=m.get('init_std'), attention_implementation=m.get('attention'),
-        activation=m.get('activation', 'gelu'), dtype=_DTYPES[m.dtype],
+        activation=m.get('activation', 'gelu'), prompt_tokens=self.prompt_tokens,
+        dtype=_DTYPES[m.dtype],
         param_dtype=jnp.float32, rngs=rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):
