@@ -32,6 +32,11 @@ from train.errors import UserError
 from train.families import gpt as gpt_family
 
 
+def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """Weighted mean of `values` (a row with no weight adds nothing; all-zero weights give 0)."""
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 class InstructGPTFamily(gpt_family.GPTFamily):
   """config.data: tasks (train/instruct.py's names), template ({instruction}, {input},
   {response} last), max_len (tokens per training row: [EOS] prompt response [EOS], longer
@@ -93,9 +98,7 @@ class InstructGPTFamily(gpt_family.GPTFamily):
     """Cross-entropy over the response tokens only (batch['weights'])."""
     logits = models['model'](batch['inputs'], dropout_key=rng if train else None)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-    weights = batch['weights']
-    loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-    return loss, {}
+    return masked_mean(ce, batch['weights']), {}
 
   def items_per_step(self) -> int:
     return self.config.batch_size * self.max_len
