@@ -103,11 +103,11 @@ class Checkpointer:
 
 def step_bytes(directory: str, step: int) -> int:
   """Bytes on disk of checkpoint `step` under the checkpoints `directory` (local or gs://)."""
-  total = 0
-  # epath has no recursive glob on object stores; walk() lists each directory once.
-  for root, _, files in epath.Path(directory, str(step)).walk():
-    total += sum((root / name).stat().length for name in files)
-  return total
+  # iterdir() keeps the scheme of gs:// paths (epath's walk() and recursive glob do not).
+  def size(path: epath.Path) -> int:
+    return (sum(size(child) for child in path.iterdir()) if path.is_dir()
+            else path.stat().length)
+  return size(epath.Path(directory) / str(step))
 
 
 def array_bytes(tree: Any) -> int:

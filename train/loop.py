@@ -382,6 +382,23 @@ def _matmul_peak(devices: tuple[jax.Device, ...]) -> float:
   return metrics_lib.matmul_peak_flops(list(devices))
 
 
+def log_checkpoint_size(checkpointer, step: int, builder: StateBuilder, log,
+                        frozen_from: str | None) -> None:
+  """Prints and logs checkpoint `step`'s bytes on disk and the optimizer state's bytes: what a
+  fine-tuning method costs to keep (`frozen_from`: a tuned run's base)."""
+  try:
+    sizes = {'checkpoint_bytes': checkpointer.step_bytes(step),
+             'opt_state_bytes': ckpt_lib.array_bytes(builder.abstract['opt'])}
+  except OSError as e:  # a listing that failed must not fail a finished run
+    metrics_lib.print_line(f'checkpoint {step}: size not measured ({type(e).__name__}: {e})')
+    return
+  log(step, sizes)
+  metrics_lib.print_line(
+      f'checkpoint {step}: {sizes["checkpoint_bytes"]:,} bytes on disk'
+      + (f' (trained params only; the frozen ones are in {frozen_from})' if frozen_from else '')
+      + f' | optimizer state {sizes["opt_state_bytes"]:,} bytes')
+
+
 def _any_process(flag: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
@@ -596,14 +613,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
     if step == total:
       write_samples(step)
     checkpointer.wait()
-    if is_main and step in checkpointer.all_steps():
-      sizes = {'checkpoint_bytes': checkpointer.step_bytes(step),
-               'opt_state_bytes': ckpt_lib.array_bytes(builder.abstract['opt'])}
-      log(step, sizes)
-      metrics_lib.print_line(
-          f'checkpoint {step}: {sizes["checkpoint_bytes"]:,} bytes on disk'
-          + (f' (trained params only; the frozen ones are in {config.init_from})'
-             if trained_only else '') + f' | optimizer state {sizes["opt_state_bytes"]:,} bytes')
+    if is_main:
+      log_checkpoint_size(checkpointer, step, builder, log,
+                          config.init_from if trained_only else None)
   finally:
     profiler.stop()  # when the run ended (or failed) inside the profile window
     # On any error (a non-finite loss included) only finish saves already started: never

@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   # from them instead: init_from only seeds a run's first start.
   c.init_from = ''
   # 'all' | 'lora' (the LoRA adapters only) | a regex searched in '/'-joined param paths such as
-  # 'model/blocks/0/attn/qkv/kernel'. Frozen params get no gradient and no optimizer state.
+  # 'model/blocks/0/attn/qkv/kernel'. Frozen params get no gradient and no optimizer state;
+  # with init_from, no place in the checkpoints either (train/tuned_checkpoint.py).
   c.trainable = 'all'
   # LoRA adapters (models/lora.py) on the nnx.Linear modules whose paths (e.g.
   # 'model/blocks/0/attn/qkv') match `targets`; rank 0: none. Output x W + (alpha / rank) x A B.
