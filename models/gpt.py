@@ -45,19 +45,26 @@ class GPT(nnx.Module):
   """nanoGPT-style decoder-only transformer with tied input/output embeddings.
 
   Params: wte `[vocab, D]`, wpe `[block_size, D]`, blocks/i (`layers.Block`: ln1,
-  attn/qkv, attn/proj, ln2, mlp/fc, mlp/proj), ln_f.
+  attn/qkv, attn/proj, ln2, mlp/fc, mlp/proj), ln_f; with prompt tuning (Lester et al. 2021,
+  "The Power of Scale for Parameter-Efficient Prompt Tuning") also prompt `[P, D]`: P learned
+  input vectors that sit at positions [0, P) before every sequence (plus their position
+  embeddings), so tokens start at position P and `context_size` = block_size - P.
   """
 
   def __init__(self, *, vocab_size: int, block_size: int, num_layers: int, num_heads: int,
                embed_dim: int, dropout: float = 0.0, init_std: float | None = None,
                attention_implementation: str | None = None, activation: str = 'gelu',
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               prompt_tokens: int = 0, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     """init_std: std of the weight and embedding init (residual projections get
     init_std / sqrt(2 * num_layers)); None is 1 / sqrt(embed_dim), 0.02 is nanoGPT's.
     attention_implementation: see `layers.attention_implementation`.
-    activation: the MLP's GELU, 'gelu' (exact, nanoGPT's) or 'gelu_tanh' (GPT-2's)."""
+    activation: the MLP's GELU, 'gelu' (exact, nanoGPT's) or 'gelu_tanh' (GPT-2's).
+    prompt_tokens: P soft-prompt vectors before every sequence (0: none)."""
     if embed_dim % num_heads:
       raise ValueError(f'embed_dim {embed_dim} not divisible by num_heads {num_heads}')
+    if not 0 <= prompt_tokens < block_size:
+      raise ValueError(f'prompt_tokens {prompt_tokens} must be in [0, block_size {block_size})')
     self.vocab_size = vocab_size
     self.block_size = block_size
     self.num_layers = num_layers
@@ -65,6 +72,7 @@ class GPT(nnx.Module):
     self.embed_dim = embed_dim
     self.dropout = dropout
     self.dtype = dtype
+    self.prompt_tokens = prompt_tokens
     init_std = embed_dim ** -0.5 if init_std is None else init_std
     init = nnx.initializers.normal(init_std)
     # wte/wpe directly on the model (not a layers.Embeddings) keeps the param tree of runs
@@ -81,18 +89,39 @@ class GPT(nnx.Module):
         for _ in range(num_layers)])
     self.ln_f = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs)
+    if prompt_tokens:
+      # Drawn like the token embeddings, so the soft prompt starts at their scale.
+      self.prompt = nnx.Param(init(rngs.params(), (prompt_tokens, embed_dim), param_dtype))
+
+  @property
+  def context_size(self) -> int:
+    """How many tokens fit: block_size less the soft prompt's positions."""
+    return self.block_size - self.prompt_tokens
 
   def _logits(self, h: jax.Array) -> jax.Array:
     """h `[n, embed]` (pre final LayerNorm) -> float32 logits `[n, vocab]` (tied to wte)."""
     return layers.tied_logits(self.ln_f(h), self.wte)
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
-    """tokens `[batch, seq]` -> `[batch * seq, embed]` at positions [0, seq)."""
+    """tokens `[batch, seq]` -> `[batch * (P + seq), embed]`: the soft prompt at positions
+    [0, P), the tokens at [P, P + seq)."""
     batch, seq = tokens.shape
-    if seq > self.block_size:
-      raise ValueError(f'sequence length {seq} > block_size {self.block_size}')
-    x = layers.embed_tokens(self.wte, self.wpe, tokens, jnp.arange(seq)[None, :])
-    return x.reshape(batch * seq, self.embed_dim)
+    p = self.prompt_tokens
+    if seq > self.context_size:
+      raise ValueError(f'sequence length {seq} > block_size {self.block_size}'
+                       + (f' less {p} prompt vectors' if p else ''))
+    x = layers.embed_tokens(self.wte, self.wpe, tokens, p + jnp.arange(seq)[None, :])
+    if p:
+      soft = self.prompt[...].astype(x.dtype) + self.wpe.embedding[:p].astype(x.dtype)
+      x = jnp.concatenate([jnp.broadcast_to(soft, (batch, p, self.embed_dim)), x], axis=1)
+    return x.reshape(batch * (p + seq), self.embed_dim)
+
+  def _drop_prompt(self, h: jax.Array, batch: int) -> jax.Array:
+    """`[batch * (P + seq), embed]` -> `[batch * seq, embed]`: the tokens' rows."""
+    if not self.prompt_tokens:
+      return h
+    return h.reshape(batch, -1, self.embed_dim)[:, self.prompt_tokens:].reshape(
+        -1, self.embed_dim)
 
   def _trunk(self, tokens: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """tokens `[batch, seq]` -> h `[batch * seq, embed]` (before the final LayerNorm)."""
@@ -101,14 +130,14 @@ class GPT(nnx.Module):
             else list(jax.random.split(dropout_key, self.num_layers + 1)))
     x = layers.dropout(self._embed(tokens), self.dropout, keys[0])
     for block, key in zip(self.blocks, keys[1:]):
-      x = block(x, batch=batch, seq=seq, is_causal=True, dropout_key=key)
-    return x
+      x = block(x, batch=batch, seq=self.prompt_tokens + seq, is_causal=True, dropout_key=key)
+    return self._drop_prompt(x, batch)
 
   def __call__(self, tokens: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """Full forward pass.
 
     Args:
-      tokens: `[batch, seq]` int32, seq <= block_size.
+      tokens: `[batch, seq]` int32, seq <= context_size.
       dropout_key: PRNG key for dropout; None is deterministic (eval).
 
     Returns:
@@ -124,18 +153,20 @@ class GPT(nnx.Module):
                  for _ in range(self.num_layers))
 
   def prefill(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Runs tokens `[batch, seq]` at positions [0, seq), writing them into the cache.
+    """Runs tokens `[batch, seq]` at token positions [0, seq) (after the soft prompt, which
+    is written too), writing them into the cache.
 
     Returns:
-      (float32 logits `[batch, seq, vocab]`, cache). Cache entries at positions >= seq
+      (float32 logits `[batch, seq, vocab]`, cache). Cache entries at positions >= P + seq
       are left as they were; decode masks them out.
     """
     batch, seq = tokens.shape
     x = self._embed(tokens)
     new_cache = []
     for block, c in zip(self.blocks, cache):
-      x, c = block.prefill(x, batch=batch, seq=seq, cache=c)
+      x, c = block.prefill(x, batch=batch, seq=self.prompt_tokens + seq, cache=c)
       new_cache.append(c)
+    x = self._drop_prompt(x, batch)
     return self._logits(x).reshape(batch, seq, self.vocab_size), tuple(new_cache)
 
   def decode(self, token: jax.Array, pos: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -143,13 +174,14 @@ class GPT(nnx.Module):
 
     Args:
       token: `[batch]` int32, the token at position `pos`.
-      pos: int32 scalar (may be traced), 0 <= pos < block_size.
-      cache: KV cache holding positions [0, pos).
+      pos: int32 scalar token position (may be traced), 0 < pos < context_size.
+      cache: KV cache holding token positions [0, pos) (and the soft prompt: a prefill
+        wrote them).
 
     Returns:
       (float32 logits `[batch, vocab]` for the next token, cache with `pos` written).
     """
-    pos = jnp.asarray(pos, jnp.int32)
+    pos = jnp.asarray(pos, jnp.int32) + self.prompt_tokens
     x = layers.embed_tokens(self.wte, self.wpe, token, pos)
     new_cache = []
     for block, c in zip(self.blocks, cache):
@@ -250,7 +282,7 @@ def _generate_cached(graphdef, state, prompt, key, *, max_new_tokens, temperatur
                      top_p):
   """See `generate`."""
   model = nnx.merge(graphdef, state)
-  block = model.block_size
+  block = model.context_size
   prompt = prompt[:, -block:].astype(jnp.int32)
   batch, prompt_len = prompt.shape
   half = max(1, block // 2)
@@ -324,7 +356,7 @@ def _generate_full(graphdef, state, prompt, key, *, max_new_tokens, temperature,
                    top_p):
   """See `generate_full_recompute`."""
   model = nnx.merge(graphdef, state)
-  block = model.block_size
+  block = model.context_size
   prompt = prompt[:, -block:].astype(jnp.int32)
   batch, prompt_len = prompt.shape
   # Fixed-size buffer so the loop body compiles once; causality makes the padding after
@@ -358,6 +390,57 @@ def generate_full_recompute(model: GPT, prompt: jax.Array, key: jax.Array, *,
   graphdef, state = nnx.split(model)
   return _generate_full(graphdef, state, prompt, key, max_new_tokens=max_new_tokens,
                         temperature=float(temperature), top_k=top_k, top_p=top_p)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=('max_new_tokens',))
+def _greedy_continue(graphdef, state, prompts, lengths, *, max_new_tokens):
+  """See `greedy_continue`."""
+  model = nnx.merge(graphdef, state)
+  batch, width = prompts.shape
+  total = width + max_new_tokens
+  padded = jnp.zeros((batch, total), jnp.int32).at[:, :width].set(prompts)
+  logits, cache = model.prefill(padded[:, :1], model.init_cache(batch))
+
+  def step(carry, pos):
+    cache, logits = carry
+    # Position `pos` holds the prompt's token while there is one, else the greedy choice.
+    token = jnp.where(pos < lengths, padded[:, pos], jnp.argmax(logits[:, -1], -1))
+    token = token.astype(jnp.int32)
+    logits, cache = model.decode(token, pos, cache)
+    return (cache, logits[:, None]), token
+
+  (_, last), tokens = lax.scan(step, (cache, logits), jnp.arange(1, total))
+  # tokens: positions [1, total); plus the choice after the last position.
+  seq = jnp.concatenate([padded[:, :1], tokens.T, jnp.argmax(last[:, -1], -1)[:, None]], 1)
+  index = lengths[:, None] + jnp.arange(max_new_tokens)[None, :]
+  return jnp.take_along_axis(seq, index, axis=1)
+
+
+def greedy_continue(model: GPT, prompts: jax.Array, lengths: jax.Array, *,
+                    max_new_tokens: int) -> jax.Array:
+  """Greedy continuations of prompts of different lengths, in one batch and one compile.
+
+  Row i's prompt is `prompts[i, :lengths[i]]` (right-padded to a shared width). Every row
+  steps through positions with the KV cache: a position takes the prompt's token while the
+  row has one and the greedy choice after, so no row waits on padding and no attention mask is
+  needed. The emitted tokens equal `generate(model, prompts[i:i+1, :lengths[i]], ...,
+  temperature=0)` row by row (tests/test_gpt.py).
+
+  Args:
+    model: the GPT (dropout off).
+    prompts: `[batch, width]` int32, width + max_new_tokens <= model.context_size.
+    lengths: `[batch]` int32 in [1, width].
+    max_new_tokens: static.
+
+  Returns:
+    `[batch, max_new_tokens]` int32: each row's tokens after its prompt.
+  """
+  if prompts.shape[1] + max_new_tokens > model.context_size:
+    raise ValueError(f'prompt width {prompts.shape[1]} + {max_new_tokens} new tokens > '
+                     f'{model.context_size} positions')
+  graphdef, state = nnx.split(model)
+  return _greedy_continue(graphdef, state, jnp.asarray(prompts, jnp.int32),
+                          jnp.asarray(lengths, jnp.int32), max_new_tokens=max_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------

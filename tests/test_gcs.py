@@ -9,6 +9,7 @@ with a fixed test token.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -112,6 +113,7 @@ def test_toy_run_on_gcs_is_killed_and_resumes(gcs):
           '--config.log_every=1']
   first = python(gcs, *args, '--config.total_steps=4')
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  assert re.search(r'checkpoint 4: [1-9][\d,]* bytes on disk', first.stdout), first.stdout
   # Relaunched for longer, then killed (-9) between checkpoints. (A kill in the middle of a
   # checkpoint write is tested on a local disk in test_nothing_lost.py: on this emulator,
   # re-saving the step whose write was cut off fails in tensorstore with "Malformed

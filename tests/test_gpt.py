@@ -298,3 +298,61 @@ def test_attention_implementations_agree(implementation):
 
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                grads(other), grads(model))
+
+
+# ----------------------------------------------------------------------- prompt tuning
+
+
+def _with_soft_prompt(base, ids):
+  """`base` plus a soft prompt equal to the embeddings of token `ids` (Lester et al.'s
+  initialisation from vocabulary): it must then act exactly as those tokens would."""
+  tuned = gpt.GPT(vocab_size=VOCAB, block_size=BLOCK, num_layers=LAYERS, num_heads=HEADS,
+                  embed_dim=EMBED, prompt_tokens=len(ids), rngs=nnx.Rngs(5))
+  nnx.update(tuned, nnx.state(base))
+  tuned.prompt[...] = base.wte.embedding[...][jnp.asarray(ids)]
+  return tuned
+
+
+def test_soft_prompt_equals_the_tokens_it_embeds(model):
+  ids = [3, 14, 15]
+  tuned = _with_soft_prompt(model, ids)
+  tokens = _tokens(2, BLOCK - len(ids), seed=12)
+  with_tokens = jnp.concatenate([jnp.tile(jnp.asarray(ids, jnp.int32), (2, 1)), tokens], 1)
+  np.testing.assert_allclose(tuned(tokens), model(with_tokens)[:, len(ids):], atol=1e-5)
+  assert tuned.context_size == BLOCK - len(ids)
+  with pytest.raises(ValueError, match='prompt vectors'):
+    tuned(_tokens(1, BLOCK - 2))
+  # Cached sampling after the soft prompt: as full recompute, and as the base given the ids.
+  prompt = _tokens(2, 4, seed=13)
+  n = tuned.context_size - 4 + 1
+  key = jax.random.key(3)
+  cached = gpt.generate(tuned, prompt, key, max_new_tokens=n, temperature=0)
+  np.testing.assert_array_equal(
+      cached, gpt.generate_full_recompute(tuned, prompt, key, max_new_tokens=n, temperature=0))
+  base_prompt = jnp.concatenate([jnp.tile(jnp.asarray(ids, jnp.int32), (2, 1)), prompt], 1)
+  np.testing.assert_array_equal(
+      cached, gpt.generate(model, base_prompt, key, max_new_tokens=n, temperature=0))
+
+
+def test_soft_prompt_bounds():
+  with pytest.raises(ValueError, match='prompt_tokens'):
+    gpt.GPT(vocab_size=VOCAB, block_size=BLOCK, num_layers=1, num_heads=1, embed_dim=8,
+            prompt_tokens=BLOCK, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('prompt_tokens', [0, 3])
+def test_greedy_continue_equals_generate_row_by_row(prompt_tokens):
+  sharp = _context_sensitive_model()
+  if prompt_tokens:
+    sharp = _with_soft_prompt(sharp, [5, 6, 7])
+  lengths = np.array([1, 4, 7, 2])
+  prompts = np.asarray(_tokens(4, 7, seed=14))
+  n = sharp.context_size - 7
+  out = gpt.greedy_continue(sharp, prompts, lengths, max_new_tokens=n)
+  assert out.shape == (4, n)
+  for row, length in enumerate(lengths):
+    alone = gpt.generate(sharp, jnp.asarray(prompts[row:row + 1, :length]), jax.random.key(0),
+                         max_new_tokens=n, temperature=0)
+    np.testing.assert_array_equal(out[row], alone[0])
+  with pytest.raises(ValueError, match='positions'):
+    gpt.greedy_continue(sharp, prompts, lengths, max_new_tokens=n + 1)

@@ -1,18 +1,27 @@
 """Fine-tuning: LoRA identities (zero B, merge), frozen params and their (absent) optimizer
-state, init_from across meshes, exact resume of a LoRA run, export, and one-line bad inputs."""
+state, init_from across meshes, exact resume of a LoRA run, tuned checkpoints that hold only
+what was trained (restored through their base run), LoRA under tensor parallelism, export,
+and one-line bad inputs."""
 
+import json
 import os
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from experiments.configs import gpt_shakespeare
 from models import gpt
 from models import lora as lora_lib
 from tests import toy_families
+from tests.test_sharding import gpt_config as sharding_gpt_config
+from tests.test_sharding import mesh_overrides, three_steps
+from train import checkpoint as ckpt_lib
 from train import export
 from train import loop
 from train import sample
@@ -43,6 +52,19 @@ def toy(**overrides):
 def leaves_by_path(tree):
   return {jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+def saved_array_paths(step_dir):
+  """The arrays Orbax wrote at a checkpoint step, read from its own metadata file."""
+  with open(os.path.join(step_dir, 'state', '_METADATA'), encoding='utf-8') as f:
+    tree = json.load(f)['tree_metadata']
+  return sorted('/'.join(str(k['key']) for k in leaf['key_metadata']).removesuffix('/value')
+                for leaf in tree.values() if leaf['value_metadata']['value_type'] == 'jax.Array')
+
+
+def disk_bytes(directory):
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, files in os.walk(directory) for name in files)
 
 
 # ------------------------------------------------------------------------------ LoRA math
@@ -135,6 +157,62 @@ def test_lora_trains_only_adapters_with_exact_resume(tmp_path):
   assert opt == {(1, 1), (1, 32), (32, 1)}  # l1: A [1, 1], B [1, 32]; l2: A [32, 1], B [1, 1]
 
 
+def test_tuned_checkpoint_holds_only_what_trained_and_restores_through_its_base(tmp_path):
+  base_dir, tuned_dir = str(tmp_path / 'base'), str(tmp_path / 'tuned')
+  # A 200,000-float frozen param (the 'ballast') makes the base's checkpoint big.
+  base = loop.train(toy(total_steps=2, ballast=200_000), base_dir)
+  lora = {'lora.rank': 1, 'lora.targets': r'model/l[12]$', 'trainable': 'lora',
+          'ema_decay': 0.5, 'ballast': 200_000}
+  tuned = loop.train(toy(total_steps=3, init_from=base_dir, **lora), tuned_dir)
+  step_dir = os.path.join(tuned_dir, 'checkpoints', '3')
+  saved = saved_array_paths(step_dir)
+  adapters = [f'model/{layer}/lora/lora_{m}' for layer in ('l1', 'l2') for m in 'ab']
+  assert [p for p in saved if p.startswith(('params/', 'ema/'))] == [
+      f'{group}/{a}' for group in ('ema', 'params') for a in adapters]
+  assert not any(re.search(r'ballast|l[12]/(kernel|bias)$', p) for p in saved), saved
+  assert 'step' in saved and sum('/mu/' in p for p in saved) == 4  # Adam: adapters only
+  # Its size: a fraction of the base's, as measured on disk and as logged.
+  base_bytes, tuned_bytes = (disk_bytes(os.path.join(base_dir, 'checkpoints', '2')),
+                             disk_bytes(step_dir))
+  assert tuned_bytes < base_bytes / 10, (tuned_bytes, base_bytes)
+  assert ckpt_lib.step_bytes(os.path.join(tuned_dir, 'checkpoints'), 3) == tuned_bytes
+  row = [h for h in tuned.history if 'checkpoint_bytes' in h][-1]
+  opt_bytes = sum(x.nbytes for x in jax.tree.leaves(jax.device_get(tuned.state['opt'])))
+  assert row['checkpoint_bytes'] == tuned_bytes and row['opt_state_bytes'] == opt_bytes
+  assert opt_bytes < sum(x.nbytes for x in jax.tree.leaves(jax.device_get(base.state['opt'])))
+
+  # train.sample's loader rebuilds the whole model: the state the run ended with, bit for bit.
+  for use_ema, group in ((True, 'ema'), (False, 'params')):
+    _, models, step = sample.load_models(tuned_dir, use_ema=use_ema)
+    loaded = leaves_by_path(nnx.state(models['model'], nnx.Param))
+    want = leaves_by_path(tuned.state[group]['model'])
+    assert step == 3 and sorted(loaded) == sorted(want)
+    for path, value in want.items():
+      assert loaded[path].tobytes() == value.tobytes(), (group, path)
+  # A run started from the tuned run reads the base's params through it.
+  setup = loop.setup(toy(init_from=tuned_dir, **lora))
+  state, resolved, fresh = tune.load_init(tuned_dir, setup.builder.init(setup.shardings),
+                                          setup.shardings, setup.family.metadata())
+  assert resolved == f'{tuned_dir}:3' and fresh == []
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['params']),
+               jax.device_get(tuned.state['params']))
+
+  # Without its base run, restoring fails in one line naming it; nothing is deleted.
+  moved = str(tmp_path / 'moved')
+  os.rename(base_dir, moved)
+  message = (rf'checkpoints/3 \(trained params only\) needs its base run '
+             rf'{re.escape(base_dir)}:2 for the frozen ones: no checkpoint in ')
+  with pytest.raises(UserError, match=message) as error:
+    sample.load_models(tuned_dir)
+  assert '\n' not in str(error.value)
+  with pytest.raises(UserError, match=message):
+    loop.train(toy(total_steps=4, init_from=base_dir, **lora), tuned_dir)
+  assert saved_array_paths(step_dir) == saved and os.listdir(
+      os.path.join(tuned_dir, 'checkpoints')) == ['3']
+  os.rename(moved, base_dir)
+  assert sample.load_models(tuned_dir)[2] == 3
+
+
 # --------------------------------------------------------------------------------- init_from
 
 
@@ -213,6 +291,27 @@ def test_gpt_lora_from_base_then_export_merged(tmp_path):
     assert after[path].tobytes() == value.tobytes(), path
   assert sum('lora' in p for p in after) == 2 * 4 * 2  # A and B x 4 Linears x 2 blocks
   assert np.abs(after['model/blocks/1/mlp/fc/lora/lora_b/value']).max() > 0
+  # Its checkpoint holds the adapters, not the GPT. The reference: the same run directory with
+  # a checkpoint of the whole final state; sampling and evaluating both must agree exactly.
+  assert all('/lora/' in p for p in saved_array_paths(os.path.join(run, 'checkpoints', '2'))
+             if p.startswith('params/'))
+  everything = str(tmp_path / 'everything')
+  shutil.copytree(run, everything, ignore=shutil.ignore_patterns('checkpoints'))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(everything, 'checkpoints'), async_save=False)
+  checkpointer.save(2, tuned.state, {'data_step': 2, 'family': 'gpt'})
+  checkpointer.close()
+  assert disk_bytes(os.path.join(run, 'checkpoints', '2')) < disk_bytes(
+      os.path.join(everything, 'checkpoints', '2'))  # (Orbax's metadata dominates at this size)
+  outputs = []
+  for workdir in (run, everything):
+    family, models, step = sample.load_models(workdir)
+    text = family.sample(models, jax.random.key(4), workdir,
+                         {**{k: None for k in family.sample_flags}, 'max_new_tokens': 24})
+    report = str(tmp_path / f'{os.path.basename(workdir)}.json')
+    family.evaluate(models, workdir, step, {'report': report})
+    with open(report, encoding='utf-8') as f:
+      outputs.append((text, {k: v for k, v in json.load(f).items() if k != 'workdir'}))
+  assert outputs[0] == outputs[1] and len(outputs[0][0]) > 10
   out = str(tmp_path / 'merged')
   export.merge_lora_run(run, out)
   _, lora_models, _ = sample.load_models(run)
@@ -226,3 +325,22 @@ def test_gpt_lora_from_base_then_export_merged(tmp_path):
     export.merge_lora_run(run, out)
   with pytest.raises(UserError, match='not a LoRA run'):
     export.merge_lora_run(str(tmp_path / 'base'), str(tmp_path / 'other'))
+
+
+@needs_tfds
+def test_gpt_lora_tensor_parallel_equals_one_device():
+  lora = {'lora.rank': 2, 'trainable': 'lora'}
+  ref_losses, init_state, _ = three_steps(sharding_gpt_config(**lora), jax.devices()[:1])
+  assert ref_losses[2] < ref_losses[0] - 0.01  # the adapters learn
+  losses, _, state = three_steps(sharding_gpt_config(**lora, **mesh_overrides(4, 1, 2)),
+                                 init_state=init_state)
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+  # Adapters follow their kernel: B split by columns under the column-split qkv and fc, A by
+  # rows under the row-split output projections; the other factor replicated.
+  block = state['params']['model']['blocks'][0]
+  for layer, a_spec, b_spec in ((block['attn']['qkv'], P(), P(None, 'tensor')),
+                                (block['mlp']['fc'], P(), P(None, 'tensor')),
+                                (block['attn']['proj'], P('tensor'), P()),
+                                (block['mlp']['proj'], P('tensor'), P())):
+    assert layer['lora']['lora_a'][...].sharding.spec == a_spec
+    assert layer['lora']['lora_b'][...].sharding.spec == b_spec

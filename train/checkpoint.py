@@ -6,6 +6,9 @@ from the mesh that wrote it). Orbax writes each step to a temporary directory an
 when complete (on object stores, which cannot rename, it writes a commit marker last), so a
 crash or kill mid-save never replaces the last good checkpoint. The directory may be any path
 `etils.epath` knows (local or gs://).
+
+`step_bytes` (a step's bytes on disk) and `array_bytes` (e.g. of an optimizer state) size what
+a run keeps, e.g. to compare fine-tuning methods (train/tuned_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from train import storage
 from train.errors import UserError
@@ -36,6 +41,18 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
+
+  def meta(self, step: int) -> dict[str, Any]:
+    """The JSON saved beside step `step`'s state ({} when it cannot be read: `restore` then
+    reports the damage)."""
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return dict(restored['meta'] or {})
+    except Exception:  # pylint: disable=broad-except
+      return {}
+
+  def step_bytes(self, step: int) -> int:
+    return step_bytes(self.directory, step)
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Starts saving (async: returns once arrays are copied off the devices)."""
@@ -82,6 +99,21 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def step_bytes(directory: str, step: int) -> int:
+  """Bytes on disk of checkpoint `step` under the checkpoints `directory` (local or gs://)."""
+  # iterdir() keeps the scheme of gs:// paths (epath's walk() and recursive glob do not).
+  def size(path: epath.Path) -> int:
+    return (sum(size(child) for child in path.iterdir()) if path.is_dir()
+            else path.stat().length)
+  return size(epath.Path(directory) / str(step))
+
+
+def array_bytes(tree: Any) -> int:
+  """Bytes of the array leaves of `tree` (arrays or ShapeDtypeStructs; all shards together)."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+             if hasattr(x, 'shape') and hasattr(x, 'dtype'))
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -34,6 +34,7 @@ from train import optim
 from train import sharding as sharding_lib
 from train import storage
 from train import tune
+from train import tuned_checkpoint as tuned_ckpt
 from train.errors import UserError
 from train.family import Family, StepContext
 
@@ -381,6 +382,23 @@ def _matmul_peak(devices: tuple[jax.Device, ...]) -> float:
   return metrics_lib.matmul_peak_flops(list(devices))
 
 
+def log_checkpoint_size(checkpointer, step: int, builder: StateBuilder, log,
+                        frozen_from: str | None) -> None:
+  """Prints and logs checkpoint `step`'s bytes on disk and the optimizer state's bytes: what a
+  fine-tuning method costs to keep (`frozen_from`: a tuned run's base)."""
+  try:
+    sizes = {'checkpoint_bytes': checkpointer.step_bytes(step),
+             'opt_state_bytes': ckpt_lib.array_bytes(builder.abstract['opt'])}
+  except OSError as e:  # a listing that failed must not fail a finished run
+    metrics_lib.print_line(f'checkpoint {step}: size not measured ({type(e).__name__}: {e})')
+    return
+  log(step, sizes)
+  metrics_lib.print_line(
+      f'checkpoint {step}: {sizes["checkpoint_bytes"]:,} bytes on disk'
+      + (f' (trained params only; the frozen ones are in {frozen_from})' if frozen_from else '')
+      + f' | optimizer state {sizes["opt_state_bytes"]:,} bytes')
+
+
 def _any_process(flag: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
@@ -410,11 +428,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
           f' ({len(fresh)} arrays new in this model keep their init, e.g. {fresh[0]})'
           if fresh else ''))
   else:
-    check_same_run(workdir, config, checkpointer, latest, builder.abstract)
-    state, meta = checkpointer.restore(
-        latest, ckpt_lib.abstract_with_shardings(builder.abstract, shardings))
+    check_same_run(workdir, config, checkpointer, latest, tuned_ckpt.saved_abstract(
+        checkpointer, latest, builder.abstract, builder.trainable))
+    state, meta = tuned_ckpt.restore(checkpointer, latest, builder, shardings, family.metadata())
+    if meta.get(tune.FROZEN_FROM):
+      # The run's base is the one its checkpoints name, whatever init_from says now.
+      config = config.copy_and_resolve_references()
+      config.init_from = meta[tune.FROZEN_FROM]
     metrics_lib.print_line(f'Resumed from {checkpointer.directory}/{latest} '
                            f'(data position: step {meta["data_step"]})')
+  # A tuned run (init_from and trainable not 'all') checkpoints what it trains, naming its base.
+  trained_only = tuned_ckpt.stores_trained_only(builder.trainable,
+                                                str(config.get('init_from', '') or ''))
   if is_main:
     # Only now (a new run, or a restore that worked): a failed restart overwrites nothing.
     storage.write_text(storage.join(workdir, 'config.json'), config_lib.to_json(config))
@@ -471,7 +496,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
                            storage.join(workdir, 'samples', f'step_{step:07d}'))
 
   def save(step):
-    checkpointer.save(step, state, {'data_step': step, 'family': family.name})
+    meta = {'data_step': step, 'family': family.name}
+    if trained_only:
+      checkpointer.save(step, tuned_ckpt.pack(state, builder.trainable),
+                        {**meta, tune.FROZEN_FROM: config.init_from})
+    else:
+      checkpointer.save(step, state, meta)
 
   if start >= total:
     metrics_lib.print_line(f'Nothing to do: the checkpoint is at step {start} >= total_steps')
@@ -582,6 +612,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
     save(step)  # the final checkpoint (on completion and on SIGTERM)
     if step == total:
       write_samples(step)
+    checkpointer.wait()
+    if is_main:
+      log_checkpoint_size(checkpointer, step, builder, log,
+                          config.init_from if trained_only else None)
   finally:
     profiler.stop()  # when the run ended (or failed) inside the profile window
     # On any error (a non-finite loss included) only finish saves already started: never

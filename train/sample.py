@@ -22,6 +22,7 @@ from train import config as config_lib
 from train import families
 from train import loop
 from train import storage
+from train import tuned_checkpoint as tuned_ckpt
 from train.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by `python -m train`.')
@@ -91,8 +92,11 @@ def load_models(workdir: str, use_ema: bool = True):
   # Whatever mesh wrote the checkpoint, sampling restores it onto one device.
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: one_device, builder.abstract)
-  state, _ = checkpointer.restore(step, ckpt_lib.abstract_with_shardings(builder.abstract, shardings))
-  checkpointer.close()
+  try:
+    # A tuned run's checkpoint holds what it trained; its frozen params are its base run's.
+    state, _ = tuned_ckpt.restore(checkpointer, step, builder, shardings, metadata)
+  finally:
+    checkpointer.close()
   params = builder.sampling_params(state) if use_ema else state['params']
   return family, builder.models(params, state['rest']), step
 

@@ -2,16 +2,17 @@
 
 * `apply_lora`: `config.lora` (rank > 0) wraps the matching `nnx.Linear`s of freshly built
   networks in `models.lora.LoRALinear` (base param paths unchanged, adapters added).
-* `Trainable`: `config.trainable` ('all', 'lora' or a regex over '/'-joined param paths such as
-  'model/blocks/0/attn/qkv/kernel') splits each network's params into trained and frozen ones.
+* `Trainable`: `config.trainable` ('all', 'lora', 'prompt' or a regex over '/'-joined param
+  paths such as 'model/blocks/0/attn/qkv/kernel') splits each network's params into trained and frozen ones.
   Frozen params are constants of the loss (no gradient is computed for them), their optimizer
   state does not exist (`optax.multi_transform` with `optax.set_to_zero`: the trained
   transformation's state holds `optax.MaskedNode`s in their place), and the step copies them
   through unchanged, bit for bit (EMA included).
 * `load_init`: `config.init_from` ('RUN_DIR[:STEP]') overwrites a new run's initial params (and
   non-param variables) with another run's, read from its Orbax checkpoint straight into this
-  run's shardings (any mesh), matched by path. Checkpoints keep the whole state (frozen params
-  included); config.json's `init_from` (with the step resolved) records the base.
+  run's shardings (any mesh), matched by path; config.json's `init_from` (with the step
+  resolved) records the base. A tuned run's checkpoints hold only what it trained and name
+  their base (train/tuned_checkpoint.py): such a base is read through its own base first.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from train import storage
 from train.errors import UserError
 
 LORA_PARAMS = r'/lora/lora_[ab]$'
+PROMPT_PARAMS = r'^model/prompt$'   # the GPT's soft prompt (config.model.prompt_tokens)
+NAMED = {'lora': LORA_PARAMS, 'prompt': PROMPT_PARAMS}
+# The meta key of a checkpoint that holds only what its run trained: 'DIR:STEP' of the base run
+# whose checkpoint holds the frozen params (train/tuned_checkpoint.py).
+FROZEN_FROM = 'frozen_from'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,12 +85,12 @@ class Trainable:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.spec = str(config.get('trainable', 'all') or 'all')
-    regex = LORA_PARAMS if self.spec == 'lora' else None if self.spec == 'all' else self.spec
+    regex = None if self.spec == 'all' else NAMED.get(self.spec, self.spec)
     try:
       self.pattern = None if regex is None else re.compile(regex)
     except re.error as e:
-      raise UserError(f'config.trainable={self.spec!r}: bad regex ({e}); use all, lora or a '
-                      'regex over param paths') from None
+      raise UserError(f'config.trainable={self.spec!r}: bad regex ({e}); use all, lora, '
+                      'prompt or a regex over param paths') from None
 
   @property
   def everything(self) -> bool:
@@ -121,6 +127,8 @@ class Trainable:
     if not any(any(self.mask(n, abstract_params[n])) for n in trained_networks):
       example = next(iter(jax.tree_util.tree_flatten_with_path(abstract_params)[0]), None)
       hint = (' (set config.lora.rank >= 1 to add LoRA adapters)' if self.spec == 'lora'
+              else ' (set config.model.prompt_tokens >= 1 to add a soft prompt)'
+              if self.spec == 'prompt'
               else f' (paths look like {sharding_lib.leaf_path(example[0])!r})' if example
               else '')
       raise UserError(f'config.trainable={self.spec!r}: matches no parameter{hint}')
@@ -173,65 +181,19 @@ def _prune(node: Any, path: str, keep: dict[str, Any]) -> Any:
 
 
 def load_init(spec: str, state: dict[str, Any], shardings: dict[str, Any],
-              metadata: dict[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
+              metadata: dict[str, Any], culprit: str | None = None
+              ) -> tuple[dict[str, Any], str, list[str]]:
   """`state` with its 'params' and 'rest' overwritten by run `spec`'s, in `shardings`.
 
-  Returns (state, 'DIR:STEP' as resolved, paths that kept their fresh init). `metadata` is this
-  run's `family.metadata()`: a base run whose family.json differs (e.g. another vocabulary)
-  is refused, since its embedding rows would mean other tokens.
+  Returns (state, 'DIR:STEP' as resolved (DIR made absolute), paths that kept their fresh
+  init).
+  `metadata` is this run's `family.metadata()`: a base run whose family.json differs (e.g.
+  another vocabulary) is refused, since its embedding rows would mean other tokens. `culprit`
+  starts every error line (default 'config.init_from=SPEC').
   """
-  culprit = f'config.init_from={spec}'
-  directory, step = parse_init_from(spec)
-  checkpoints = storage.join(directory, 'checkpoints')
-  if not storage.isdir(checkpoints):
-    raise UserError(f'{culprit}: no checkpoint in {storage.absolute(checkpoints)}')
-  manager = ocp.CheckpointManager(
-      storage.absolute(checkpoints),
-      options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                     'meta': ocp.JsonCheckpointHandler()})
-  try:
-    steps = list(manager.all_steps())
-    if not steps:
-      raise UserError(f'{culprit}: no checkpoint in {storage.absolute(checkpoints)}')
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise UserError(f'{culprit}: no checkpoint at step {step} (steps: {sorted(steps)})')
-    family_path = storage.join(directory, 'family.json')
-    if storage.isfile(family_path):
-      base = storage.read_json(family_path, culprit)
-      if base != json.loads(json.dumps(metadata)):
-        raise UserError(f'{culprit}: its family.json (vocabulary, shapes) differs from this '
-                        "run's data; fine-tune on data with the base run's vocabulary")
-    try:
-      saved_tree = manager.item_metadata(step)['state'].tree
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f'{culprit}: checkpoint {step} cannot be read ({type(e).__name__}: '
-                      f'{(str(e).strip().splitlines() or [""])[0][:200]})') from None
-    saved = {p.removesuffix('/value'): x for p, x in _flat(saved_tree).items()
-             if p.startswith(('params/', 'rest/'))}
-    now = {p: x for p, x in _flat(state).items() if p.startswith(('params/', 'rest/'))}
-    now_shardings = _flat(shardings)
-    bad = [f'{p}: {list(saved[p].shape)} in the base run, {list(now[p].shape)} here'
-           for p in sorted(saved) if p in now and tuple(saved[p].shape) != tuple(now[p].shape)]
-    bad += [f'{p}: not in this model' for p in sorted(saved) if p not in now]
-    if bad:
-      raise UserError(f'{culprit}: the base run\'s params do not fit this model ('
-                      + '; '.join(bad[:6]) + (f'; {len(bad) - 6} more' if len(bad) > 6 else '')
-                      + ')')
-    keep = {p: jax.ShapeDtypeStruct(now[p].shape, now[p].dtype, sharding=now_shardings[p])
-            for p in saved}
-    item = _prune(saved_tree, '', keep)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True), meta=ocp.args.JsonRestore()))['state']
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f'{culprit}: checkpoint {step} cannot be restored ({type(e).__name__}: '
-                      f'{(str(e).strip().splitlines() or [""])[0][:200]})') from None
-  finally:
-    manager.close()
-  loaded = {p.removesuffix('/value'): x for p, x in _flat(restored).items()}
+  now = {p: x for p, x in _flat(state).items() if p.startswith(('params/', 'rest/'))}
+  loaded, resolved = _read_run(spec, now, _flat(shardings), metadata,
+                               culprit or f'config.init_from={spec}')
 
   def put(path, leaf):
     name = sharding_lib.leaf_path(path)
@@ -245,4 +207,70 @@ def load_init(spec: str, state: dict[str, Any], shardings: dict[str, Any],
     new_state['ema'] = {n: jax.tree.map(lambda x: x.copy(), new_state['params'][n])
                         for n in state['ema']}
   fresh = sorted(p for p in now if p not in loaded)
-  return new_state, f'{directory}:{step}', fresh
+  return new_state, resolved, fresh
+
+
+def _read_run(spec: str, now: dict[str, Any], now_shardings: dict[str, Any],
+              metadata: dict[str, Any], culprit: str) -> tuple[dict[str, jax.Array], str]:
+  """({path: array} of run `spec`'s params and non-param variables that `now` has, in
+  `now_shardings`; 'DIR:STEP' with DIR absolute). A checkpoint that holds only what its run
+  trained (its meta names the base: `FROZEN_FROM`) is laid over what its base holds."""
+  directory, step = parse_init_from(spec)
+  directory = storage.absolute(directory)
+  checkpoints = storage.join(directory, 'checkpoints')
+  if not storage.isdir(checkpoints):
+    raise UserError(f'{culprit}: no checkpoint in {checkpoints}')
+  manager = ocp.CheckpointManager(
+      checkpoints,
+      options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'meta': ocp.JsonCheckpointHandler()})
+  try:
+    steps = list(manager.all_steps())
+    if not steps:
+      raise UserError(f'{culprit}: no checkpoint in {checkpoints}')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise UserError(f'{culprit}: no checkpoint at step {step} (steps: {sorted(steps)})')
+    family_path = storage.join(directory, 'family.json')
+    if storage.isfile(family_path):
+      base = storage.read_json(family_path, culprit)
+      if base != json.loads(json.dumps(metadata)):
+        raise UserError(f'{culprit}: its family.json (vocabulary, shapes) differs from this '
+                        "run's data; fine-tune on data with the base run's vocabulary")
+    try:
+      saved_tree = manager.item_metadata(step)['state'].tree
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f'{culprit}: checkpoint {step} cannot be read ({type(e).__name__}: '
+                      f'{(str(e).strip().splitlines() or [""])[0][:200]})') from None
+    loaded = {}
+    if (meta or {}).get(FROZEN_FROM):
+      # A tuned run: its frozen params are its base's.
+      loaded = _read_run(meta[FROZEN_FROM], now, now_shardings, metadata,
+                         f'{culprit} (tuned from {meta[FROZEN_FROM]})')[0]
+    saved = {p.removesuffix('/value'): x for p, x in _flat(saved_tree).items()
+             if p.startswith(('params/', 'rest/'))}
+    bad = [f'{p}: {list(saved[p].shape)} in the base run, {list(now[p].shape)} here'
+           for p in sorted(saved) if p in now and tuple(saved[p].shape) != tuple(now[p].shape)]
+    bad += [f'{p}: not in this model' for p in sorted(saved) if p not in now]
+    if bad:
+      raise UserError(f'{culprit}: the base run\'s params do not fit this model ('
+                      + '; '.join(bad[:6]) + (f'; {len(bad) - 6} more' if len(bad) > 6 else '')
+                      + ')')
+    keep = {p: jax.ShapeDtypeStruct(now[p].shape, now[p].dtype, sharding=now_shardings[p])
+            for p in saved}
+    item = _prune(saved_tree, '', keep)
+    if item is None:
+      return loaded, f'{directory}:{step}'
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True), meta=ocp.args.JsonRestore()))['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f'{culprit}: checkpoint {step} cannot be restored ({type(e).__name__}: '
+                      f'{(str(e).strip().splitlines() or [""])[0][:200]})') from None
+  finally:
+    manager.close()
+  loaded.update({p.removesuffix('/value'): x for p, x in _flat(restored).items()})
+  return loaded, f'{directory}:{step}'

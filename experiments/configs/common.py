@@ -9,14 +9,17 @@ from ml_collections import config_dict
 # cross-attention q and kv; head-major columns) and the MLP's fc split by columns, every output
 # projection by rows, so each device computes whole heads and a slice of the MLP hidden layer,
 # with one all-reduce after each projection. Pair with sharding.divides = (('tensor',
-# 'model.num_heads'),).
+# 'model.num_heads'),). LoRA adapters (models/lora.py: x A B with A [in, r], B [r, out]) follow
+# their kernel: under a column-split kernel B is split by columns and A replicated (x A is
+# computed whole on every device), under a row-split kernel A is split by rows (x A is then
+# all-reduced, r numbers per token) and B replicated.
 MEGATRON_RULES = (
-    (r'attn/(qkv|q|kv)/kernel$', (None, 'tensor')),
+    (r'attn/(qkv|q|kv)/(kernel|lora/lora_b)$', (None, 'tensor')),
     (r'attn/(qkv|q|kv)/bias$', ('tensor',)),
-    (r'attn/proj/kernel$', ('tensor', None)),
-    (r'mlp/fc/kernel$', (None, 'tensor')),
+    (r'attn/proj/(kernel|lora/lora_a)$', ('tensor', None)),
+    (r'mlp/fc/(kernel|lora/lora_b)$', (None, 'tensor')),
     (r'mlp/fc/bias$', ('tensor',)),
-    (r'mlp/proj/kernel$', ('tensor', None)),
+    (r'mlp/proj/(kernel|lora/lora_a)$', ('tensor', None)),
 )
 
 
@@ -40,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   # from them instead: init_from only seeds a run's first start.
   c.init_from = ''
   # 'all' | 'lora' (the LoRA adapters only) | a regex searched in '/'-joined param paths such as
-  # 'model/blocks/0/attn/qkv/kernel'. Frozen params get no gradient and no optimizer state.
+  # 'model/blocks/0/attn/qkv/kernel'. Frozen params get no gradient and no optimizer state;
+  # with init_from, no place in the checkpoints either (train/tuned_checkpoint.py).
   c.trainable = 'all'
   # LoRA adapters (models/lora.py) on the nnx.Linear modules whose paths (e.g.
   # 'model/blocks/0/attn/qkv') match `targets`; rank 0: none. Output x W + (alpha / rank) x A B.

@@ -13,6 +13,7 @@ from train.errors import UserError
 # name -> "module:Class"
 _FAMILIES = {
     'gpt': 'train.families.gpt:GPTFamily',
+    'gpt_instruct': 'train.families.gpt_instruct:InstructGPTFamily',
     'diffusion': 'train.families.diffusion:DiffusionFamily',
     'classifier': 'train.families.classifier:ClassifierFamily',
     'vae': 'train.families.vae:VAEFamily',

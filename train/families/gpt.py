@@ -1,8 +1,9 @@
 """The GPT family: a decoder-only language model over a character or a subword tokenizer.
 
 Data (config.data.name): a TFDS text dataset (tiny_shakespeare: one document, cut into random
-windows as nanoGPT) or 'multi30k' (one language's sentences, each followed by [EOS] with the
-subword tokenizer or by a newline with the character one, then cut into windows the same way).
+windows as nanoGPT), 'multi30k' (one language's sentences, each followed by [EOS] with the
+subword tokenizer or by a newline with the character one, then cut into windows the same way)
+or 'mix' (config.data.sources' documents, each followed by [EOS]: see `mixed_documents`).
 config.data.tokenizer: 'char' (nanoGPT's, vocabulary in family.json), 'subword' (byte-level
 BPE of train/text.py, trained on the train split with config.data.vocab_size tokens, saved as
 tokenizer.json in the run directory) or 'pretrained' (a pretrained model's own tokenizer.json,
@@ -27,10 +28,40 @@ from models import layers
 from train import data as data_lib
 from train import storage
 from train import text as text_lib
+from train import tune
 from train.errors import UserError
 from train.family import Family
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def source_documents(source: str, data: Any) -> dict[str, list[str]]:
+  """'train' and 'validation' documents of one source of a data mix.
+
+  'multi30k:LANG': one document per sentence. A TFDS text dataset name (tiny_shakespeare): its
+  text cut at blank lines (for Shakespeare: one speech per document).
+  """
+  name, _, language = source.partition(':')
+  if name == 'multi30k':
+    return {split: text_lib.load_multi30k(data.get('raw_dir'), raw, language or 'en')
+            for split, raw in (('train', 'train'), ('validation', 'val'))}
+  chars, splits = data_lib.load_text(name, data.get('data_dir'), data.get('raw_dir'))
+  return {split: [p.strip('\n') + '\n' for p in chars.decode(splits[split]).split('\n\n')
+                  if p.strip()]
+          for split in ('train', 'validation')}
+
+
+def mixed_documents(data: Any) -> dict[str, list[str]]:
+  """config.data.sources (e.g. ('multi30k:en', 'multi30k:de', 'tiny_shakespeare')), concatenated."""
+  sources = tuple(data.get('sources') or ())
+  if not sources:
+    raise UserError("config.data.sources: empty; config.data.name='mix' needs e.g. "
+                    "('multi30k:en', 'multi30k:de', 'tiny_shakespeare')")
+  docs: dict[str, list[str]] = {'train': [], 'validation': []}
+  for source in sources:
+    for split, d in source_documents(source, data).items():
+      docs[split] += d
+  return docs
 
 
 class GPTFamily(Family):
@@ -38,9 +69,12 @@ class GPTFamily(Family):
   1/sqrt(embed_dim); 0.02 is nanoGPT's), dtype ('float32' or 'bfloat16' activations; params
   stay float32), attention (None: by backend; 'einsum', 'xla', 'cudnn'), activation ('gelu'
   exact, the default; 'gelu_tanh' GPT-2's), vocab_size (pretrained tokenizer only: the
-  model's, which may exceed the tokenizer's). config.data: name, data_dir, raw_dir, tokenizer
+  model's, which may exceed the tokenizer's), prompt_tokens (prompt tuning: that many learned
+  vectors before every sequence, which then holds block_size - prompt_tokens tokens; train them
+  alone with config.trainable='prompt'). config.data: name, data_dir, raw_dir, tokenizer
   ('char', 'subword' or 'pretrained'), vocab_size (subword), tokenizer_file and eos_token
-  (pretrained), language (multi30k).
+  (pretrained), language (multi30k), sources (mix). With config.init_from and the subword
+  tokenizer, the run reads its base run's tokenizer.json instead of training one.
   config.eval_batches: how many validation batches each eval averages over."""
 
   name = 'gpt'
@@ -63,6 +97,10 @@ class GPTFamily(Family):
     if not isinstance(config.eval_batches, int) or config.eval_batches < 1:
       raise UserError(f'config.eval_batches={config.eval_batches!r}: must be >= 1 (validation '
                       'batches per eval; config.eval_every=0 evaluates only at the end)')
+    self.prompt_tokens = int(m.get('prompt_tokens', 0) or 0)
+    if not 0 <= self.prompt_tokens < m.block_size:
+      raise UserError(f'config.model.prompt_tokens={self.prompt_tokens}: must be in [0, '
+                      f'config.model.block_size={m.block_size})')
     if m.embed_dim % m.num_heads:
       raise UserError(f'config.model.embed_dim={m.embed_dim} is not divisible by '
                       f'config.model.num_heads={m.num_heads}')
@@ -71,6 +109,13 @@ class GPTFamily(Family):
   def _token_streams(self) -> dict[str, np.ndarray]:
     """split -> [num_tokens] int32 ids; sets self.tokenizer."""
     c = self.config
+    if c.data.name == 'mix':
+      if self.tokenizer_kind == 'char':
+        raise UserError("config.data.name='mix': needs config.data.tokenizer='subword' (each "
+                        'document ends with [EOS])')
+      docs = mixed_documents(c.data)
+      self.tokenizer = self._train_subword(docs['train'])
+      return {k: self.stream(d) for k, d in docs.items()}
     if c.data.name == 'multi30k':
       language = c.data.get('language', 'en')
       texts = {split: text_lib.load_multi30k(c.data.raw_dir, source, language)
@@ -80,9 +125,7 @@ class GPTFamily(Family):
             ''.join('\n'.join(t) + '\n' for t in texts.values()))
         return {k: self.tokenizer.encode('\n'.join(t) + '\n') for k, t in texts.items()}
       self.tokenizer = self._train_subword(texts['train'])
-      eos = np.array([self._eos_id], np.int32)
-      return {k: np.concatenate([x for ids in self.tokenizer.encode_batch(t) for x in (ids, eos)])
-              for k, t in texts.items()}
+      return {k: self.stream(t) for k, t in texts.items()}
     chars, splits = data_lib.load_text(c.data.name, c.data.data_dir, c.data.raw_dir)
     if self.tokenizer_kind == 'char':
       self.tokenizer = chars
@@ -92,7 +135,17 @@ class GPTFamily(Family):
     self.tokenizer = self._train_subword(texts['train'].splitlines(keepends=True))
     return {k: self.tokenizer.encode(t) for k, t in texts.items()}
 
+  def stream(self, documents: list[str]) -> np.ndarray:
+    """[num_tokens] int32: each document's ids followed by the end-of-document token."""
+    eos = np.array([self._eos_id], np.int32)
+    return np.concatenate([x for ids in self.tokenizer.encode_batch(documents)
+                           for x in (np.asarray(ids, np.int32), eos)])
+
   def _train_subword(self, texts: list[str]) -> text_lib.SubwordTokenizer:
+    base = str(self.config.get('init_from') or '')
+    if self.tokenizer_kind == 'subword' and base:
+      # A fine-tuned run speaks its base's vocabulary: the base's ids are its embedding rows.
+      return text_lib.load_from_workdir(tune.parse_init_from(base)[0])
     if self.tokenizer_kind == 'pretrained':
       tokenizer = text_lib.PretrainedTokenizer.load(self.config.data.tokenizer_file,
                                                     self.config.data.eos_token)
@@ -161,7 +214,8 @@ class GPTFamily(Family):
         vocab_size=self._vocab_size(), block_size=m.block_size, num_layers=m.num_layers,
         num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
         init_std=m.get('init_std'), attention_implementation=m.get('attention'),
-        activation=m.get('activation', 'gelu'), dtype=_DTYPES[m.dtype],
+        activation=m.get('activation', 'gelu'), prompt_tokens=self.prompt_tokens,
+        dtype=_DTYPES[m.dtype],
         param_dtype=jnp.float32, rngs=rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):

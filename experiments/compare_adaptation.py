@@ -1,0 +1,193 @@
+r"""Adapting a pretrained GPT: full fine-tuning, LoRA and prompt tuning, single- and multi-task.
+
+  GENLAB_RAW_DATA=DIR TFDS_DATA_DIR=TFDS python -m experiments.compare_adaptation \
+      --out_dir=/tmp/adaptation
+
+Pretrains experiments/configs/gpt_base.py in OUT/base (unless --base names a finished run),
+then fine-tunes it with each method of experiments/configs/gpt_instruct.py (full, lora4, lora16,
+prompt20) on one task (en_de) and on the five-task mix, and scores every model, the base
+zero-shot included, on each task's test examples (sacreBLEU on Multi30k test2016; exact match
+on held-out synthetic examples) and on the LM loss over Tiny Shakespeare's validation split
+(forgetting: the base's value before, each tuned model's after). Runs that finished are reused
+(delete a run directory to redo it). Writes OUT/adaptation.md (the table), OUT/adaptation.png
+(scores and forgetting per method) and OUT/adaptation.json.
+
+Columns: trained params (and % of the base's), optimizer-state bytes (Adam moments of the
+trained params), checkpoint bytes (the final checkpoint on disk), step time (the jitted train
+step alone, median of 3 x 5 steps, measured back to back at the end), the scores and the
+forgetting loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import flags
+
+from experiments import train_speed
+from experiments.configs import gpt_base
+from experiments.configs import gpt_instruct
+from train import cli
+from train import families
+from train import loop
+from train import metrics as metrics_lib
+from train import sample
+from train import storage
+
+METHODS = ('full', 'lora4', 'lora16', 'prompt20')
+MIXES = {'single': ('en_de',), 'multi': ('en_de', 'de_en', 'reverse', 'sort', 'count')}
+
+_OUT = flags.DEFINE_string('out_dir', '/tmp/adaptation', 'Where runs and the table go.')
+_BASE = flags.DEFINE_string('base', None, 'A finished gpt_base.py run (default: OUT/base, '
+                            'trained if missing).')
+_METHODS = flags.DEFINE_list('methods', list(METHODS), 'gpt_instruct.py methods to run.')
+_MIXES = flags.DEFINE_list('mixes', list(MIXES), 'Task mixes: single (en_de), multi (all).')
+_STEPS = flags.DEFINE_integer('tune_steps', None, 'Fine-tuning steps (default: the config\'s).')
+_TINY = flags.DEFINE_bool('tiny', False, 'Smoke test: the configs\' tiny variants.')
+
+
+def _finished(workdir: str, steps: int) -> bool:
+  path = storage.join(workdir, 'checkpoints', str(steps))
+  return storage.isdir(path)
+
+
+def _dir_bytes(path: str) -> int:
+  """Bytes of the files under `path` (local or gs://)."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  total = 0
+  for root, _, files in epath.Path(path).walk():
+    total += sum((root / f).stat().length for f in files)
+  return total
+
+
+def _opt_state_bytes(abstract_state) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state['opt'])
+             if hasattr(x, 'dtype'))
+
+
+def base_config():
+  return gpt_base.get_config('tiny' if _TINY.value else None)
+
+
+def instruct_config(method: str, tasks: tuple[str, ...], base: str):
+  c = gpt_instruct.get_config(method + (',tiny' if _TINY.value else ''))
+  c.data.tasks = tasks
+  c.init_from = base
+  if _STEPS.value:
+    c.total_steps = c.optimizer.decay_steps = _STEPS.value
+  return c
+
+
+def _train(config, workdir: str) -> None:
+  if _finished(workdir, int(config.total_steps)):
+    metrics_lib.print_line(f'{workdir}: finished run, reused')
+    return
+  loop.train(config, workdir)
+
+
+def _scores(config, model) -> dict:
+  """Task scores and forgetting loss of `model` as `config`'s instruction family sees it."""
+  family = families.get(config.family)(config)
+  family.setup_data(0, 1)
+  return {'tasks': {t: s['score'] for t, s in family.task_scores(model).items()},
+          'forgetting_loss': family.forgetting_loss(model)}
+
+
+def main(argv):
+  del argv
+  out = _OUT.value
+  base = _BASE.value or os.path.join(out, 'base')
+  bc = base_config()
+  if not _BASE.value:
+    _train(bc, base)
+  all_tasks = MIXES['multi']
+  rows = []
+  # The base, zero-shot: its own weights scored on every task.
+  probe = instruct_config('full', all_tasks, base)
+  _, base_models, _ = sample.load_models(base)
+  zero = _scores(probe, base_models['model'])
+  setup = loop.setup(probe)
+  base_params = loop.num_params(setup.builder.abstract['params'])
+  rows.append({'method': 'base (zero-shot)', 'mix': '-', 'trained': 0,
+               'opt_bytes': 0, 'ckpt_bytes': _dir_bytes(storage.join(
+                   base, 'checkpoints', str(bc.total_steps))), **zero})
+  runs = []
+  for mix in _MIXES.value:
+    for method in _METHODS.value:
+      config = instruct_config(method, MIXES[mix], base)
+      workdir = os.path.join(out, f'{mix}_{method}')
+      _train(config, workdir)
+      _, models, step = sample.load_models(workdir)
+      scored = instruct_config(method, all_tasks, base)
+      scored.model.prompt_tokens = config.model.prompt_tokens
+      s = loop.setup(config)
+      rows.append({'method': method, 'mix': mix,
+                   'trained': s.builder.trainable.count(s.builder.abstract['params']),
+                   'opt_bytes': _opt_state_bytes(s.builder.abstract),
+                   'ckpt_bytes': _dir_bytes(storage.join(workdir, 'checkpoints', str(step))),
+                   **_scores(scored, models['model'])})
+      runs.append((rows[-1], config))
+  # Step times last, back to back, so that they share the machine's state.
+  for row, config in runs:
+    row['step_ms'] = train_speed.measure(config, steps=5, chunks=3)['ms_per_step']
+  for row in rows:
+    row['trained_pct'] = 100.0 * row['trained'] / base_params
+  report = {'base': base, 'base_params': base_params, 'rows': rows}
+  storage.write_text(os.path.join(out, 'adaptation.json'), json.dumps(report, indent=1))
+  table = markdown(report)
+  storage.write_text(os.path.join(out, 'adaptation.md'), table)
+  plot(report, os.path.join(out, 'adaptation.png'))
+  print(table)
+  print(f'wrote {out}/adaptation.md, adaptation.png and adaptation.json')
+
+
+def markdown(report) -> str:
+  tasks = list(MIXES['multi'])
+  head = (['method', 'tasks', 'trained params (% of base)', 'optimizer state', 'checkpoint',
+           'step ms'] + [f'{t} {"BLEU" if t.endswith(("_de", "_en")) else "EM %"}'
+                         for t in tasks] + ['Shakespeare LM loss'])
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  base_loss = report['rows'][0]['forgetting_loss']
+  mb = lambda b: f'{b / 2**20:.2f} MiB' if b else '0'
+  for r in report['rows']:
+    loss = r['forgetting_loss']
+    cells = [r['method'], r['mix'], f'{r["trained"]:,} ({r["trained_pct"]:.2f}%)',
+             mb(r['opt_bytes']), mb(r['ckpt_bytes']),
+             f'{r["step_ms"]:.0f}' if 'step_ms' in r else '-']
+    cells += [f'{r["tasks"][t]:.1f}' for t in tasks]
+    cells.append(f'{loss:.3f}' + ('' if r is report['rows'][0] else f' ({loss - base_loss:+.3f})'))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(report, path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  rows = report['rows']
+  tasks = list(MIXES['multi'])
+  labels = [r['method'] if r['mix'] == '-' else f'{r["method"]}\n{r["mix"]}' for r in rows]
+  fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={'width_ratios': [3, 1]})
+  width = 0.8 / len(tasks)
+  for i, task in enumerate(tasks):
+    axes[0].bar([k + i * width for k in range(len(rows))], [r['tasks'][task] for r in rows],
+                width, label=task)
+  axes[0].set_xticks([k + 0.4 - width / 2 for k in range(len(rows))], labels, fontsize=8)
+  axes[0].set_ylabel('BLEU (translation) / exact match % (synthetic)')
+  axes[0].legend(fontsize=8)
+  axes[0].set_title('Task scores on held-out test examples')
+  before = rows[0]['forgetting_loss']
+  axes[1].barh(labels[1:][::-1], [r['forgetting_loss'] - before for r in rows[1:]][::-1])
+  axes[1].axvline(0.0, color='k', lw=0.8)
+  axes[1].set_xlabel('Shakespeare val LM loss, after - before')
+  axes[1].set_title('Forgetting (0: none)')
+  axes[1].tick_params(axis='y', labelsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == '__main__':
+  cli.run(main)

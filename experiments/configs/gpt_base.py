@@ -1,0 +1,39 @@
+r"""A small foundation model for the adaptation experiments: GPT on three corpora, one vocabulary.
+
+Pretrained with the byte-level BPE tokenizer (6000 tokens, trained on the train splits) on
+Multi30k English and German sentences plus Tiny Shakespeare's speeches, each document followed
+by [EOS] and the stream cut into random windows of 128 tokens. Instruction fine-tuning
+(gpt_instruct.py, experiments/compare_adaptation.py) starts from this run with
+--config.init_from and inherits its tokenizer.
+  Command:  GENLAB_RAW_DATA=DIR TFDS_DATA_DIR=TFDS python -m train \
+                --config=experiments/configs/gpt_base.py --workdir=/tmp/gpt_base
+            (DIR holds multi30k/*.gz and tiny_shakespeare; TFDS a prepared TFDS data_dir)
+
+ARG `tiny`: a smoke run (2 layers, width 32, 96 positions, vocab 1000, 20 steps).
+"""
+
+from experiments.configs import gpt_shakespeare
+
+
+def get_config(arg: str | None = None):
+  c = gpt_shakespeare.get_config('tiny' if arg == 'tiny' else None)
+  c.seed = 0
+  c.data.name = 'mix'
+  c.data.sources = ('multi30k:en', 'multi30k:de', 'tiny_shakespeare')
+  c.data.tokenizer = 'subword'
+  c.data.vocab_size = 6000
+  c.sample_tokens = 64
+  if arg is None:
+    c.total_steps = c.optimizer.decay_steps = 1600
+    c.batch_size = 24
+    c.eval_every = 400
+    c.eval_batches = 20
+    c.checkpoint_every = 400
+    c.optimizer.update(lr=1.5e-3, warmup_steps=100, weight_decay=0.1)
+    c.model.update(block_size=128, num_layers=4, num_heads=4, embed_dim=128, dropout=0.0)
+  elif arg == 'tiny':
+    c.data.vocab_size = 1000
+    c.model.block_size = 96
+  else:
+    raise ValueError(f'unknown ARG {arg!r} (use tiny)')
+  return c

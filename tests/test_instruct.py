@@ -1,0 +1,204 @@
+"""Instruction tuning: the tasks' data, the response-only loss, and tuned runs from a base GPT
+(full, LoRA and prompt tuning) that train, score and keep their frozen params."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.configs import gpt_base
+from experiments.configs import gpt_instruct
+from train import instruct
+from train import loop
+from train import sample
+from train import text as text_lib
+from train.errors import UserError
+from train.families import gpt_instruct as family_lib
+
+RAW = os.environ.get('GENLAB_RAW_DATA', '')
+needs_data = pytest.mark.skipif(
+    not (os.path.isfile(os.path.join(RAW, 'multi30k', 'train.en.gz'))
+         and os.environ.get('TFDS_DATA_DIR')),
+    reason='GENLAB_RAW_DATA (Multi30k) and TFDS_DATA_DIR (Tiny Shakespeare) are needed')
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+  sentences = ['a man rides a red bike', 'two dogs play in the snow', 'ein mann fährt rad',
+               'Instruction: Input: Response:'] * 20
+  return text_lib.SubwordTokenizer.train(sentences, 300)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def test_template_must_hold_every_slot_and_end_with_the_response():
+  assert instruct.check_template('{instruction} {input} => {response}')
+  for bad, culprit in [('{instruction} {input}', '{response}'),
+                       ('{instruction} {response} {input}', 'end with'),
+                       ('{input} {response}', '{instruction}'),
+                       ('{instruction} {input} {other} {response}', 'only')]:
+    with pytest.raises(UserError, match=culprit) as e:
+      instruct.check_template(bad)
+    assert '\n' not in str(e.value)
+  with pytest.raises(UserError, match='unknown'):
+    instruct.check_tasks(['en_de', 'poetry'])
+
+
+def test_rows_weight_exactly_the_response_and_its_eos(tokenizer):
+  examples = [instruct.Example('reverse', 'a red bike', 'bike red a'),
+              instruct.Example('count', 'two dogs play', '3')]
+  template = '{instruction} {input} => {response}'
+  task = instruct.EncodedTask(examples, tokenizer, template, text_lib.EOS_ID, max_len=96)
+  assert len(task) == 2 and task.dropped == 0
+  batch = instruct.rows([task], [(0, 0), (0, 1)], 96)
+  for row, example in enumerate(examples):
+    weights = batch['weights'][row].astype(bool)
+    # Independently of the row builder: the weighted targets spell the response, then [EOS].
+    answer = batch['targets'][row][weights]
+    assert answer[-1] == text_lib.EOS_ID
+    assert tokenizer.decode(answer[:-1]) == example.response
+    # The inputs are [EOS] and the rendered prompt, then the response (teacher forcing).
+    n_in = int(np.sum(batch['inputs'][row] != text_lib.PAD_ID))
+    text = tokenizer.decode(batch['inputs'][row][:n_in], skip_special=False)
+    prompt = f'{instruct.INSTRUCTIONS[example.task]} {example.input} => '
+    assert text == '[EOS]' + prompt + example.response
+    assert not weights[:len(tokenizer.encode(prompt))].any()
+
+
+def test_masked_prompt_gets_no_gradient(tokenizer):
+  """The loss's gradient with respect to the logits at prompt (and padding) positions is
+  exactly zero; at response positions it is not."""
+  task = instruct.EncodedTask([instruct.Example('sort', 'two dogs play', 'dogs play two')],
+                              tokenizer, instruct.DEFAULT_TEMPLATE, text_lib.EOS_ID, 96)
+  assert len(task) == 1
+  batch = instruct.rows([task], [(0, 0)], 96)
+  logits = jax.random.normal(jax.random.key(0), (1, 96, tokenizer.vocab_size))
+
+  def loss(logits):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+    return family_lib.masked_mean(ce, batch['weights'])
+
+  grad = np.asarray(jax.grad(loss)(logits))[0]
+  weights = batch['weights'][0].astype(bool)
+  assert np.all(grad[~weights] == 0.0)
+  assert np.all(np.abs(grad[weights]).sum(-1) > 0)
+
+
+def test_synthetic_tasks_and_held_out_split():
+  words = [f'w{i:03d}' for i in range(50)]
+  train = {t: instruct._synthetic(t, words, 300, seed=0)
+           for t in ('reverse', 'sort', 'count')}
+  for t, examples in train.items():
+    for e in examples[:50]:
+      split = e.input.split()
+      assert 3 <= len(split) <= 7 and len(set(split)) == len(split)
+      expected = {'reverse': ' '.join(split[::-1]), 'sort': ' '.join(sorted(split)),
+                  'count': str(len(split))}[t]
+      assert e.response == expected
+  seen = frozenset(e.input for e in train['sort'])
+  held = instruct._synthetic('sort', words, 100, seed=1, exclude=seen)
+  assert not seen & {e.input for e in held}
+  assert [e.input for e in instruct._synthetic('sort', words, 20, seed=0)] == [
+      e.input for e in train['sort'][:20]]
+
+
+def test_batches_are_a_pure_function_of_the_step_and_split_over_processes(tokenizer):
+  tasks = [instruct.EncodedTask(instruct._synthetic(t, ['ab', 'cd', 'ef', 'gh', 'ij', 'kl',
+                                                         'mn', 'op'], 30, seed=0),
+                                tokenizer, instruct.DEFAULT_TEMPLATE, text_lib.EOS_ID, 96)
+           for t in ('reverse', 'count')]
+  assert all(len(t) == 30 for t in tasks)
+  whole = instruct.InstructionBatches(tasks, max_len=96, global_batch_size=8, seed=3)
+  halves = [instruct.InstructionBatches(tasks, max_len=96, global_batch_size=8, seed=3,
+                                        process_index=i, process_count=2) for i in range(2)]
+  for step in (0, 5):
+    b = whole.batch(step)
+    np.testing.assert_array_equal(b['inputs'], whole.batch(step)['inputs'])
+    parts = [h.batch(step) for h in halves]
+    for key in b:
+      np.testing.assert_array_equal(b[key], np.concatenate([p[key] for p in parts]))
+  assert np.any(whole.batch(0)['inputs'] != whole.batch(1)['inputs'])
+
+
+# -------------------------------------------------------------------------- tuned runs
+
+
+@pytest.fixture(scope='module')
+def base_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('base'))
+  c = gpt_base.get_config('tiny')
+  c.total_steps = c.optimizer.decay_steps = 4
+  c.eval_every = c.checkpoint_every = 4
+  loop.train(c, workdir)
+  return workdir
+
+
+def _instruct(method, base, **overrides):
+  c = gpt_instruct.get_config(f'{method},tiny')
+  c.init_from = base
+  c.data.tasks = ('count', 'reverse')
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _params(workdir):
+  _, models, _ = sample.load_models(workdir)
+  return {jax.tree_util.keystr(p, simple=True, separator='/').removesuffix('/value'):
+          np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(
+              jax.device_get(jax.tree.map(lambda v: v, models['model'])))[0]}
+
+
+@needs_data
+@pytest.mark.parametrize('method, trained', [('prompt20', r'^prompt$'),
+                                             ('lora4', r'lora_[ab]$')])
+def test_tuned_run_trains_only_its_params_and_scores(base_run, tmp_path, method, trained):
+  import re  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / method)
+  loop.train(_instruct(method, base_run), workdir)
+  before, after = _params(base_run), _params(workdir)
+  new = sorted(set(after) - set(before))
+  assert new and all(re.search(trained, p) for p in new), new
+  for path, value in before.items():
+    np.testing.assert_array_equal(after[path], value, err_msg=path)  # frozen: bit-identical
+  # The tuned model's scores: the report names every task and the forgetting loss.
+  family, models, step = sample.load_models(workdir)
+  summary = family.evaluate(models, workdir, step, {'report': None})
+  assert 'count: exact_match' in summary and 'reverse: exact_match' in summary
+  assert 'tiny_shakespeare validation LM loss' in summary
+
+
+@needs_data
+def test_full_fine_tuning_learns_the_count_task(base_run, tmp_path):
+  """20 steps on one synthetic task: the response-only loss falls well below its start."""
+  workdir = str(tmp_path / 'full')
+  c = _instruct('full', base_run, total_steps=20)
+  c.data.tasks = ('count',)
+  c.optimizer.update(lr=1e-2, decay_steps=20)
+  c.eval_every = 20
+  losses = [v for _, v in sorted(loop.train(c, workdir).step_losses.items())]
+  assert len(losses) == 20
+  assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+@needs_data
+def test_bad_instruction_configs_are_one_line(base_run):
+  with pytest.raises(UserError, match='max_len') as e:
+    loop.setup(_instruct('full', base_run, **{'data.max_len': 9}))
+  assert '\n' not in str(e.value)
+  with pytest.raises(UserError, match='prompt_tokens >= 1'):
+    loop.setup(_instruct('full', base_run, trainable='prompt'))
+  c = _instruct('full', base_run)
+  c.data.template = '{instruction} {input}'
+  with pytest.raises(UserError, match='response'):
+    loop.setup(c)
+
