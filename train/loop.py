@@ -132,12 +132,14 @@ def check_same_run(workdir: str, config, checkpointer, step: int, abstract_state
 
 
 # Config keys that a resumed run may change (they shape no array): left out when naming the
-# keys that differ from the run's.
+# keys that differ from the run's. (init_from only seeds a run's start; a tuned run's
+# checkpoints name their base themselves.)
 _RUN_CONTROL = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'sample_every',
                 'keep_checkpoints', 'eval_batches', 'sample_count', 'sample_tokens', 'batch_size',
                 'grad_accum_steps', 'mesh.', 'sharding.', 'data.data_dir', 'data.raw_dir',
                 'optimizer.lr', 'optimizer.min_lr', 'optimizer.warmup_steps',
-                'optimizer.decay_steps', 'optimizer.schedule', 'optimizer.grad_clip')
+                'optimizer.decay_steps', 'optimizer.schedule', 'optimizer.grad_clip',
+                'init_from')
 
 
 # ---------------------------------------------------------------------------------------------
