@@ -89,7 +89,8 @@ class InstructGPTFamily(gpt_family.GPTFamily):
         train, max_len=self.max_len, global_batch_size=c.batch_size, seed=c.seed,
         process_index=process_index, process_count=process_count)
     self._eval = instruct.fixed_batches(self._encode(splits['validation']), self.max_len,
-                                        c.batch_size, c.eval_batches)
+                                        c.batch_size, c.eval_batches, process_index,
+                                        process_count)
     self._test = splits['test']
 
   # ---- loss ----
