@@ -107,6 +107,8 @@ def test_synthetic_tasks_and_held_out_split():
 
 
 def test_batches_are_a_pure_function_of_the_step_and_split_over_processes(tokenizer):
+  """Training batches per step, and the fixed eval batches: each process's slices make up
+  the global batch."""
   tasks = [instruct.EncodedTask(instruct._synthetic(t, ['ab', 'cd', 'ef', 'gh', 'ij', 'kl',
                                                          'mn', 'op'], 30, seed=0),
                                 tokenizer, instruct.DEFAULT_TEMPLATE, text_lib.EOS_ID, 96)
@@ -122,6 +124,10 @@ def test_batches_are_a_pure_function_of_the_step_and_split_over_processes(tokeni
     for key in b:
       np.testing.assert_array_equal(b[key], np.concatenate([p[key] for p in parts]))
   assert np.any(whole.batch(0)['inputs'] != whole.batch(1)['inputs'])
+  evals = [instruct.fixed_batches(tasks, 96, 8, 3, i, 2) for i in range(2)]
+  for b, *parts in zip(instruct.fixed_batches(tasks, 96, 8, 3), *evals):
+    for key in b:
+      np.testing.assert_array_equal(b[key], np.concatenate([p[key] for p in parts]))
 
 
 # -------------------------------------------------------------------------- tuned runs

@@ -200,13 +200,16 @@ class InstructionBatches:
     return rows(self.tasks, picks[self._slice], self.max_len)
 
 
-def fixed_batches(tasks: list[EncodedTask], max_len: int, batch_size: int,
-                  num_batches: int) -> list[dict[str, np.ndarray]]:
-  """Evaluation batches: the tasks' first examples in turn (the same at every eval)."""
+def fixed_batches(tasks: list[EncodedTask], max_len: int, batch_size: int, num_batches: int,
+                  process_index: int = 0, process_count: int = 1
+                  ) -> list[dict[str, np.ndarray]]:
+  """Evaluation batches: the tasks' first examples in turn (the same at every eval); each
+  process gets its slice of every global batch."""
   picks = [(t, i) for i in range(max(len(t) for t in tasks))
            for t in range(len(tasks)) if i < len(tasks[t])]
   picks = picks[:batch_size * num_batches]
-  return [rows(tasks, picks[k:k + batch_size], max_len)
+  local = batch_size // process_count
+  return [rows(tasks, picks[k + process_index * local:k + (process_index + 1) * local], max_len)
           for k in range(0, len(picks) - batch_size + 1, batch_size)]
 
 

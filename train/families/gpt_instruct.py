@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from typing import Any
 
 import jax
@@ -90,7 +89,8 @@ class InstructGPTFamily(gpt_family.GPTFamily):
         train, max_len=self.max_len, global_batch_size=c.batch_size, seed=c.seed,
         process_index=process_index, process_count=process_count)
     self._eval = instruct.fixed_batches(self._encode(splits['validation']), self.max_len,
-                                        c.batch_size, c.eval_batches)
+                                        c.batch_size, c.eval_batches, process_index,
+                                        process_count)
     self._test = splits['test']
 
   # ---- loss ----
@@ -125,7 +125,9 @@ class InstructGPTFamily(gpt_family.GPTFamily):
       metrics_lib.print_line(f'{progress or "responding"}: {fits.count(False)} of {len(fits)} '
                              f'prompts fill the {model.context_size} positions: no response')
     prompts = [p if ok else p[:1] for p, ok in zip(prompts, fits)]
-    out, start = [], time.perf_counter()
+    out = []
+    progress_line = (metrics_lib.Progress(progress, len(prompts), unit='responses')
+                     if progress else None)
     for k in range(0, len(prompts), batch_size):
       chunk = prompts[k:k + batch_size]
       longest = max(len(p) for p in chunk)
@@ -141,11 +143,8 @@ class InstructGPTFamily(gpt_family.GPTFamily):
         ends = np.flatnonzero(row == self._eos_id)
         out.append(self.tokenizer.decode(row[:ends[0]] if len(ends) else row).strip()
                    if ok else '')
-      if progress:
-        done = min(k + batch_size, len(prompts))
-        rate = done / (time.perf_counter() - start)
-        metrics_lib.print_line(f'{progress}: {done}/{len(prompts)} responses | {rate:.1f}/s | '
-                               f'ETA {(len(prompts) - done) / rate:.0f}s')
+      if progress_line:
+        progress_line.update(len(chunk))
     return out
 
   def task_scores(self, model: gpt_lib.GPT) -> dict[str, dict[str, Any]]:
