@@ -8,6 +8,12 @@ by [EOS] and the stream cut into random windows of 128 tokens. Instruction fine-
   Command:  GENLAB_RAW_DATA=DIR TFDS_DATA_DIR=TFDS python -m train \
                 --config=experiments/configs/gpt_base.py --workdir=/tmp/gpt_base
             (DIR holds multi30k/*.gz and tiny_shakespeare; TFDS a prepared TFDS data_dir)
+  Hardware: 2-core CPU, Zen 4 (cpu family 25), shared with two other engineers' niced jobs.
+  Runtime:  18.3 min wall; 915 s user + 369 s system CPU time (1600 steps of 24 x 128 tokens).
+  Result:   validation perplexity 50.2 per subword token over the mix at step 1600 (95.1 / 63.6
+            / 53.4 at steps 400 / 800 / 1200); 1.58M params (4 layers, width 128). Its samples
+            (samples/step_0001600.txt) are sentence-shaped English or German with garbled
+            content, e.g. "Ein Baseballspieler mit rotem Hut spielt Stästange vor."
 
 ARG `tiny`: a smoke run (2 layers, width 32, 96 positions, vocab 1000, 20 steps).
 """
