@@ -28,6 +28,7 @@ from absl import flags
 from experiments import train_speed
 from experiments.configs import gpt_base
 from experiments.configs import gpt_instruct
+from train import checkpoint as ckpt_lib
 from train import cli
 from train import families
 from train import loop
@@ -50,21 +51,6 @@ _TINY = flags.DEFINE_bool('tiny', False, 'Smoke test: the configs\' tiny variant
 def _finished(workdir: str, steps: int) -> bool:
   path = storage.join(workdir, 'checkpoints', str(steps))
   return storage.isdir(path)
-
-
-def _dir_bytes(path: str) -> int:
-  """Bytes of the files under `path` (local or gs://)."""
-  from etils import epath  # pylint: disable=import-outside-toplevel
-  total = 0
-  for root, _, files in epath.Path(path).walk():
-    total += sum((root / f).stat().length for f in files)
-  return total
-
-
-def _opt_state_bytes(abstract_state) -> int:
-  import jax  # pylint: disable=import-outside-toplevel
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state['opt'])
-             if hasattr(x, 'dtype'))
 
 
 def base_config():
@@ -111,8 +97,8 @@ def main(argv):
   setup = loop.setup(probe)
   base_params = loop.num_params(setup.builder.abstract['params'])
   rows.append({'method': 'base (zero-shot)', 'mix': '-', 'trained': 0,
-               'opt_bytes': 0, 'ckpt_bytes': _dir_bytes(storage.join(
-                   base, 'checkpoints', str(bc.total_steps))), **zero})
+               'opt_bytes': 0, 'ckpt_bytes': ckpt_lib.step_bytes(
+                   storage.join(base, 'checkpoints'), bc.total_steps), **zero})
   runs = []
   for mix in _MIXES.value:
     for method in _METHODS.value:
@@ -125,8 +111,8 @@ def main(argv):
       s = loop.setup(config)
       rows.append({'method': method, 'mix': mix,
                    'trained': s.builder.trainable.count(s.builder.abstract['params']),
-                   'opt_bytes': _opt_state_bytes(s.builder.abstract),
-                   'ckpt_bytes': _dir_bytes(storage.join(workdir, 'checkpoints', str(step))),
+                   'opt_bytes': ckpt_lib.array_bytes(s.builder.abstract['opt']),
+                   'ckpt_bytes': ckpt_lib.step_bytes(storage.join(workdir, 'checkpoints'), step),
                    **_scores(scored, models['model'])})
       runs.append((rows[-1], config))
   # Step times last, back to back, so that they share the machine's state.
