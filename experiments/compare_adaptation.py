@@ -35,6 +35,7 @@ from train import loop
 from train import metrics as metrics_lib
 from train import sample
 from train import storage
+from train import tune
 
 METHODS = ('full', 'lora4', 'lora16', 'prompt20')
 MIXES = {'single': ('en_de',), 'multi': ('en_de', 'de_en', 'reverse', 'sort', 'count')}
@@ -76,7 +77,8 @@ def _train(config, workdir: str) -> None:
 def _scores(config, model) -> dict:
   """Task scores and forgetting loss of `model` as `config`'s instruction family sees it."""
   family = families.get(config.family)(config)
-  family.setup_data(0, 1)
+  # The base run's tokenizer (every run here shares it); task_scores reads the test examples.
+  family.read_run_files(tune.parse_init_from(config.init_from)[0])
   return {'tasks': {t: s['score'] for t, s in family.task_scores(model).items()},
           'forgetting_loss': family.forgetting_loss(model)}
 

@@ -207,3 +207,17 @@ def test_bad_instruction_configs_are_one_line(base_run):
   with pytest.raises(UserError, match='response'):
     loop.setup(c)
 
+
+
+@pytest.mark.skipif(not os.environ.get('TFDS_DATA_DIR'), reason='TFDS_DATA_DIR is not set')
+def test_prompt_tuning_on_language_model_data(tmp_path):
+  """The GPT family cuts windows that leave room for the soft prompt, and trains it alone."""
+  from experiments.configs import gpt_shakespeare  # pylint: disable=import-outside-toplevel
+  c = gpt_shakespeare.get_config('tiny')
+  c.total_steps = c.optimizer.decay_steps = 4
+  c.model.prompt_tokens = 5
+  c.trainable = 'prompt'
+  setup = loop.setup(c)
+  assert setup.family.train_batch(0)['inputs'].shape == (c.batch_size, c.model.block_size - 5)
+  losses = loop.train(c, str(tmp_path)).step_losses
+  assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())

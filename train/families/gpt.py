@@ -163,7 +163,7 @@ class GPTFamily(Family):
     c = self.config
     splits = self._token_streams()
     windows = lambda tokens, seed: data_lib.TokenWindows(
-        tokens, block_size=c.model.block_size, global_batch_size=c.batch_size, seed=seed,
+        tokens, block_size=self.row_tokens(), global_batch_size=c.batch_size, seed=seed,
         process_index=process_index, process_count=process_count)
     self._train = windows(splits['train'], c.seed)
     # The same validation windows at every eval, so eval curves are comparable across steps.
@@ -250,16 +250,20 @@ class GPTFamily(Family):
     report = {'workdir': storage.absolute(workdir), 'family': self.name,
               'checkpoint_step': step, 'dataset': c.data.name, 'split': 'validation',
               'tokenizer': self.tokenizer_kind, 'windows': len(losses) * c.batch_size,
-              'window_tokens': c.model.block_size, **metrics}
+              'window_tokens': self.row_tokens(), **metrics}
     path = options.get('report') or storage.join(workdir, 'eval', f'perplexity_step{step}.json')
     storage.write_text(path, json.dumps(report, indent=1))
     return (f'{self.name} step {step} {c.data.name} validation ({report["windows"]} windows of '
-            f'{c.model.block_size} tokens): ' + ' | '.join(
+            f'{self.row_tokens()} tokens): ' + ' | '.join(
                 f'{k} {v:.4f}' for k, v in metrics.items()) + f'\nwrote {path}')
 
   # ---- reporting ----
+  def row_tokens(self) -> int:
+    """Tokens per batch row: the model's positions less its soft prompt's."""
+    return self.config.model.block_size - self.prompt_tokens
+
   def items_per_step(self) -> int:
-    return self.config.batch_size * self.config.model.block_size
+    return self.config.batch_size * self.row_tokens()
 
   def flops_per_step(self, abstract_params) -> float:
     """nanoGPT's estimate: 6N + 12*L*T*d training FLOPs per token, N = params less wpe."""
@@ -267,8 +271,8 @@ class GPTFamily(Family):
     params = abstract_params['model']
     size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
     n = size(params) - size(params['wpe'])
-    return self.items_per_step() * gpt_lib.flops_per_token(n, m.num_layers, m.block_size,
-                                                           m.embed_dim)
+    span = self.prompt_tokens + self.row_tokens()  # the positions attention runs over
+    return self.items_per_step() * gpt_lib.flops_per_token(n, m.num_layers, span, m.embed_dim)
 
   # ---- sampling ----
   def generate_text(self, model: gpt_lib.GPT, rng: jax.Array, *, prompt: str, num_samples: int,

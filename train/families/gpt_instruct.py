@@ -100,16 +100,8 @@ class InstructGPTFamily(gpt_family.GPTFamily):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
     return masked_mean(ce, batch['weights']), {}
 
-  def items_per_step(self) -> int:
-    return self.config.batch_size * self.max_len
-
-  def flops_per_step(self, abstract_params) -> float:
-    m = self.config.model
-    params = abstract_params['model']
-    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-    n = size(params) - size(params['wpe'])
-    return self.items_per_step() * gpt_lib.flops_per_token(
-        n, m.num_layers, self.max_len + self.prompt_tokens, m.embed_dim)
+  def row_tokens(self) -> int:
+    return self.max_len
 
   # ---- scores ----
   def respond(self, model: gpt_lib.GPT, examples: list[instruct.Example], *,
