@@ -1,8 +1,11 @@
 """The shared loop: sharded runs against single-device and pmap references, exact resume,
-gradient accumulation, the two-network family, the non-finite guard, damaged checkpoints."""
+gradient accumulation, the two-network family, the non-finite guard, damaged checkpoints, and
+the host side of the steps (metrics fetched in bulk, Python's garbage collector kept off them)."""
 
+import gc
 import glob
 import os
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +164,50 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   # The run resumes from step 4 (and meets the same NaN batch again).
   with pytest.raises(loop.NonFiniteLossError, match='at step 5'):
     loop.train(config, str(tmp_path))
+
+
+def test_bulk_metric_fetches_record_every_step_and_catch_a_nan(tmp_path):
+  # log_every 40: the metrics come back at the 16-step syncs, which leave the newest step
+  # running, and at the log; logging every step fetches each step alone, the reference.
+  bulk = loop.train(toy_families.regression_config(total_steps=40, log_every=40),
+                    str(tmp_path / 'bulk'))
+  each = loop.train(toy_families.regression_config(total_steps=40, log_every=1),
+                    str(tmp_path / 'each'))
+  assert sorted(bulk.step_losses) == list(range(1, 41))
+  assert bulk.step_losses == each.step_losses
+  train_loss = [h['loss'] for h in bulk.history if 'loss' in h]
+  np.testing.assert_allclose(train_loss, [np.mean([each.step_losses[s] for s in range(1, 41)])],
+                             rtol=1e-6)
+  # A NaN between two syncs is still caught, at its own step, with nothing checkpointed.
+  with pytest.raises(loop.NonFiniteLossError, match='at step 21;'):
+    loop.train(toy_families.regression_config(total_steps=40, log_every=40, nan_step=20),
+               str(tmp_path / 'nan'))
+  assert not glob.glob(str(tmp_path / 'nan/checkpoints/*'))
+  assert gc.isenabled() and gc.get_freeze_count() == 0  # restored after an error too
+
+
+def test_loop_frees_reference_cycles_and_restores_the_collector(tmp_path, monkeypatch):
+  """Automatic collection is off inside the loop: cyclic garbage must still be freed."""
+  toy = families.get('toy_regression')
+  train_batch = toy.train_batch
+  freed, freed_by_step = [], {}
+
+  class Cycle:
+    def __init__(self):
+      self.me = self
+
+  def train_batch_leaving_a_cycle(self, step):
+    weakref.finalize(Cycle(), freed.append, step)  # garbage only a cyclic collection frees
+    freed_by_step[step] = len(freed)
+    return train_batch(self, step)
+
+  monkeypatch.setattr(toy, 'train_batch', train_batch_leaving_a_cycle)
+  gc.collect()
+  loop.train(toy_families.regression_config(total_steps=40, log_every=40),
+             str(tmp_path), devices=jax.devices()[:1])
+  # The 16-step syncs have freed the cycles of the first steps before the run ends.
+  assert freed_by_step[39] >= 16, freed_by_step
+  assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_damaged_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
