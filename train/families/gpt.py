@@ -209,14 +209,17 @@ class GPTFamily(Family):
 
   # ---- model and loss ----
   def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
-    m = self.config.model
-    return {'model': gpt_lib.GPT(
+    return {'model': self.build_gpt(self.config.model, rngs, prompt_tokens=self.prompt_tokens)}
+
+  def build_gpt(self, m, rngs: nnx.Rngs, *, prompt_tokens: int = 0) -> gpt_lib.GPT:
+    """A GPT of model config group `m` (e.g. config.model) over this run's vocabulary."""
+    return gpt_lib.GPT(
         vocab_size=self._vocab_size(), block_size=m.block_size, num_layers=m.num_layers,
         num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
         init_std=m.get('init_std'), attention_implementation=m.get('attention'),
-        activation=m.get('activation', 'gelu'), prompt_tokens=self.prompt_tokens,
+        activation=m.get('activation', 'gelu'), prompt_tokens=prompt_tokens,
         dtype=_DTYPES[m.dtype],
-        param_dtype=jnp.float32, rngs=rngs)}
+        param_dtype=jnp.float32, rngs=rngs)
 
   def loss(self, models, batch, rng, *, train: bool):
     logits = models['model'](batch['inputs'], dropout_key=rng if train else None)
