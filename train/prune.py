@@ -77,6 +77,7 @@ class Pruning:
       self.pattern = re.compile(spec)
     except re.error as e:
       raise UserError(f'config.prune.params={spec!r}: bad regex ({e})') from None
+    self._counters = {}  # pruned networks -> jitted count of zeros
     if self.enabled and str(config.get('trainable', 'all') or 'all') != 'all':
       # A frozen param of a tuned run is re-read from its base at every restore: it would
       # come back unpruned.
@@ -161,16 +162,18 @@ class Pruning:
   def sparsity_reached(self, params: dict[str, Any], pruned_networks) -> dict[str, float]:
     """{'sparsity': share of exactly-0 weights among the selected ones, 'pruned_weights': how
     many are 0, 'prunable_weights': how many are selected} (the networks in `pruned_networks`)."""
-    def count(params):
-      zeros = total = 0
-      for name in pruned_networks:
-        leaves = jax.tree.leaves(params[name])
-        for x, s in zip(leaves, self.selected(name, params[name])):
-          if s:
-            zeros += jnp.sum(x == 0)
-            total += x.size
-      return zeros, total
-    zeros, total = jax.device_get(jax.jit(count)(params))
+    networks = tuple(pruned_networks)
+    if networks not in self._counters:  # one compile per run, not one per eval
+      def count(params):
+        zeros = total = 0
+        for name in networks:
+          for x, s in zip(jax.tree.leaves(params[name]), self.selected(name, params[name])):
+            if s:
+              zeros += jnp.sum(x == 0)
+              total += x.size
+        return zeros, total
+      self._counters[networks] = jax.jit(count)
+    zeros, total = jax.device_get(self._counters[networks]({n: params[n] for n in networks}))
     total = int(total)
     return {'sparsity': int(zeros) / max(total, 1), 'pruned_weights': int(zeros),
             'prunable_weights': total}

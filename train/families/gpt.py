@@ -26,6 +26,7 @@ from flax import nnx
 from models import gpt as gpt_lib
 from models import layers
 from train import data as data_lib
+from train import prune
 from train import storage
 from train import text as text_lib
 from train import tune
@@ -249,6 +250,10 @@ class GPTFamily(Family):
         {'model': nnx.merge(graphdef, state)}, batch, None, train=False)[0])
     losses = [float(loss_of(state, batch)) for batch in self._eval]
     metrics = self.derived_eval_metrics({'loss': float(np.mean(losses))})
+    pruning = prune.Pruning(self.config)
+    if pruning.enabled:  # a pruned run states what sparsity its weights reached
+      metrics['sparsity'] = pruning.sparsity_reached(
+          {'model': nnx.state(models['model'], nnx.Param)}, ['model'])['sparsity']
     c = self.config
     report = {'workdir': storage.absolute(workdir), 'family': self.name,
               'checkpoint_step': step, 'dataset': c.data.name, 'split': 'validation',
