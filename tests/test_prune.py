@@ -25,7 +25,8 @@ def test_magnitude_masks_prune_the_smallest_over_all_kernels():
              3.0 * rng.normal(size=(12, 4)).astype(np.float32)]  # larger: pruned less
   everything = np.concatenate([np.abs(k).ravel() for k in kernels])
   for sparsity in (0.0, 0.5, 0.75, 0.9, 0.33):
-    masks = prune.magnitude_masks([jnp.asarray(k) for k in kernels], sparsity)
+    masks = jax.jit(prune.magnitude_masks, static_argnums=1)(
+        [jnp.asarray(k) for k in kernels], sparsity)
     n_pruned = round(sparsity * everything.size)
     # numpy: pruned are exactly the weights at or below the n-th smallest magnitude (the
     # random values are distinct).
