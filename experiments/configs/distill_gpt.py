@@ -6,7 +6,8 @@ width 128, block 64, batch 12, 2000 steps), trained on
   alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T),  alpha 0.5, T 2,
 with a frozen teacher of gpt_shakespeare.py:teacher's shape (6 layers, width 256) read from
 that run's directory at the first start. Train the teacher first, then the student:
-  python -m train --config=experiments/configs/gpt_shakespeare.py:teacher --workdir=workdirs/gpt_teacher
+  python -m train --config=experiments/configs/gpt_shakespeare.py:teacher \
+      --workdir=workdirs/gpt_teacher
   python -m train --config=experiments/configs/distill_gpt.py --workdir=workdirs/distill_gpt \
       --config.distill.teacher=workdirs/gpt_teacher
 The student trained from scratch for as many steps is gpt_shakespeare.py's default run.
