@@ -32,6 +32,7 @@ from train import config as config_lib
 from train import families
 from train import metrics as metrics_lib
 from train import optim
+from train import prune as prune_lib
 from train import sharding as sharding_lib
 from train import storage
 from train import tune
@@ -76,6 +77,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.get('ema_decay', 0.0) < 1.0:
     raise UserError(f'config.ema_decay={config.ema_decay}: must be in [0, 1)')
   profile_window(config)
+  prune_lib.Pruning(config)
 
 
 def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
@@ -154,13 +156,16 @@ class StateBuilder:
     self.config = config
     self.ema_decay = float(config.get('ema_decay', 0.0))
     self.trainable = tune.Trainable(config)
-    self.optimizers = {n: self.trainable.wrap_optimizer(n, tx)
+    self.pruning = prune_lib.Pruning(config)
+    # Pruning wraps outermost: its state (the masks) is then the first level of 'opt'.
+    self.optimizers = {n: self.pruning.wrap_optimizer(n, self.trainable.wrap_optimizer(n, tx))
                        for n, tx in family.optimizers(optim.make_optimizer).items()}
     self.graphdefs: dict[str, Any] = {}
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     self.abstract = jax.eval_shape(self._init, init_key)
     self.init_key = init_key
     self.trainable.check(self.abstract['params'], self.optimizers)
+    self.pruning.check(self.abstract['params'], self.optimizers)
 
   def _init(self, key: jax.Array) -> dict[str, Any]:
     models = self.family.make_models(nnx.Rngs(key))
@@ -438,6 +443,12 @@ def log_checkpoint_size(checkpointer, step: int, builder: StateBuilder, log,
       + f' | optimizer state {sizes["opt_state_bytes"]:,} bytes')
 
 
+def _describe_sparsity(builder: StateBuilder, state) -> str:
+  reached = builder.pruning.sparsity_reached(state['params'], builder.optimizers)
+  return (f'sparsity {reached["sparsity"]:.4f} ({reached["pruned_weights"]:,} of '
+          f'{reached["prunable_weights"]:,} weights selected by config.prune.params are 0)')
+
+
 def _any_process(flag: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
@@ -472,6 +483,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
                                                 family.metadata())
       for network, (resolved, source) in networks_from.items():
         metrics_lib.print_line(f'Network {network!r} (frozen) from {resolved} (its {source!r})')
+    if builder.pruning.enabled:
+      # Masks from the weights the run starts from (init_from's), fixed from here on.
+      state = builder.pruning.start(state, builder.optimizers, shardings)
+      metrics_lib.print_line(f'Pruned ({config.prune.method}): '
+                             + _describe_sparsity(builder, state))
   else:
     check_same_run(workdir, config, checkpointer, latest, tuned_ckpt.saved_abstract(
         checkpointer, latest, builder.abstract, builder.trainable))
@@ -526,6 +542,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
         count += 1
       means = family.derived_eval_metrics({k: v / count for k, v in sums.items()})
       scalars.update({f'{prefix}/{k}': v for k, v in means.items()})
+    if builder.pruning.enabled:  # what pruning reached, beside the quality it kept
+      scalars['eval/sparsity'] = builder.pruning.sparsity_reached(
+          state['params'], builder.optimizers)['sparsity']
     log(step, scalars)
     metrics_lib.print_line(f'eval @ {step}: ' + ' | '.join(
         f'{k} {v:.4f}' for k, v in sorted(scalars.items())))
@@ -672,6 +691,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
     if is_main:
       log_checkpoint_size(checkpointer, step, builder, log,
                           config.init_from if trained_only else None)
+    if builder.pruning.enabled:
+      metrics_lib.print_line(f'step {step}: ' + _describe_sparsity(builder, state))
   finally:
     profiler.stop()  # when the run ended (or failed) inside the profile window
     # On any error (a non-finite loss included) only finish saves already started: never

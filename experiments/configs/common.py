@@ -50,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
   # 'model/blocks/0/attn/qkv') match `targets`; rank 0: none. Output x W + (alpha / rank) x A B.
   c.lora = ml_collections.ConfigDict(dict(
       rank=0, alpha=8.0, targets=r'(attn/(qkv|proj)|mlp/(fc|proj))$'))
+  # Pruning (train/prune.py) of the trained networks' params matching `params` (default: every
+  # Linear/Conv kernel), with masks fixed at the run's first start (from init_from's weights):
+  # method 'none' | 'magnitude' (global, unstructured: `sparsity` in [0, 1) of them set to 0) |
+  # '2:4' (2 of every 4 consecutive weights along the input dimension kept).
+  c.prune = ml_collections.ConfigDict(dict(method='none', sparsity=0.0, params=r'kernel$'))
   c.data = ml_collections.ConfigDict()
   c.data.name = ''
   c.data.data_dir = config_dict.placeholder(str)   # None: $TFDS_DATA_DIR or ~/tensorflow_datasets

@@ -15,6 +15,12 @@ ARG `gpu`: nanoGPT's GPU config: 6 layers, 6 heads, width 384, block 256, batch 
   Hardware: one GPU (nanoGPT: ~3 min on an A100). Not run on this project's CPU machines.
   Result:   nanoGPT reports val loss ~1.47.
 
+ARG `teacher`: the teacher of experiments/configs/distill_gpt.py: 6 layers, 8 heads, width 256
+(4.8M params, 6x the default's), block 64, batch 12 as the default, dropout 0.1, 5000 steps
+(cosine to 1e-4 over them).
+  Command:  python -m train --config=experiments/configs/gpt_shakespeare.py:teacher --workdir=workdirs/gpt_teacher
+  Hardware: 2-core CPU. Not yet run: its runtime and val loss are still to be measured.
+
 ARG `tiny`: a smoke run (2 layers, width 32, 20 steps) in well under a minute on CPU.
 
 Parallelism (any ARG): `--config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2` on 8
@@ -67,6 +73,9 @@ def get_config(arg: str | None = None):
     c.eval_batches = 200
     c.model.update(block_size=256, num_layers=6, num_heads=6, embed_dim=384, dropout=0.2,
                    dtype='bfloat16')
+  elif arg == 'teacher':
+    c.total_steps = c.optimizer.decay_steps = 5000
+    c.model.update(num_layers=6, num_heads=8, embed_dim=256, dropout=0.1)
   elif arg == 'tiny':
     c.total_steps = c.optimizer.decay_steps = 20
     c.optimizer.warmup_steps = 2
@@ -78,5 +87,5 @@ def get_config(arg: str | None = None):
     c.sample_tokens = 32
     c.model.update(block_size=32, num_layers=2, num_heads=2, embed_dim=32)
   else:
-    raise ValueError(f'unknown ARG {arg!r} (use gpu or tiny)')
+    raise ValueError(f'unknown ARG {arg!r} (use gpu, teacher or tiny)')
   return c

@@ -14,6 +14,7 @@ from train.errors import UserError
 _FAMILIES = {
     'gpt': 'train.families.gpt:GPTFamily',
     'gpt_instruct': 'train.families.gpt_instruct:InstructGPTFamily',
+    'distill_gpt': 'train.families.distill_gpt:DistillGPTFamily',
     'diffusion': 'train.families.diffusion:DiffusionFamily',
     'classifier': 'train.families.classifier:ClassifierFamily',
     'vae': 'train.families.vae:VAEFamily',

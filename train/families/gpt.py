@@ -26,6 +26,7 @@ from flax import nnx
 from models import gpt as gpt_lib
 from models import layers
 from train import data as data_lib
+from train import prune
 from train import storage
 from train import text as text_lib
 from train import tune
@@ -209,14 +210,17 @@ class GPTFamily(Family):
 
   # ---- model and loss ----
   def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
-    m = self.config.model
-    return {'model': gpt_lib.GPT(
+    return {'model': self.build_gpt(self.config.model, rngs, prompt_tokens=self.prompt_tokens)}
+
+  def build_gpt(self, m, rngs: nnx.Rngs, *, prompt_tokens: int = 0) -> gpt_lib.GPT:
+    """A GPT of model config group `m` (e.g. config.model) over this run's vocabulary."""
+    return gpt_lib.GPT(
         vocab_size=self._vocab_size(), block_size=m.block_size, num_layers=m.num_layers,
         num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
         init_std=m.get('init_std'), attention_implementation=m.get('attention'),
-        activation=m.get('activation', 'gelu'), prompt_tokens=self.prompt_tokens,
+        activation=m.get('activation', 'gelu'), prompt_tokens=prompt_tokens,
         dtype=_DTYPES[m.dtype],
-        param_dtype=jnp.float32, rngs=rngs)}
+        param_dtype=jnp.float32, rngs=rngs)
 
   def loss(self, models, batch, rng, *, train: bool):
     logits = models['model'](batch['inputs'], dropout_key=rng if train else None)
@@ -246,6 +250,10 @@ class GPTFamily(Family):
         {'model': nnx.merge(graphdef, state)}, batch, None, train=False)[0])
     losses = [float(loss_of(state, batch)) for batch in self._eval]
     metrics = self.derived_eval_metrics({'loss': float(np.mean(losses))})
+    pruning = prune.Pruning(self.config)
+    if pruning.enabled:  # a pruned run states what sparsity its weights reached
+      metrics['sparsity'] = pruning.sparsity_reached(
+          {'model': nnx.state(models['model'], nnx.Param)}, ['model'])['sparsity']
     c = self.config
     report = {'workdir': storage.absolute(workdir), 'family': self.name,
               'checkpoint_step': step, 'dataset': c.data.name, 'split': 'validation',
