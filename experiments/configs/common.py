@@ -50,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
   # 'model/blocks/0/attn/qkv') match `targets`; rank 0: none. Output x W + (alpha / rank) x A B.
   c.lora = ml_collections.ConfigDict(dict(
       rank=0, alpha=8.0, targets=r'(attn/(qkv|proj)|mlp/(fc|proj))$'))
+  # int8 quantization with qwix (models/quantize.py) of the Linear and Conv layers: mode '' (none),
+  # 'int8_weights' (weight-only) or 'int8' (weights and activations). qat=True trains with fake
+  # quantization (e.g. from init_from); a trained run converts to int8 params with
+  # `python -m train.quantize`, whose run directory has mode set and qat False.
+  c.quantize = ml_collections.ConfigDict(dict(mode='', qat=False))
   c.data = ml_collections.ConfigDict()
   c.data.name = ''
   c.data.data_dir = config_dict.placeholder(str)   # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
