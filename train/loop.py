@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -76,6 +77,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'{"positive" if positive else "non-negative"} int')
   if not 0.0 <= config.get('ema_decay', 0.0) < 1.0:
     raise UserError(f'config.ema_decay={config.ema_decay}: must be in [0, 1)')
+  tune.check_quantize(config, training=True)
   profile_window(config)
   prune_lib.Pruning(config)
 
@@ -160,6 +162,9 @@ class StateBuilder:
     # Pruning wraps outermost: its state (the masks) is then the first level of 'opt'.
     self.optimizers = {n: self.pruning.wrap_optimizer(n, self.trainable.wrap_optimizer(n, tx))
                        for n, tx in family.optimizers(optim.make_optimizer).items()}
+    if tune.post_training_quantized(config):
+      # int8 params (python -m train.quantize) are served, not trained: no optimizer state.
+      self.optimizers = {n: optax.set_to_zero() for n in self.optimizers}
     self.graphdefs: dict[str, Any] = {}
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     self.abstract = jax.eval_shape(self._init, init_key)
@@ -173,6 +178,8 @@ class StateBuilder:
     # Only trained networks get them (a frozen teacher or reference stays as its run has it).
     tune.apply_lora({n: m for n, m in models.items() if n in self.optimizers}, self.config,
                     jax.random.fold_in(key, 1))
+    # Quantized layers (config.quantize): int8 params, or fake quantization for QAT.
+    models = tune.apply_quantization(models, self.config)
     params, rest = {}, {}
     for name, model in models.items():
       self.graphdefs[name], params[name], rest[name] = nnx.split(model, nnx.Param, ...)

@@ -2,6 +2,10 @@
 
 * `apply_lora`: `config.lora` (rank > 0) wraps the matching `nnx.Linear`s of freshly built
   networks in `models.lora.LoRALinear` (base param paths unchanged, adapters added).
+* `apply_quantization`: `config.quantize` (mode 'int8_weights' or 'int8'; qat) quantizes the
+  Linear and Conv layers of freshly built networks with qwix (`models.quantize`): int8 params
+  (post-training, written by `python -m train.quantize`), or fake quantization in training
+  (qat=True), whose params keep their float paths.
 * `Trainable`: `config.trainable` ('all', 'lora', 'prompt' or a regex over '/'-joined param
   paths such as 'model/blocks/0/attn/qkv/kernel') splits each network's params into trained and frozen ones.
   Frozen params are constants of the loss (no gradient is computed for them), their optimizer
@@ -31,6 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from models import lora as lora_lib
+from models import quantize as quantize_lib
 from train import sharding as sharding_lib
 from train import storage
 from train.errors import UserError
@@ -80,6 +85,61 @@ def apply_lora(models: dict[str, nnx.Module], config: ml_collections.ConfigDict,
     raise UserError(f'config.lora.targets={lora.targets!r}: matches no nnx.Linear module '
                     f'(their paths: {", ".join(linears[:4]) or "none"}'
                     f'{", ..." if len(linears) > 4 else ""})')
+  return models
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization.
+# ---------------------------------------------------------------------------------------------
+def quantize_mode(config: ml_collections.ConfigDict) -> str:
+  """config.quantize.mode ('' when the run is not quantized; runs older than the key too)."""
+  return str((config.get('quantize') or {}).get('mode', '') or '')
+
+
+def quantize_qat(config: ml_collections.ConfigDict) -> bool:
+  return bool((config.get('quantize') or {}).get('qat', False))
+
+
+def post_training_quantized(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run's params are int8 (quantized after training): such a run does not train."""
+  return bool(quantize_mode(config)) and not quantize_qat(config)
+
+
+def check_quantize(config: ml_collections.ConfigDict, *, training: bool = False) -> None:
+  """UserError for an unknown config.quantize.mode, quantization with LoRA, and (`training`)
+  a post-training-quantized run given to the train loop."""
+  mode = quantize_mode(config)
+  if not mode:
+    if quantize_qat(config):
+      raise UserError('config.quantize.qat=True needs config.quantize.mode (one of '
+                      f'{", ".join(quantize_lib.MODES)})')
+    return
+  if mode not in quantize_lib.MODES:
+    raise UserError(f'config.quantize.mode={mode!r}: unknown quantization mode; use one of '
+                    f'{", ".join(quantize_lib.MODES)} (or \'\' for none)')
+  if lora_rank(config):
+    raise UserError(f'config.quantize.mode={mode!r} with config.lora.rank='
+                    f'{lora_rank(config)}: quantize a LoRA run after merging its adapters '
+                    '(python -m train.export --merge_lora)')
+  if training and not quantize_qat(config):
+    raise UserError(f'config.quantize.mode={mode!r}: a post-training-quantized model (int8 '
+                    'params) does not train; set config.quantize.qat=True for '
+                    'quantization-aware training, or quantize a trained run with '
+                    'python -m train.quantize')
+
+
+def apply_quantization(models: dict[str, nnx.Module], config: ml_collections.ConfigDict
+                       ) -> dict[str, nnx.Module]:
+  """`config.quantize` on `models` in place (nothing when quantize.mode is empty)."""
+  mode = quantize_mode(config)
+  if not mode:
+    return models
+  check_quantize(config)
+  for name, model in models.items():
+    try:
+      quantize_lib.quantize(model, mode=mode, qat=quantize_qat(config))
+    except ValueError as e:
+      raise UserError(f'config.quantize.mode={mode!r}: network {name!r}: {e}') from None
   return models
 
 

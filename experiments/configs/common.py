@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   # method 'none' | 'magnitude' (global, unstructured: `sparsity` in [0, 1) of them set to 0) |
   # '2:4' (2 of every 4 consecutive weights along the input dimension kept).
   c.prune = ml_collections.ConfigDict(dict(method='none', sparsity=0.0, params=r'kernel$'))
+  # int8 quantization with qwix (models/quantize.py) of the Linear and Conv layers: mode '' (none),
+  # 'int8_weights' (weight-only) or 'int8' (weights and activations). qat=True trains with fake
+  # quantization (e.g. from init_from); a trained run converts to int8 params with
+  # `python -m train.quantize`, whose run directory has mode set and qat False.
+  c.quantize = ml_collections.ConfigDict(dict(mode='', qat=False))
   c.data = ml_collections.ConfigDict()
   c.data.name = ''
   c.data.data_dir = config_dict.placeholder(str)   # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
