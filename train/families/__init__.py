@@ -14,6 +14,8 @@ from train.errors import UserError
 _FAMILIES = {
     'gpt': 'train.families.gpt:GPTFamily',
     'gpt_instruct': 'train.families.gpt_instruct:InstructGPTFamily',
+    'reward': 'train.families.reward:RewardFamily',
+    'dpo': 'train.families.dpo:DPOFamily',
     'diffusion': 'train.families.diffusion:DiffusionFamily',
     'classifier': 'train.families.classifier:ClassifierFamily',
     'vae': 'train.families.vae:VAEFamily',
