@@ -236,6 +236,13 @@ class Family(abc.ABC):
     """
     return None
 
+  def networks_from_runs(self) -> dict[str, tuple[str, str, str]]:
+    """Networks this family takes, frozen, from other runs (a distillation teacher, a DPO
+    reference): {network: ('RUN_DIR[:STEP]', its name in that run, the config key that names
+    the run, for errors)}. The loop loads them at a fresh start (train/tune.py
+    `load_networks`); give them no optimizer, so they get no gradients and stay as loaded."""
+    return {}
+
   def metadata(self) -> dict[str, Any]:
     """JSON-serialisable facts that sampling needs without the dataset (e.g. a vocabulary)."""
     return {}

@@ -164,7 +164,9 @@ class StateBuilder:
   def _init(self, key: jax.Array) -> dict[str, Any]:
     models = self.family.make_models(nnx.Rngs(key))
     # LoRA adapters draw from their own key: the base params are those of a run without them.
-    models = tune.apply_lora(models, self.config, jax.random.fold_in(key, 1))
+    # Only trained networks get them (a frozen teacher or reference stays as its run has it).
+    tune.apply_lora({n: m for n, m in models.items() if n in self.optimizers}, self.config,
+                    jax.random.fold_in(key, 1))
     params, rest = {}, {}
     for name, model in models.items():
       self.graphdefs[name], params[name], rest[name] = nnx.split(model, nnx.Param, ...)
@@ -420,6 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
                                        keep=int(config.get('keep_checkpoints', 3)))
   latest = checkpointer.latest_step()
   init_from = str(config.get('init_from', '') or '')
+  networks_from = {}  # {network: ['DIR:STEP', its name there]}: Family.networks_from_runs
   if latest is None:
     state = builder.init(shardings)
     if init_from:
@@ -429,10 +432,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
       metrics_lib.print_line(f'Initialised from {resolved}' + (
           f' ({len(fresh)} arrays new in this model keep their init, e.g. {fresh[0]})'
           if fresh else ''))
+    if family.networks_from_runs():
+      state, networks_from = tune.load_networks(family.networks_from_runs(), state, shardings,
+                                                family.metadata())
+      for network, (resolved, source) in networks_from.items():
+        metrics_lib.print_line(f'Network {network!r} (frozen) from {resolved} (its {source!r})')
   else:
     check_same_run(workdir, config, checkpointer, latest, tuned_ckpt.saved_abstract(
         checkpointer, latest, builder.abstract, builder.trainable))
     state, meta = tuned_ckpt.restore(checkpointer, latest, builder, shardings, family.metadata())
+    networks_from = meta.get(tune.NETWORKS_FROM) or {}
     if meta.get(tune.FROZEN_FROM):
       # The run's base is the one its checkpoints name, whatever init_from says now.
       config = config.copy_and_resolve_references()
@@ -499,6 +508,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
 
   def save(step):
     meta = {'data_step': step, 'family': family.name}
+    if networks_from:
+      meta[tune.NETWORKS_FROM] = networks_from
     if trained_only:
       checkpointer.save(step, tuned_ckpt.pack(state, builder.trainable),
                         {**meta, tune.FROZEN_FROM: config.init_from})

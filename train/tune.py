@@ -13,6 +13,9 @@
   run's shardings (any mesh), matched by path; config.json's `init_from` (with the step
   resolved) records the base. A tuned run's checkpoints hold only what it trained and name
   their base (train/tuned_checkpoint.py): such a base is read through its own base first.
+* `load_networks`: whole networks that a family takes, frozen, from other runs
+  (`Family.networks_from_runs`: a distillation teacher, a DPO reference), read the same way
+  under this run's network name.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ NAMED = {'lora': LORA_PARAMS, 'prompt': PROMPT_PARAMS}
 # The meta key of a checkpoint that holds only what its run trained: 'DIR:STEP' of the base run
 # whose checkpoint holds the frozen params (train/tuned_checkpoint.py).
 FROZEN_FROM = 'frozen_from'
+# The meta key naming where the networks of `Family.networks_from_runs` came from:
+# {network: ['DIR:STEP', its name in that run]} (a trained-only checkpoint reloads them).
+NETWORKS_FROM = 'networks_from'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,14 +201,7 @@ def load_init(spec: str, state: dict[str, Any], shardings: dict[str, Any],
   loaded, resolved = _read_run(spec, now, _flat(shardings), metadata,
                                culprit or f'config.init_from={spec}')
 
-  def put(path, leaf):
-    name = sharding_lib.leaf_path(path)
-    return loaded.get(name, leaf)
-
-  new_state = dict(state)
-  for group in ('params', 'rest'):
-    new_state[group] = jax.tree_util.tree_map_with_path(
-        lambda p, x, g=group: put(((jax.tree_util.DictKey(g),) + p), x), state[group])
+  new_state = _overwrite(state, loaded)
   if 'ema' in state:  # the EMA starts where the params start
     new_state['ema'] = {n: jax.tree.map(lambda x: x.copy(), new_state['params'][n])
                         for n in state['ema']}
@@ -210,11 +209,63 @@ def load_init(spec: str, state: dict[str, Any], shardings: dict[str, Any],
   return new_state, resolved, fresh
 
 
+def _overwrite(state: dict[str, Any], loaded: dict[str, jax.Array]) -> dict[str, Any]:
+  """`state` with its 'params' and 'rest' leaves replaced by `loaded`'s ({path: array})."""
+  new_state = dict(state)
+  for group in ('params', 'rest'):
+    new_state[group] = jax.tree_util.tree_map_with_path(
+        lambda p, x, g=group: loaded.get(
+            sharding_lib.leaf_path((jax.tree_util.DictKey(g),) + p), x), state[group])
+  return new_state
+
+
+def load_networks(sources: dict[str, tuple[str, str, str]], state: dict[str, Any],
+                  shardings: dict[str, Any], metadata: dict[str, Any],
+                  culprit: str | None = None) -> tuple[dict[str, Any], dict[str, list[str]]]:
+  """`state` with whole networks read from other runs (`Family.networks_from_runs`:
+  {network: (spec, its name in that run, config key)}), in `shardings`.
+
+  Every param and variable of such a network must come from its run (a frozen network left
+  at its random init would be a silent bug). Returns (state, {network: ['DIR:STEP', its name
+  there]}), the record a checkpoint's meta keeps (`NETWORKS_FROM`). Errors start with
+  'KEY=SPEC', or with `culprit` when given.
+  """
+  flat_state, flat_shardings = _flat(state), _flat(shardings)
+  record = {}
+  for network, (spec, source, key) in sources.items():
+    where = f'{culprit} (network {network!r} from {spec})' if culprit else f'{key}={spec}'
+    now = {p: x for p, x in flat_state.items()
+           if p.startswith((f'params/{network}/', f'rest/{network}/'))}
+    loaded, resolved = _read_run(spec, now, flat_shardings, metadata, where,
+                                 networks={network: source})
+    missing = sorted(p for p in now if p not in loaded)
+    if missing:
+      raise UserError(f'{where}: its network {source!r} lacks {len(missing)} array(s) that '
+                      f'{network!r} needs here (e.g. {missing[0]}); is it a run of this shape?')
+    state = _overwrite(state, loaded)
+    record[network] = [resolved, source]
+  return state, record
+
+
 def _read_run(spec: str, now: dict[str, Any], now_shardings: dict[str, Any],
-              metadata: dict[str, Any], culprit: str) -> tuple[dict[str, jax.Array], str]:
+              metadata: dict[str, Any], culprit: str, networks: dict[str, str] | None = None
+              ) -> tuple[dict[str, jax.Array], str]:
   """({path: array} of run `spec`'s params and non-param variables that `now` has, in
   `now_shardings`; 'DIR:STEP' with DIR absolute). A checkpoint that holds only what its run
-  trained (its meta names the base: `FROZEN_FROM`) is laid over what its base holds."""
+  trained (its meta names the base: `FROZEN_FROM`) is laid over what its base holds.
+
+  `networks` ({network here: its name in run `spec`}) reads only those networks, renamed;
+  None reads every network under its own name."""
+  sources = None if networks is None else {src: here for here, src in networks.items()}
+
+  def here(path: str) -> str | None:
+    """A path of run `spec` ('params/NET/...') as this run's, or None when not read."""
+    if sources is None:
+      return path
+    group, _, tail = path.partition('/')
+    net, _, tail = tail.partition('/')
+    return f'{group}/{sources[net]}/{tail}' if net in sources else None
+
   directory, step = parse_init_from(spec)
   directory = storage.absolute(directory)
   checkpoints = storage.join(directory, 'checkpoints')
@@ -248,18 +299,19 @@ def _read_run(spec: str, now: dict[str, Any], now_shardings: dict[str, Any],
     if (meta or {}).get(FROZEN_FROM):
       # A tuned run: its frozen params are its base's.
       loaded = _read_run(meta[FROZEN_FROM], now, now_shardings, metadata,
-                         f'{culprit} (tuned from {meta[FROZEN_FROM]})')[0]
+                         f'{culprit} (tuned from {meta[FROZEN_FROM]})', networks)[0]
     saved = {p.removesuffix('/value'): x for p, x in _flat(saved_tree).items()
-             if p.startswith(('params/', 'rest/'))}
-    bad = [f'{p}: {list(saved[p].shape)} in the base run, {list(now[p].shape)} here'
-           for p in sorted(saved) if p in now and tuple(saved[p].shape) != tuple(now[p].shape)]
-    bad += [f'{p}: not in this model' for p in sorted(saved) if p not in now]
+             if p.startswith(('params/', 'rest/')) and here(p) is not None}
+    bad = [f'{p}: {list(saved[p].shape)} in the base run, {list(now[here(p)].shape)} here'
+           for p in sorted(saved)
+           if here(p) in now and tuple(saved[p].shape) != tuple(now[here(p)].shape)]
+    bad += [f'{p}: not in this model' for p in sorted(saved) if here(p) not in now]
     if bad:
       raise UserError(f'{culprit}: the base run\'s params do not fit this model ('
                       + '; '.join(bad[:6]) + (f'; {len(bad) - 6} more' if len(bad) > 6 else '')
                       + ')')
-    keep = {p: jax.ShapeDtypeStruct(now[p].shape, now[p].dtype, sharding=now_shardings[p])
-            for p in saved}
+    keep = {p: jax.ShapeDtypeStruct(now[here(p)].shape, now[here(p)].dtype,
+                                    sharding=now_shardings[here(p)]) for p in saved}
     item = _prune(saved_tree, '', keep)
     if item is None:
       return loaded, f'{directory}:{step}'
@@ -272,5 +324,5 @@ def _read_run(spec: str, now: dict[str, Any], now_shardings: dict[str, Any],
                       f'{(str(e).strip().splitlines() or [""])[0][:200]})') from None
   finally:
     manager.close()
-  loaded.update({p.removesuffix('/value'): x for p, x in _flat(restored).items()})
+  loaded.update({here(p.removesuffix('/value')): x for p, x in _flat(restored).items()})
   return loaded, f'{directory}:{step}'

@@ -3,7 +3,8 @@
 A run started with `config.init_from` that trains part of its params (`config.trainable` not
 'all') saves, at every checkpoint, its trained params, their optimizer state and EMA, its
 non-param variables and the step, but none of its frozen params: those are its base run's,
-unchanged (or, for params new in this model, their init from the seed). The checkpoint's meta
+unchanged (or, for params new in this model, their init from the seed), nor the networks its
+family takes frozen from other runs (meta `tune.NETWORKS_FROM` names them). The checkpoint's meta
 names the base (`tune.FROZEN_FROM`: 'DIR:STEP', DIR absolute), so a checkpoint's size reflects
 the fine-tuning method (a LoRA checkpoint holds the adapters and their Adam moments only).
 
@@ -86,6 +87,12 @@ def restore(checkpointer: ckpt_lib.Checkpointer, step: int, builder, shardings: 
       base, state, shardings, family_metadata,
       culprit=f'checkpoint {checkpointer.directory}/{step} (trained params only) needs its '
               f'base run {base} for the frozen ones')
+  networks = meta.get(tune.NETWORKS_FROM) or {}
+  if networks:  # frozen networks from other runs (Family.networks_from_runs): not saved either
+    state, _ = tune.load_networks(
+        {n: (spec, source, tune.NETWORKS_FROM) for n, (spec, source) in networks.items()},
+        state, shardings, family_metadata,
+        culprit=f'checkpoint {checkpointer.directory}/{step} (trained params only) needs')
   saved = {sharding_lib.leaf_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(part)[0]}
   state = jax.tree_util.tree_map_with_path(
       lambda p, x: saved.get(sharding_lib.leaf_path(p), x), state)
