@@ -392,26 +392,31 @@ def generate_full_recompute(model: GPT, prompt: jax.Array, key: jax.Array, *,
                         temperature=float(temperature), top_k=top_k, top_p=top_p)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=('max_new_tokens',))
-def _greedy_continue(graphdef, state, prompts, lengths, *, max_new_tokens):
-  """See `greedy_continue`."""
+@functools.partial(jax.jit, static_argnums=0, static_argnames=('max_new_tokens', 'temperature'))
+def _continue(graphdef, state, prompts, lengths, keys, *, max_new_tokens, temperature):
+  """See `greedy_continue` and `sample_continue`."""
   model = nnx.merge(graphdef, state)
   batch, width = prompts.shape
   total = width + max_new_tokens
   padded = jnp.zeros((batch, total), jnp.int32).at[:, :width].set(prompts)
   logits, cache = model.prefill(padded[:, :1], model.init_cache(batch))
+  # Row i's token at position p draws from fold_in(keys[i], p): a pure function of the row's
+  # key and prompt, whatever else the batch holds.
+  choose = lambda logits, pos: jax.vmap(
+      lambda row, key: sample_logits(row, jax.random.fold_in(key, pos), temperature))(
+          logits, keys)
 
   def step(carry, pos):
     cache, logits = carry
-    # Position `pos` holds the prompt's token while there is one, else the greedy choice.
-    token = jnp.where(pos < lengths, padded[:, pos], jnp.argmax(logits[:, -1], -1))
+    # Position `pos` holds the prompt's token while there is one, else the model's choice.
+    token = jnp.where(pos < lengths, padded[:, pos], choose(logits[:, -1], pos))
     token = token.astype(jnp.int32)
     logits, cache = model.decode(token, pos, cache)
     return (cache, logits[:, None]), token
 
   (_, last), tokens = lax.scan(step, (cache, logits), jnp.arange(1, total))
   # tokens: positions [1, total); plus the choice after the last position.
-  seq = jnp.concatenate([padded[:, :1], tokens.T, jnp.argmax(last[:, -1], -1)[:, None]], 1)
+  seq = jnp.concatenate([padded[:, :1], tokens.T, choose(last[:, -1], total)[:, None]], 1)
   index = lengths[:, None] + jnp.arange(max_new_tokens)[None, :]
   return jnp.take_along_axis(seq, index, axis=1)
 
@@ -439,8 +444,30 @@ def greedy_continue(model: GPT, prompts: jax.Array, lengths: jax.Array, *,
     raise ValueError(f'prompt width {prompts.shape[1]} + {max_new_tokens} new tokens > '
                      f'{model.context_size} positions')
   graphdef, state = nnx.split(model)
-  return _greedy_continue(graphdef, state, jnp.asarray(prompts, jnp.int32),
-                          jnp.asarray(lengths, jnp.int32), max_new_tokens=max_new_tokens)
+  return _continue(graphdef, state, jnp.asarray(prompts, jnp.int32),
+                   jnp.asarray(lengths, jnp.int32), jax.random.split(jax.random.key(0),
+                                                                     prompts.shape[0]),
+                   max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+def sample_continue(model: GPT, prompts: jax.Array, lengths: jax.Array, keys: jax.Array, *,
+                    max_new_tokens: int, temperature: float = 1.0) -> jax.Array:
+  """`greedy_continue` with sampling at `temperature` (0: greedy), one jitted call.
+
+  keys: `[batch]` PRNG keys, one per row. Row i's token at position p draws from
+  `jax.random.fold_in(keys[i], p)` (through `sample_logits`), so a row's continuation is a
+  pure function of (its key, its prompt) whatever else is in the batch.
+
+  Returns:
+    `[batch, max_new_tokens]` int32.
+  """
+  if prompts.shape[1] + max_new_tokens > model.context_size:
+    raise ValueError(f'prompt width {prompts.shape[1]} + {max_new_tokens} new tokens > '
+                     f'{model.context_size} positions')
+  graphdef, state = nnx.split(model)
+  return _continue(graphdef, state, jnp.asarray(prompts, jnp.int32),
+                   jnp.asarray(lengths, jnp.int32), keys, max_new_tokens=max_new_tokens,
+                   temperature=float(temperature))
 
 
 # ----------------------------------------------------------------------------------------

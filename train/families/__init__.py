@@ -15,6 +15,8 @@ _FAMILIES = {
     'gpt': 'train.families.gpt:GPTFamily',
     'gpt_instruct': 'train.families.gpt_instruct:InstructGPTFamily',
     'distill_gpt': 'train.families.distill_gpt:DistillGPTFamily',
+    'reward': 'train.families.reward:RewardFamily',
+    'dpo': 'train.families.dpo:DPOFamily',
     'diffusion': 'train.families.diffusion:DiffusionFamily',
     'classifier': 'train.families.classifier:ClassifierFamily',
     'vae': 'train.families.vae:VAEFamily',

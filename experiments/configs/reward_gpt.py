@@ -1,0 +1,38 @@
+r"""A reward model on preference pairs judged by chrF: the SFT run's GPT with a scalar head.
+
+Starts from an instruction-tuned en->de run (gpt_instruct.py, e.g. on en_de alone) and trains
+every param plus a fresh scalar head (train/families/reward.py) with the Bradley-Terry loss on
+the train split's pairs; the eval rows of metrics.jsonl hold the pairwise accuracy on the
+validation pairs. First write the pairs from the SFT run (train/preferences.py):
+  Command:  GENLAB_RAW_DATA=DIR python -m train.preferences --sft=/tmp/sft --out=/tmp/pairs \
+                --num_prompts=4000 --num_held_out=200
+            python -m train --config=experiments/configs/reward_gpt.py --workdir=/tmp/reward \
+                --config.init_from=/tmp/sft --config.preferences.path=/tmp/pairs
+Hyperparameters were chosen, not tuned (AdamW lr 1e-4, cosine to lr/10, 600 steps of 32 pairs);
+no result is recorded here yet. The model section must equal the SFT run's (gpt_instruct.py's).
+
+ARG `tiny`: gpt_instruct.py:tiny's model, 4 steps of 8 pairs (tests).
+"""
+
+from experiments.configs import gpt_instruct
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, 'tiny'):
+    raise ValueError(f'unknown ARG {arg!r} (use tiny)')
+  c = gpt_instruct.get_config('tiny' if arg == 'tiny' else None)
+  c.family = 'reward'
+  del c['method']
+  c.preferences = dict(path='')   # a directory written by `python -m train.preferences`
+  c.data.max_len = 80 if arg is None else 88
+  c.total_steps = c.optimizer.decay_steps = 600
+  c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=30, weight_decay=0.0)
+  c.eval_every = c.checkpoint_every = 200
+  c.eval_batches = 6
+  if arg == 'tiny':
+    c.total_steps = c.optimizer.decay_steps = 4
+    c.optimizer.update(lr=1e-3, warmup_steps=1)
+    c.batch_size = 8
+    c.eval_every = c.checkpoint_every = 2
+    c.eval_batches = 1
+  return c
