@@ -50,6 +50,8 @@ _ONLY = flags.DEFINE_list('only', ['gpt', 'ddpm'], 'Configs to measure: gpt, ddp
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds (loop runs) per config.')
 _GPT_STEPS = flags.DEFINE_integer('gpt_steps', 1000, 'Loop steps per GPT round.')
 _DDPM_STEPS = flags.DEFINE_integer('ddpm_steps', 200, 'Loop steps per DDPM round.')
+_PAUSES = flags.DEFINE_bool('pauses', True, 'Keep the scaled eval, checkpoint and sample cadence; '
+                            'false: none before the end (what the pauses cost, by difference).')
 _CHUNK = 20
 
 CONFIGS = {'gpt': (lambda: gpt_shakespeare.get_config(), _GPT_STEPS, 100),
@@ -65,7 +67,8 @@ def scaled_config(name: str):
   config.log_every = log_every
   for key in ('eval_every', 'checkpoint_every', 'sample_every'):
     if config.get(key, 0):  # rounded down to a multiple of log_every: pauses fall on log steps
-      config[key] = max(log_every, int(config[key] / factor) // log_every * log_every)
+      config[key] = (max(log_every, int(config[key] / factor) // log_every * log_every)
+                     if _PAUSES.value else 0)
   config.eval_batches = max(1, round(config.eval_batches / factor))
   return config
 
