@@ -11,7 +11,8 @@ sides alike):
     loop does per step (fetching and placing the next batch, metrics, syncs);
   * step: the same config's jitted train step (train.loop's `jit_train_step`, compiled once)
     on as many steps, on 20 real batches placed on the device beforehand, dispatched in chunks
-    of 20 with a sync after each (the loop syncs at least every 16 steps). It runs right after
+    of 20 with a sync after each (the loop syncs at least every 16 steps), with Python's
+    garbage collector as in a plain script (the loop keeps it off its steps). It runs right after
     each logged window, where the loop computes its progress line, outside the loop's timed
     windows (this script wraps `train.metrics.progress_line` to get there);
 and prints, per round, the ratio of the loop's steps/s to the step's over all those windows;
@@ -19,12 +20,13 @@ then the median of the rounds.
 
 Cadence: each of eval_every, checkpoint_every and sample_every is divided by
 config.total_steps / steps and rounded down to a multiple of log_every (GPT: 2000 -> 1000
-steps, log every 100: eval every 500 -> 200, checkpoint every 1000 -> 500; DDPM: 3600 -> 200
-steps, log every 10: eval and checkpoint every 1000 -> 50, samples every 500 -> 20), so the short
-run pauses at least as often per step as the full one, and eval_batches is scaled alike where
-that keeps at least one batch (GPT: 50 -> 25).
+steps, log every 100: eval every 500 -> 200, checkpoint every 1000 -> 500; DDPM: 3600 -> 100
+steps, log every 10: eval and checkpoint every 1000 -> 20, samples every 500 -> 10), so the short
+run pauses at least as often per step as the full one (DDPM: before every window), and
+eval_batches is scaled alike where that keeps at least one batch (GPT: 50 -> 25). --nopauses:
+no eval, checkpoint or samples before the end.
 
-  TFDS_DATA_DIR=... python -m experiments.benchmark_loop [--only=gpt,ddpm] [--rounds=3]
+  TFDS_DATA_DIR=... python -m experiments.benchmark_loop [--only=gpt,ddpm] [--rounds=3] [--nopauses]
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from train import sharding as sharding_lib
 _ONLY = flags.DEFINE_list('only', ['gpt', 'ddpm'], 'Configs to measure: gpt, ddpm.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds (loop runs) per config.')
 _GPT_STEPS = flags.DEFINE_integer('gpt_steps', 1000, 'Loop steps per GPT round.')
-_DDPM_STEPS = flags.DEFINE_integer('ddpm_steps', 200, 'Loop steps per DDPM round.')
+_DDPM_STEPS = flags.DEFINE_integer('ddpm_steps', 100, 'Loop steps per DDPM round.')
 _PAUSES = flags.DEFINE_bool('pauses', True, 'Keep the scaled eval, checkpoint and sample cadence; '
                             'false: none before the end (what the pauses cost, by difference).')
 _CHUNK = 20
