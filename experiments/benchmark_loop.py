@@ -23,10 +23,11 @@ config.total_steps / steps and rounded down to a multiple of log_every (GPT: 200
 steps, log every 100: eval every 500 -> 200, checkpoint every 1000 -> 500; DDPM: 3600 -> 100
 steps, log every 10: eval and checkpoint every 1000 -> 20, samples every 500 -> 10), so the short
 run pauses at least as often per step as the full one (DDPM: before every window), and
-eval_batches is scaled alike where that keeps at least one batch (GPT: 50 -> 25). --nopauses:
-no eval, checkpoint or samples before the end.
+eval_batches is scaled alike where that keeps at least one batch (GPT: 50 -> 25). --pauses
+keeps only some of them (e.g. checkpoint), or none before the end (none).
 
-  TFDS_DATA_DIR=... python -m experiments.benchmark_loop [--only=gpt,ddpm] [--rounds=3] [--nopauses]
+  TFDS_DATA_DIR=... python -m experiments.benchmark_loop [--only=gpt,ddpm] [--rounds=3] \
+      [--pauses=eval,checkpoint,sample|none]
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ _ONLY = flags.DEFINE_list('only', ['gpt', 'ddpm'], 'Configs to measure: gpt, ddp
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds (loop runs) per config.')
 _GPT_STEPS = flags.DEFINE_integer('gpt_steps', 1000, 'Loop steps per GPT round.')
 _DDPM_STEPS = flags.DEFINE_integer('ddpm_steps', 100, 'Loop steps per DDPM round.')
-_PAUSES = flags.DEFINE_bool('pauses', True, 'Keep the scaled eval, checkpoint and sample cadence; '
-                            'false: none before the end (what the pauses cost, by difference).')
+_PAUSES = flags.DEFINE_list('pauses', ['eval', 'checkpoint', 'sample'],
+                            'Pauses kept at the scaled cadence (eval, checkpoint, sample; none: '
+                            'none before the end): what each costs, by difference.')
+_PAUSE_KEYS = {'eval': 'eval_every', 'checkpoint': 'checkpoint_every', 'sample': 'sample_every'}
 _CHUNK = 20
 
 CONFIGS = {'gpt': (lambda: gpt_shakespeare.get_config(), _GPT_STEPS, 100),
@@ -67,10 +70,14 @@ def scaled_config(name: str):
   factor = config.total_steps / steps
   config.total_steps = steps
   config.log_every = log_every
-  for key in ('eval_every', 'checkpoint_every', 'sample_every'):
+  unknown = set(_PAUSES.value) - set(_PAUSE_KEYS) - {'none'}
+  if unknown:
+    raise app.UsageError(f'--pauses: unknown {sorted(unknown)} (use {", ".join(_PAUSE_KEYS)} '
+                         'or none)')
+  for pause, key in _PAUSE_KEYS.items():
     if config.get(key, 0):  # rounded down to a multiple of log_every: pauses fall on log steps
       config[key] = (max(log_every, int(config[key] / factor) // log_every * log_every)
-                     if _PAUSES.value else 0)
+                     if pause in _PAUSES.value else 0)
   config.eval_batches = max(1, round(config.eval_batches / factor))
   return config
 
