@@ -11,7 +11,8 @@ sides alike):
     loop does per step (fetching and placing the next batch, metrics, syncs);
   * step: the same config's jitted train step (train.loop's `jit_train_step`, compiled once)
     on as many steps, on 20 real batches placed on the device beforehand, dispatched in chunks
-    of 20 with a sync after each (the loop syncs at least every 16 steps). It runs right after
+    of 20 with a sync after each (the loop syncs at least every 16 steps), with Python's
+    garbage collector as in a plain script (the loop keeps it off its steps). It runs right after
     each logged window, where the loop computes its progress line, outside the loop's timed
     windows (this script wraps `train.metrics.progress_line` to get there);
 and prints, per round, the ratio of the loop's steps/s to the step's over all those windows;
@@ -19,12 +20,14 @@ then the median of the rounds.
 
 Cadence: each of eval_every, checkpoint_every and sample_every is divided by
 config.total_steps / steps and rounded down to a multiple of log_every (GPT: 2000 -> 1000
-steps, log every 100: eval every 500 -> 200, checkpoint every 1000 -> 500; DDPM: 3600 -> 200
-steps, log every 10: eval and checkpoint every 1000 -> 50, samples every 500 -> 20), so the short
-run pauses at least as often per step as the full one, and eval_batches is scaled alike where
-that keeps at least one batch (GPT: 50 -> 25).
+steps, log every 100: eval every 500 -> 200, checkpoint every 1000 -> 500; DDPM: 3600 -> 100
+steps, log every 10: eval and checkpoint every 1000 -> 20, samples every 500 -> 10), so the short
+run pauses at least as often per step as the full one (DDPM: before every window), and
+eval_batches is scaled alike where that keeps at least one batch (GPT: 50 -> 25). --pauses
+keeps only some of them (e.g. checkpoint), or none before the end (none).
 
-  TFDS_DATA_DIR=... python -m experiments.benchmark_loop [--only=gpt,ddpm] [--rounds=3]
+  TFDS_DATA_DIR=... python -m experiments.benchmark_loop [--only=gpt,ddpm] [--rounds=3] \
+      [--pauses=eval,checkpoint,sample|none]
 """
 
 from __future__ import annotations
@@ -49,7 +52,11 @@ from train import sharding as sharding_lib
 _ONLY = flags.DEFINE_list('only', ['gpt', 'ddpm'], 'Configs to measure: gpt, ddpm.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds (loop runs) per config.')
 _GPT_STEPS = flags.DEFINE_integer('gpt_steps', 1000, 'Loop steps per GPT round.')
-_DDPM_STEPS = flags.DEFINE_integer('ddpm_steps', 200, 'Loop steps per DDPM round.')
+_DDPM_STEPS = flags.DEFINE_integer('ddpm_steps', 100, 'Loop steps per DDPM round.')
+_PAUSES = flags.DEFINE_list('pauses', ['eval', 'checkpoint', 'sample'],
+                            'Pauses kept at the scaled cadence (eval, checkpoint, sample; none: '
+                            'none before the end): what each costs, by difference.')
+_PAUSE_KEYS = {'eval': 'eval_every', 'checkpoint': 'checkpoint_every', 'sample': 'sample_every'}
 _CHUNK = 20
 
 CONFIGS = {'gpt': (lambda: gpt_shakespeare.get_config(), _GPT_STEPS, 100),
@@ -63,9 +70,14 @@ def scaled_config(name: str):
   factor = config.total_steps / steps
   config.total_steps = steps
   config.log_every = log_every
-  for key in ('eval_every', 'checkpoint_every', 'sample_every'):
+  unknown = set(_PAUSES.value) - set(_PAUSE_KEYS) - {'none'}
+  if unknown:
+    raise app.UsageError(f'--pauses: unknown {sorted(unknown)} (use {", ".join(_PAUSE_KEYS)} '
+                         'or none)')
+  for pause, key in _PAUSE_KEYS.items():
     if config.get(key, 0):  # rounded down to a multiple of log_every: pauses fall on log steps
-      config[key] = max(log_every, int(config[key] / factor) // log_every * log_every)
+      config[key] = (max(log_every, int(config[key] / factor) // log_every * log_every)
+                     if pause in _PAUSES.value else 0)
   config.eval_batches = max(1, round(config.eval_batches / factor))
   return config
 
