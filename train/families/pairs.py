@@ -20,6 +20,9 @@ import optax
 
 from train import metrics as metrics_lib
 from train import preferences
+from train import storage
+from train import text as text_lib
+from train import tune
 from train.errors import UserError
 from train.families import gpt as gpt_family
 
@@ -62,6 +65,10 @@ class PairsFamily(gpt_family.GPTFamily):
     if not str(c.get('init_from') or ''):
       raise UserError(f'config.init_from: empty; the {self.name} family starts from the SFT '
                       'run (its tokenizer and params)')
+    sft = tune.parse_init_from(str(c.init_from))[0]
+    if not storage.isfile(storage.join(sft, text_lib.TOKENIZER_FILE)):
+      raise UserError(f'config.init_from={c.init_from}: no {text_lib.TOKENIZER_FILE} there; '
+                      'is it an instruction-tuned (gpt_instruct) run directory?')
     self.tokenizer = self._train_subword([])   # the init_from run's tokenizer.json
     path = str(c.preferences.path)
     manifest, splits = preferences.load(path)
