@@ -17,7 +17,6 @@ from flax import nnx
 from experiments.configs import gpt_shakespeare
 from models import gpt
 from models import quantize as quantize_lib
-from tests.test_bad_inputs import assert_cli_one_line, run_cli
 from train import checkpoint as ckpt_lib
 from train import loop
 from train import quantize
@@ -88,7 +87,7 @@ def test_int8_weights_and_activations_against_numpy():
 
 
 def test_convolutions_need_int8_activations():
-  conv = _Holder(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)))
+  conv = _Holder(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)))  # (the DDPM UNet's layers)
   with pytest.raises(ValueError, match='use mode int8'):
     quantize_lib.quantize(conv, mode='int8_weights')
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
@@ -101,9 +100,9 @@ def test_convolutions_need_int8_activations():
 
 @pytest.mark.parametrize('mode, bound', [('int8_weights', 0.03), ('int8', 0.05)])
 def test_quantized_gpt_logits_close_to_float_and_cached_decoding_quantized(mode, bound):
-  model = gpt.GPT(vocab_size=40, block_size=16, num_layers=2, num_heads=2, embed_dim=64,
+  model = gpt.GPT(vocab_size=40, block_size=16, num_layers=2, num_heads=2, embed_dim=32,
                   rngs=nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(1), (3, 12), 0, 40)
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 40)
   forward = nnx.jit(lambda m, t: m(t))
   want = np.asarray(forward(model, tokens))
   quantized = nnx.clone(model)
@@ -143,9 +142,10 @@ def _kernel_bytes(tree) -> tuple[int, int]:
 def test_quantized_run_samples_evaluates_and_is_smaller(tmp_path):
   one = jax.devices()[:1]
   base = str(tmp_path / 'base')
-  loop.train(_tiny_config(), base, devices=one)
+  base_kernel = np.asarray(loop.train(_tiny_config(), base, devices=one).state['params'][
+      'model']['blocks'][0]['mlp']['fc']['kernel'][...])
   out = str(tmp_path / 'int8')
-  report = quantize.quantize_run(base, out, 'int8_weights', decode_batch=2, decode_tokens=8)
+  report = quantize.quantize_run(base, out, 'int8_weights', decode_batch=1, decode_tokens=4)
   assert report['quantized_layers'] == {'model': 2 * 4}
   assert abs(report['eval_loss_change']) < 0.02 and report['decode_tokens_per_s'] > 0
   with open(os.path.join(out, 'quantize.json'), encoding='utf-8') as f:
@@ -187,17 +187,12 @@ def test_quantized_run_samples_evaluates_and_is_smaller(tmp_path):
   # Quantization-aware training from the base, through the ordinary loop, then converted.
   qat = str(tmp_path / 'qat')
   result = loop.train(_tiny_config(**{'quantize.mode': 'int8', 'quantize.qat': True,
-                                      'init_from': base, 'total_steps': 3}), qat, devices=one)
+                                      'init_from': base, 'total_steps': 1,
+                                      'optimizer.warmup_steps': 0}), qat, devices=one)
   assert np.isfinite(list(result.step_losses.values())).all()
   kernel = result.state['params']['model']['blocks'][0]['mlp']['fc']['kernel'][...]
   assert kernel.dtype == jnp.float32  # QAT keeps float params (fake quantization)
-  converted = quantize.quantize_run(qat, str(tmp_path / 'qat_int8'), 'int8', decode_batch=2,
-                                    decode_tokens=8)
-  assert abs(converted['eval_loss_change']) < 0.02
-
-
-def test_cli_unknown_mode_is_one_line(tmp_path):
-  assert_cli_one_line(run_cli('train.quantize', f'--workdir={tmp_path}',
-                              f'--out={tmp_path / "q"}', '--mode=int4'),
-                      '--mode=int4', 'unknown quantization mode')
-  assert not os.path.exists(tmp_path / 'q')
+  assert np.abs(np.asarray(kernel) - base_kernel).max() > 0  # straight-through gradients
+  converted = quantize.quantize_run(qat, str(tmp_path / 'qat_int8'), 'int8', decode_tokens=0)
+  # Fake quantization computes what the int8 model computes: the loss barely moves.
+  assert abs(converted['eval_loss_change']) < 1e-3, converted

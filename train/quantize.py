@@ -50,8 +50,8 @@ from train.errors import UserError
 # flags, which this command shares.
 _MODE = flags.DEFINE_string('mode', None, f'Quantization: {" | ".join(quantize_lib.MODES)}.')
 _DECODE_BATCH = flags.DEFINE_integer('decode_batch', 8, 'GPT: rows of the decode timing.')
-_DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', 256,
-                                      'GPT: new tokens per call of the decode timing.')
+_DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', 256, 'GPT: new tokens per call of the '
+                                      'decode timing (0: no timing).')
 _REPEATS = 3
 
 
@@ -122,11 +122,15 @@ def quantize_run(workdir: str, out: str, mode: str, *, decode_batch: int = 8,
   """Writes the quantized run to `out` (module docstring); returns the report."""
   mode = check_mode(mode)
   check_out(out)
+  config_path = storage.join(workdir, 'config.json')
+  if storage.isfile(config_path):  # (load_models names what else is wrong with `workdir`)
+    config = config_lib.from_json(json.dumps(storage.read_json(config_path,
+                                                               f'--workdir={workdir}')))
+    if tune.post_training_quantized(config):
+      raise UserError(f'--workdir={workdir}: already quantized (config.quantize.mode='
+                      f'{tune.quantize_mode(config)!r}); quantize its source run instead')
   family, models, step = sample.load_models(workdir)
   config = family.config
-  if tune.post_training_quantized(config):
-    raise UserError(f'--workdir={workdir}: already quantized (config.quantize.mode='
-                    f'{tune.quantize_mode(config)!r}); quantize its source run instead')
   if tune.lora_rank(config):
     raise UserError(f'--workdir={workdir}: a LoRA run; merge its adapters first '
                     '(python -m train.export --merge_lora)')
@@ -151,6 +155,8 @@ def quantize_run(workdir: str, out: str, mode: str, *, decode_batch: int = 8,
   report: dict[str, Any] = {
       'workdir': storage.absolute(workdir), 'out': storage.absolute(out), 'step': step,
       'family': family.name, 'mode': mode,
+      # What the int8 model is compared with: the float model, or a QAT run's fake-quantized one.
+      'source_model': 'qat' if tune.quantize_mode(config) else 'float',
       'quantized_layers': {n: len(quantize_lib.quantizable_layers(m)) for n, m in models.items()},
       'param_bytes': param_bytes(reference), 'quantized_param_bytes': param_bytes(quantized)}
   report['param_bytes_ratio'] = report['quantized_param_bytes'] / report['param_bytes']
@@ -160,7 +166,7 @@ def quantize_run(workdir: str, out: str, mode: str, *, decode_batch: int = 8,
   report['eval_loss'] = eval_loss(family, reference, batches)
   report['quantized_eval_loss'] = eval_loss(family, quantized, batches)
   report['eval_loss_change'] = report['quantized_eval_loss'] - report['eval_loss']
-  if isinstance(models.get('model'), gpt_lib.GPT):
+  if isinstance(models.get('model'), gpt_lib.GPT) and decode_tokens > 0:
     speed = decode_tokens_per_s({'f32': reference['model'], 'int8': quantized['model']},
                                 batch=decode_batch, new_tokens=decode_tokens)
     report.update(decode_batch=decode_batch, decode_tokens=decode_tokens, decode_repeats=_REPEATS,
@@ -198,7 +204,8 @@ def summary(report: dict[str, Any]) -> str:
       f'{r["quantized_eval_loss"]:.4f} ({r["eval_loss_change"]:+.4f})']
   if 'decode_tokens_per_s' in r:
     lines.append(f'decode tokens/s (batch {r["decode_batch"]}, {r["decode_tokens"]} tokens, '
-                 f'median of {r["decode_repeats"]}): f32 {r["decode_tokens_per_s"]:,.0f} | '
+                 f'median of {r["decode_repeats"]}): {r["source_model"]} '
+                 f'{r["decode_tokens_per_s"]:,.0f} | '
                  f'{r["mode"]} {r["quantized_decode_tokens_per_s"]:,.0f} '
                  f'(x{r["decode_speed_ratio"]:.2f})')
   return '\n'.join(lines + [f'wrote {storage.join(r["out"], "quantize.json")}'])
@@ -212,9 +219,10 @@ def main(argv):
     raise UserError('--workdir is required')
   if not out:
     raise UserError('--out is required (the run directory to write)')
-  for flag in (_DECODE_BATCH, _DECODE_TOKENS):
-    if flag.value < 1:
-      raise UserError(f'--{flag.name}={flag.value}: must be >= 1')
+  if _DECODE_BATCH.value < 1:
+    raise UserError(f'--decode_batch={_DECODE_BATCH.value}: must be >= 1')
+  if _DECODE_TOKENS.value < 0:
+    raise UserError(f'--decode_tokens={_DECODE_TOKENS.value}: must be >= 0 (0: no timing)')
   report = quantize_run(workdir, out, _MODE.value, decode_batch=_DECODE_BATCH.value,
                         decode_tokens=_DECODE_TOKENS.value)
   print(summary(report), flush=True)
