@@ -211,6 +211,15 @@ def load_init(spec: str, state: dict[str, Any], shardings: dict[str, Any],
   return new_state, resolved, fresh
 
 
+def metadata_fits(base: Any, metadata: dict[str, Any]) -> bool:
+  """Whether a base run's family.json (`base`) states every fact of this run's `metadata`
+  alike; the base may state more (e.g. a BERT run's baseline figures, when a retriever starts
+  from it)."""
+  missing = object()
+  return isinstance(base, dict) and all(
+      base.get(k, missing) == v for k, v in json.loads(json.dumps(metadata)).items())
+
+
 def _read_run(spec: str, now: dict[str, Any], now_shardings: dict[str, Any],
               metadata: dict[str, Any], culprit: str) -> tuple[dict[str, jax.Array], str]:
   """({path: array} of run `spec`'s params and non-param variables that `now` has, in
@@ -235,12 +244,7 @@ def _read_run(spec: str, now: dict[str, Any], now_shardings: dict[str, Any],
       raise UserError(f'{culprit}: no checkpoint at step {step} (steps: {sorted(steps)})')
     family_path = storage.join(directory, 'family.json')
     if storage.isfile(family_path):
-      base = storage.read_json(family_path, culprit)
-      # Every fact this run's family.json states must hold in the base's; the base may state
-      # more (e.g. a BERT run's baseline figures, when a retriever starts from it).
-      missing = object()
-      if not isinstance(base, dict) or any(
-          base.get(k, missing) != v for k, v in json.loads(json.dumps(metadata)).items()):
+      if not metadata_fits(storage.read_json(family_path, culprit), metadata):
         raise UserError(f'{culprit}: its family.json (vocabulary, shapes) differs from this '
                         "run's data; fine-tune on data with the base run's vocabulary")
     try:

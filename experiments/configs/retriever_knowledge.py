@@ -8,13 +8,17 @@ with in-batch negatives (batch 64 distinct facts, temperature 0.05), dropout 0.1
 AdamW lr 1e-3 (100 warmup steps, cosine to 1e-5), weight decay 0.01.
   Command:  python -m train --config=experiments/configs/retriever_knowledge.py --workdir=/tmp/ret
             python -m train.evaluate --workdir=/tmp/ret [--split=test]
-  Result:   not yet measured with these defaults.
+  Hardware: 2-core CPU (AMD Zen 4, cpu family 25), shared: load average 7-9.
+  Runtime:  the 300-step run of experiments/README.md: 18.5 min wall, 183 s user + 62 s system CPU time.
+  Result:   not measured with these defaults yet; that 300-step run (the command is in
+            experiments/README.md, "Retrieval") reaches val recall@1 / @5 of 73.5% / 90.3% (BM25:
+            35.1% / 100%).
 
-ARG `tiny`: a smoke run (60 people, 2 layers, width 32, vocab 400, 8 steps), seconds of CPU.
+ARG `tiny`: a smoke run (60 people, 2 layers, width 32, vocab 400, 8 steps): about 30 s of CPU
+time, most of it compiling.
 
-Start from a BERT run (same model shape; its tokenizer is then used):
-  --config.init_from=BERT_RUN_DIR (e.g. experiments/configs/bert_multi30k.py with
-  --config.model.max_len=32).
+Start from a BERT run of the same model shape (experiments/configs/bert_multi30k.py's default
+has it; its tokenizer is then used): --config.init_from=BERT_RUN_DIR.
 """
 
 from ml_collections import config_dict
