@@ -244,6 +244,16 @@ def test_init_from_8_devices_onto_4(tmp_path):
   assert sorted(run.step_losses) == [1, 2]
 
 
+def test_base_metadata_must_state_this_runs_facts_alike():
+  ours = {'vocab_size': 300, 'tokenizer': 'subword'}
+  assert tune.metadata_fits({'vocab_size': 300, 'tokenizer': 'subword', 'extra': 0.5}, ours)
+  assert not tune.metadata_fits({'vocab_size': 301, 'tokenizer': 'subword'}, ours)
+  assert not tune.metadata_fits({'vocab_size': 300}, ours)   # a fact the base does not state
+  assert not tune.metadata_fits({'chars': 'ab'}, {'chars': ('a', 'b', 'c')})
+  assert not tune.metadata_fits([], {})
+  assert tune.metadata_fits({'chars': ['a', 'b']}, {'chars': ('a', 'b')})  # as JSON stores it
+
+
 @pytest.mark.parametrize('overrides, message', [
     ({'init_from': 'EMPTY'}, r'config.init_from=.*empty: no checkpoint in .*empty/checkpoints$'),
     ({'init_from': 'BASE:7'}, r'no checkpoint at step 7 \(steps: \[2\]\)'),

@@ -80,6 +80,10 @@ def read_text(path) -> str:
   return epath.Path(path).read_text(encoding='utf-8')
 
 
+def read_bytes(path) -> bytes:
+  return epath.Path(path).read_bytes()
+
+
 def read_json(path, culprit: str) -> Any:
   """The JSON object in `path`; a missing or damaged file is a UserError naming `culprit`."""
   path = os.fspath(path)

@@ -253,8 +253,9 @@ def load_init(spec: str, state: dict[str, Any], shardings: dict[str, Any],
 
   Returns (state, 'DIR:STEP' as resolved (DIR made absolute), paths that kept their fresh
   init).
-  `metadata` is this run's `family.metadata()`: a base run whose family.json differs (e.g.
-  another vocabulary) is refused, since its embedding rows would mean other tokens. `culprit`
+  `metadata` is this run's `family.metadata()`: a base run whose family.json states another
+  value for one of its keys (e.g. another vocabulary) is refused, since its embedding rows would
+  mean other tokens; keys only the base states are ignored. `culprit`
   starts every error line (default 'config.init_from=SPEC').
   """
   now = {p: x for p, x in _flat(state).items() if p.startswith(('params/', 'rest/'))}
@@ -307,6 +308,15 @@ def load_networks(sources: dict[str, tuple[str, str, str]], state: dict[str, Any
   return state, record
 
 
+def metadata_fits(base: Any, metadata: dict[str, Any]) -> bool:
+  """Whether a base run's family.json (`base`) states every fact of this run's `metadata`
+  alike; the base may state more (e.g. a BERT run's baseline figures, when a retriever starts
+  from it)."""
+  missing = object()
+  return isinstance(base, dict) and all(
+      base.get(k, missing) == v for k, v in json.loads(json.dumps(metadata)).items())
+
+
 def _read_run(spec: str, now: dict[str, Any], now_shardings: dict[str, Any],
               metadata: dict[str, Any], culprit: str, networks: dict[str, str] | None = None
               ) -> tuple[dict[str, jax.Array], str]:
@@ -345,8 +355,7 @@ def _read_run(spec: str, now: dict[str, Any], now_shardings: dict[str, Any],
       raise UserError(f'{culprit}: no checkpoint at step {step} (steps: {sorted(steps)})')
     family_path = storage.join(directory, 'family.json')
     if storage.isfile(family_path):
-      base = storage.read_json(family_path, culprit)
-      if base != json.loads(json.dumps(metadata)):
+      if not metadata_fits(storage.read_json(family_path, culprit), metadata):
         raise UserError(f'{culprit}: its family.json (vocabulary, shapes) differs from this '
                         "run's data; fine-tune on data with the base run's vocabulary")
     try:

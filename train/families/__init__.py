@@ -23,6 +23,7 @@ _FAMILIES = {
     'gan': 'train.families.gan:GANFamily',
     'bert': 'train.families.bert:BERTFamily',
     'translate': 'train.families.translate:TranslateFamily',
+    'retriever': 'train.families.retriever:RetrieverFamily',
 }
 
 
