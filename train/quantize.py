@@ -219,6 +219,8 @@ def main(argv):
     raise UserError('--workdir is required')
   if not out:
     raise UserError('--out is required (the run directory to write)')
+  if not _MODE.value:
+    raise UserError(f'--mode is required: one of {", ".join(quantize_lib.MODES)}')
   if _DECODE_BATCH.value < 1:
     raise UserError(f'--decode_batch={_DECODE_BATCH.value}: must be >= 1')
   if _DECODE_TOKENS.value < 0:
