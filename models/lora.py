@@ -52,7 +52,8 @@ class LoRALinear(nnx.Linear):
     return linear
 
 
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+def replace_submodule(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+  """Sets the submodule at `path` (attribute names and list indices, as `iter_modules` gives)."""
   parent = model
   for key in path[:-1]:
     parent = parent[key] if isinstance(key, int) else getattr(parent, key)
@@ -79,7 +80,7 @@ def apply_lora(model: nnx.Module, *, targets: str, rank: int, alpha: float, rngs
   chosen = [(path, m) for path, m in nnx.iter_modules(model)
             if type(m) is nnx.Linear and path and pattern.search(module_path(path, prefix))]
   for path, linear in chosen:
-    _replace(model, path, LoRALinear(linear, rank=rank, alpha=alpha, rngs=rngs))
+    replace_submodule(model, path, LoRALinear(linear, rank=rank, alpha=alpha, rngs=rngs))
   return [module_path(path, prefix) for path, _ in chosen]
 
 
@@ -93,5 +94,5 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
   """Replaces every `LoRALinear` by its `merged()` Linear, in place; returns the model."""
   for path, m in list(nnx.iter_modules(model)):
     if isinstance(m, LoRALinear):
-      _replace(model, path, m.merged())
+      replace_submodule(model, path, m.merged())
   return model

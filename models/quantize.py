@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
+from models import lora
+
 MODES = ('int8_weights', 'int8')
 
 
@@ -62,16 +64,6 @@ def _example_input(layer: nnx.Module):
   return jnp.zeros((1, layer.in_features), jnp.float32)
 
 
-def _set_submodule(model: nnx.Module, path: tuple[Any, ...], new: nnx.Module) -> None:
-  parent = model
-  for key in path[:-1]:
-    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-  if isinstance(path[-1], int):
-    parent[path[-1]] = new
-  else:
-    setattr(parent, path[-1], new)
-
-
 def quantize(model: nnx.Module, *, mode: str, qat: bool = False) -> list[str]:
   """Quantizes `model`'s Linear and Conv layers in place (module docstring); returns their
   '/'-joined paths. With qat=False the layers' current weights are quantized now."""
@@ -83,5 +75,5 @@ def quantize(model: nnx.Module, *, mode: str, qat: bool = False) -> list[str]:
                        f'activations (here {convs[0]}, and {len(convs) - 1} more): use mode int8')
   provider = (qwix.QtProvider if qat else qwix.PtqProvider)([rule(mode, qat=qat)])
   for path, layer in layers:
-    _set_submodule(model, path, qwix.quantize_model(layer, provider, _example_input(layer)))
+    lora.replace_submodule(model, path, qwix.quantize_model(layer, provider, _example_input(layer)))
   return ['/'.join(map(str, p)) for p, _ in layers]

@@ -17,7 +17,6 @@ from flax import nnx
 from experiments.configs import gpt_shakespeare
 from models import gpt
 from models import quantize as quantize_lib
-from train import checkpoint as ckpt_lib
 from train import loop
 from train import quantize
 from train import sample

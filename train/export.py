@@ -10,7 +10,6 @@ state), which `train.sample`, `train.evaluate` and `python -m train` (as a resum
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,6 @@ from absl import flags
 from flax import nnx
 
 from models import lora as lora_lib
-from train import checkpoint as ckpt_lib
 from train import cli
 from train import config as config_lib
 from train import loop
@@ -68,29 +66,13 @@ def merge_lora_run(workdir: str, out: str) -> str:
   state = dict(state, params=new_params, step=jnp.asarray(step, jnp.int32))
   if 'ema' in state:
     state['ema'] = {n: new_params[n] for n in state['ema']}
-  try:
-    storage.makedirs(out)
-  except OSError as e:
-    raise UserError(f'--out={out}: cannot create it ({getattr(e, "strerror", None) or e})'
-                    ) from None
-  storage.write_text(storage.join(out, 'config.json'), config_lib.to_json(plain))
-  storage.write_text(storage.join(out, 'family.json'), json.dumps(family.metadata()))
-  family.write_run_files(out)
-  checkpointer = ckpt_lib.Checkpointer(storage.join(out, 'checkpoints'), async_save=False)
-  checkpointer.save(step, state, {'data_step': step, 'family': family.name,
-                                  'merged_from': f'{storage.absolute(workdir)}:{step}'})
-  checkpointer.close()
+  sample.write_run(out, plain, family, state, step,
+                   {'merged_from': f'{storage.absolute(workdir)}:{step}'})
   return f'merged the LoRA adapters of {workdir} (step {step}) into {out}'
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
-  if not workdir:
-    raise UserError('--workdir is required')
-  if not out:
-    raise UserError('--out is required (the run directory to write)')
+  workdir, out = sample.workdir_and_out(argv)
   if not _MERGE_LORA.value:
     raise UserError('nothing to export: give --merge_lora')
   print(merge_lora_run(workdir, out), flush=True)

@@ -173,18 +173,8 @@ def quantize_run(workdir: str, out: str, mode: str, *, decode_batch: int = 8,
                   decode_tokens_per_s=speed['f32'], quantized_decode_tokens_per_s=speed['int8'],
                   decode_speed_ratio=speed['int8'] / speed['f32'])
 
-  try:
-    storage.makedirs(out)
-  except OSError as e:
-    raise UserError(f'--out={out}: cannot create it ({getattr(e, "strerror", None) or e})'
-                    ) from None
-  storage.write_text(storage.join(out, 'config.json'), config_lib.to_json(config8))
-  storage.write_text(storage.join(out, 'family.json'), json.dumps(family.metadata()))
-  family.write_run_files(out)
-  checkpointer = ckpt_lib.Checkpointer(storage.join(out, 'checkpoints'), async_save=False)
-  checkpointer.save(step, state, {'data_step': step, 'family': family.name,
-                                  'quantized_from': source, 'quantize_mode': mode})
-  checkpointer.close()
+  sample.write_run(out, config8, family, state, step,
+                   {'quantized_from': source, 'quantize_mode': mode})
 
   report['checkpoint_bytes'] = ckpt_lib.step_bytes(storage.join(workdir, 'checkpoints'), step)
   report['quantized_checkpoint_bytes'] = ckpt_lib.step_bytes(storage.join(out, 'checkpoints'),
@@ -212,13 +202,7 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
-  if not workdir:
-    raise UserError('--workdir is required')
-  if not out:
-    raise UserError('--out is required (the run directory to write)')
+  workdir, out = sample.workdir_and_out(argv)
   if not _MODE.value:
     raise UserError(f'--mode is required: one of {", ".join(quantize_lib.MODES)}')
   if _DECODE_BATCH.value < 1:

@@ -60,6 +60,35 @@ def family_options(family) -> dict:
   return {name: flags.FLAGS[name].value for name in family.sample_flags}
 
 
+def workdir_and_out(argv) -> tuple[str, str]:
+  """--workdir and --out of a command that reads one run and writes another (train.export,
+  train.quantize); UserError when either is missing or an argument is left over."""
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
+  if not workdir:
+    raise UserError('--workdir is required')
+  if not out:
+    raise UserError('--out is required (the run directory to write)')
+  return workdir, out
+
+
+def write_run(out: str, config, family, state, step: int, meta: dict) -> None:
+  """Writes run directory `out` (made now): config.json, family.json, the family's run files
+  and one checkpoint of `state` at `step` (meta: data_step, family and `meta`)."""
+  try:
+    storage.makedirs(out)
+  except OSError as e:
+    raise UserError(f'--out={out}: cannot create it ({getattr(e, "strerror", None) or e})'
+                    ) from None
+  storage.write_text(storage.join(out, 'config.json'), config_lib.to_json(config))
+  storage.write_text(storage.join(out, 'family.json'), json.dumps(family.metadata()))
+  family.write_run_files(out)
+  checkpointer = ckpt_lib.Checkpointer(storage.join(out, 'checkpoints'), async_save=False)
+  checkpointer.save(step, state, {'data_step': step, 'family': family.name, **meta})
+  checkpointer.close()
+
+
 def load_models(workdir: str, use_ema: bool = True):
   """The family, its networks (EMA params where kept, unless use_ema=False) and the step of
   `workdir`'s latest checkpoint, restored onto one device."""

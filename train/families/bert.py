@@ -29,6 +29,29 @@ from train.errors import UserError
 from train.family import Family
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def check_encoder_config(m) -> None:
+  """UserError for a config.model group (of BERT's keys) that cannot build an encoder."""
+  if m.dtype not in _DTYPES:
+    raise UserError(f'config.model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}')
+  if m.embed_dim % m.num_heads:
+    raise UserError(f'config.model.embed_dim={m.embed_dim} is not divisible by '
+                    f'config.model.num_heads={m.num_heads}')
+  if m.max_len < 3:
+    raise UserError(f'config.model.max_len={m.max_len}: must be >= 3 (BOS, a token, EOS)')
+
+
+def build_encoder(m, vocab_size: int, rngs: nnx.Rngs) -> bert_lib.BERT:
+  """BERT from config.model group `m` over `vocab_size` subword tokens."""
+  return bert_lib.BERT(
+      vocab_size=vocab_size, max_len=m.max_len, num_layers=m.num_layers,
+      num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
+      init_std=m.get('init_std'), pad_id=text.PAD_ID,
+      attention_implementation=m.get('attention'), dtype=_DTYPES[m.dtype],
+      param_dtype=jnp.float32, rngs=rngs)
+
+
 _NUM_SPECIAL = len(text.SPECIAL_TOKENS)
 
 
@@ -46,14 +69,7 @@ class BERTFamily(Family):
   def __init__(self, config):
     super().__init__(config)
     self.tokenizer: text.SubwordTokenizer | None = None
-    m = config.model
-    if m.dtype not in _DTYPES:
-      raise UserError(f'config.model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}')
-    if m.embed_dim % m.num_heads:
-      raise UserError(f'config.model.embed_dim={m.embed_dim} is not divisible by '
-                      f'config.model.num_heads={m.num_heads}')
-    if m.max_len < 3:
-      raise UserError(f'config.model.max_len={m.max_len}: must be >= 3 (BOS, a token, EOS)')
+    check_encoder_config(config.model)
     r = config.mlm
     if not 0.0 < r.rate < 1.0 or r.mask_prob < 0 or r.random_prob < 0 or (
         r.mask_prob + r.random_prob > 1.0):
@@ -115,13 +131,7 @@ class BERTFamily(Family):
 
   # ---- model and loss ----
   def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
-    m = self.config.model
-    return {'model': bert_lib.BERT(
-        vocab_size=self.tokenizer.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
-        num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
-        init_std=m.get('init_std'), pad_id=text.PAD_ID,
-        attention_implementation=m.get('attention'), dtype=_DTYPES[m.dtype],
-        param_dtype=jnp.float32, rngs=rngs)}
+    return {'model': build_encoder(self.config.model, self.tokenizer.vocab_size, rngs)}
 
   def _masked_nll(self, models, batch, rng):
     logits = models['model'].mlm_logits(batch['tokens'], batch['positions'], dropout_key=rng)

@@ -26,7 +26,6 @@ import time
 from typing import Any, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -39,8 +38,8 @@ from train import tune
 from train import retrieval
 from train.errors import UserError
 from train.family import Family
+from train.families import bert as bert_family
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 KNOWLEDGE_FILE = 'knowledge.json'
 RECALL_AT = (1, 5)
 
@@ -57,14 +56,7 @@ class RetrieverFamily(Family):
 
   def __init__(self, config):
     super().__init__(config)
-    m = config.model
-    if m.dtype not in _DTYPES:
-      raise UserError(f'config.model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}')
-    if m.embed_dim % m.num_heads:
-      raise UserError(f'config.model.embed_dim={m.embed_dim} is not divisible by '
-                      f'config.model.num_heads={m.num_heads}')
-    if m.max_len < 3:
-      raise UserError(f'config.model.max_len={m.max_len}: must be >= 3 (BOS, a token, EOS)')
+    bert_family.check_encoder_config(config.model)
     if not config.temperature > 0:
       raise UserError(f'config.temperature={config.temperature}: must be > 0')
     d = config.data
@@ -162,13 +154,8 @@ class RetrieverFamily(Family):
 
   # ---- model and loss ----
   def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
-    m = self.config.model
-    return {'model': bert_lib.BERT(
-        vocab_size=self.tokenizer.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
-        num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
-        init_std=m.get('init_std'), pad_id=text_lib.PAD_ID,
-        attention_implementation=m.get('attention'), dtype=_DTYPES[m.dtype],
-        param_dtype=jnp.float32, rngs=rngs)}
+    return {'model': bert_family.build_encoder(self.config.model, self.tokenizer.vocab_size,
+                                               rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):
     keys = jax.random.split(rng, 2) if train else (None, None)
