@@ -212,9 +212,11 @@ class GPTFamily(Family):
   def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
     return {'model': self.build_gpt(self.config.model, rngs, prompt_tokens=self.prompt_tokens)}
 
-  def build_gpt(self, m, rngs: nnx.Rngs, *, prompt_tokens: int = 0) -> gpt_lib.GPT:
-    """A GPT of model config group `m` (e.g. config.model) over this run's vocabulary."""
-    return gpt_lib.GPT(
+  def build_gpt(self, m, rngs: nnx.Rngs, *, prompt_tokens: int = 0,
+                cls: type[gpt_lib.GPT] = gpt_lib.GPT) -> gpt_lib.GPT:
+    """A GPT (or a subclass `cls`, e.g. with a scalar head) of model config group `m` (e.g.
+    config.model) over this run's vocabulary."""
+    return cls(
         vocab_size=self._vocab_size(), block_size=m.block_size, num_layers=m.num_layers,
         num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
         init_std=m.get('init_std'), attention_implementation=m.get('attention'),

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import optax
 
 from models import scalar_head
-from train.families import gpt as gpt_family
 from train.families import pairs
 
 
@@ -43,13 +42,7 @@ class RewardFamily(pairs.PairsFamily):
   name = 'reward'
 
   def make_models(self, rngs):
-    m = self.config.model
-    return {'model': scalar_head.ScalarHeadGPT(
-        vocab_size=self._vocab_size(), block_size=m.block_size, num_layers=m.num_layers,
-        num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
-        init_std=m.get('init_std'), attention_implementation=m.get('attention'),
-        activation=m.get('activation', 'gelu'), dtype=gpt_family._DTYPES[m.dtype],  # pylint: disable=protected-access
-        param_dtype=jnp.float32, rngs=rngs)}
+    return {'model': self.build_gpt(self.config.model, rngs, cls=scalar_head.ScalarHeadGPT)}
 
   def rewards(self, model: scalar_head.ScalarHeadGPT, batch, dropout_key=None) -> jax.Array:
     """`[batch, 2]` float32: the reward of the chosen (0) and the rejected (1) response."""
