@@ -4,14 +4,45 @@ CI sets TFDS_DATA_DIR to a prepared TFDS data_dir (../shared/data/tfds) and GENL
 the raw files (../shared/data). Tests that need them are skipped with a reason when a variable
 is unset (a checkout without the data); when one is set but its directory is missing, the whole
 run stops at once with one line saying so (nothing tries to download, nothing skips silently).
+
+The run shares one persistent JAX compilation cache (a temporary directory, deleted at the end)
+between its xdist workers and the processes the command-line tests start: many tests compile
+the same tiny programs (a run and its resume, a train run and `train.sample`), and a process
+that finds a program in the cache reads it back instead of compiling it again. A
+JAX_COMPILATION_CACHE_DIR already in the environment is used as is and kept.
+
+The command-line tests' processes also start with `train.cli.MALLOC_TUNABLES` in
+GLIBC_TUNABLES, so they run with the malloc settings every entry point sets for itself without
+re-executing themselves (which imports JAX and the entry point's modules a second time).
+tests/test_host_malloc.py tests the re-execution with these variables removed.
 """
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
+from train.cli import MALLOC_TUNABLES
+
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# The directory this process created (the controller, or a run without xdist); workers and
+# subprocesses inherit the variable and share it. Set before JAX is imported: JAX reads these
+# variables once, at import. Every compiled program is cached (by default only those that took
+# over a second to compile: most of this suite's programs take less, and each is compiled
+# again by several tests and processes).
+_OWN_COMPILATION_CACHE = None
+if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+  _OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix='genlab-tests-jax-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_COMPILATION_CACHE
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+
+if 'glibc.malloc.mmap_threshold' not in os.environ.get('GLIBC_TUNABLES', ''):
+  os.environ['GLIBC_TUNABLES'] = ':'.join(
+      filter(None, [os.environ.get('GLIBC_TUNABLES'), MALLOC_TUNABLES]))
 
 DATA_VARIABLES = {'TFDS_DATA_DIR': 'a prepared TFDS data_dir (CI: ../shared/data/tfds)',
                   'GENLAB_RAW_DATA': 'the raw data files (CI: ../shared/data)'}
@@ -27,3 +58,9 @@ def pytest_configure(config):
     if value and not os.path.isdir(value):
       raise pytest.UsageError(f'{var}={value}: no such directory ({os.path.abspath(value)}); '
                               f'point it at {what}, or unset it to skip the tests that need it')
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_COMPILATION_CACHE:
+    shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
