@@ -5,7 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
+from absl import flags
+
+from train import config as config_lib
+from train import loop
+from train import sample as sample_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'experiments/configs/gpt_shakespeare.py')
@@ -40,7 +46,30 @@ def assert_one_line_error(proc, *fragments):
     assert fragment in errors[0], errors[0]
 
 
-def test_train_checkpoint_resume_sample(tmp_path):
+def train_here(workdir, capsys, **overrides):
+  """What `python -m train --config=CONFIG:tiny --workdir=WORKDIR --config.KEY=VALUE...` does
+  on one device, run in this process (no imports, no compiles that an earlier test or process
+  already did); returns (its TrainResult, what it printed)."""
+  config = config_lib.apply_overrides(config_lib.load(f'{CONFIG}:tiny'),
+                                      [(k, str(v)) for k, v in overrides.items()])
+  capsys.readouterr()
+  result = loop.train(config, workdir, devices=jax.devices()[:1])
+  return result, capsys.readouterr().out
+
+
+def sample_here(capsys, *args):
+  """What `python -m train.sample ARGS` prints, run in this process."""
+  capsys.readouterr()
+  try:
+    sample_lib.main(flags.FLAGS(['sample', *args]))
+  finally:
+    flags.FLAGS.unparse_flags()
+  return capsys.readouterr().out
+
+
+def test_train_checkpoint_resume_sample(tmp_path, capsys):
+  # The commands themselves (`python -m train`, `python -m train.sample`) run once each here;
+  # the rest of the test runs what they run in this process.
   resumed, straight = str(tmp_path / 'resumed'), str(tmp_path / 'straight')
   first = train(resumed, '--config.total_steps=10')
   assert first.returncode == 0, first.stderr
@@ -53,35 +82,35 @@ def test_train_checkpoint_resume_sample(tmp_path):
     assert json.load(f)['total_steps'] == 10
 
   # The same command with a later end resumes from step 10 and continues to 20.
-  second = train(resumed, '--config.total_steps=20')
-  assert second.returncode == 0, second.stderr
-  assert 'Resumed from' in second.stdout and 'steps 10->20' in second.stdout
+  _, second = train_here(resumed, capsys, total_steps=20)
+  assert 'Resumed from' in second and 'steps 10->20' in second
   assert sorted(os.listdir(os.path.join(resumed, 'checkpoints'))) == ['10', '20']
 
   # ... and logs exactly what an uninterrupted 20-step run logs.
-  assert train(straight, '--config.total_steps=20').returncode == 0
+  train_here(straight, capsys, total_steps=20)
   loss_rows = lambda w: {r['step']: r['loss'] for r in metrics(w) if 'loss' in r}
   eval_rows = lambda w: {r['step']: r['eval/loss'] for r in metrics(w) if 'eval/loss' in r}
   assert loss_rows(resumed) == loss_rows(straight)
   assert eval_rows(resumed) == eval_rows(straight)
   assert loss_rows(straight)[20] < loss_rows(straight)[5]
 
-  # Sampling: the same seed gives the same text; temperature 0 is greedy (seed-independent).
-  sample = lambda *a: run('train.sample', f'--workdir={resumed}', '--max_new_tokens=40', *a)
-  a, b, c = sample('--seed=3', '--num_samples=2'), sample('--seed=3', '--num_samples=2'), \
-      sample('--seed=4', '--num_samples=2')
+  # Sampling: the same seed gives the same text (the command, then in this process); temperature
+  # 0 is greedy (seed-independent).
+  sample = lambda *a: sample_here(capsys, f'--workdir={resumed}', '--max_new_tokens=40', *a)
+  a = run('train.sample', f'--workdir={resumed}', '--max_new_tokens=40', '--seed=3',
+          '--num_samples=2')
   assert a.returncode == 0, a.stderr
   assert 'step 20' in a.stdout
-  assert a.stdout == b.stdout and a.stdout != c.stdout
+  b, c = sample('--seed=3', '--num_samples=2'), sample('--seed=4', '--num_samples=2')
+  assert a.stdout == b and a.stdout != c
   g1 = sample('--seed=1', '--temperature=0', '--prompt=ROMEO:')
   g2 = sample('--seed=2', '--temperature=0', '--prompt=ROMEO:', '--top_k=5', '--top_p=0.9')
-  assert g1.returncode == 0 and g1.stdout == g2.stdout
-  assert 'ROMEO:' in g1.stdout
-  long = sample('--max_new_tokens=100', '--top_k=10')  # longer than the block (32)
-  assert long.returncode == 0, long.stderr
+  assert g1 == g2
+  assert 'ROMEO:' in g1
+  sample('--max_new_tokens=100', '--top_k=10')  # longer than the block (32)
 
 
-def test_sigterm_checkpoints_and_resumes(tmp_path):
+def test_sigterm_checkpoints_and_resumes(tmp_path, capsys):
   workdir = str(tmp_path)
   proc = subprocess.Popen(
       [sys.executable, '-m', 'train', f'--config={CONFIG}:tiny', f'--workdir={workdir}',
@@ -98,9 +127,8 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
   assert 'SIGTERM: checkpointing step' in out
   steps = [int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))]
   assert len(steps) == 1 and steps[0] >= 3
-  resumed = train(workdir, f'--config.total_steps={steps[0] + 2}')
-  assert resumed.returncode == 0, resumed.stderr
-  assert f'steps {steps[0]}->{steps[0] + 2}' in resumed.stdout
+  _, resumed = train_here(workdir, capsys, total_steps=steps[0] + 2)
+  assert f'steps {steps[0]}->{steps[0] + 2}' in resumed
 
 
 @pytest.mark.parametrize('args, fragments', [
@@ -130,10 +158,10 @@ def test_bad_inputs_are_one_line(tmp_path):
                               env=dead_proxy), 'tiny_shakespeare', 'raw_dir')
 
 
-def test_sample_bad_inputs_are_one_line(tmp_path):
+def test_sample_bad_inputs_are_one_line(tmp_path, capsys):
   assert_one_line_error(run('train.sample', f'--workdir={tmp_path}'), 'no config.json')
   workdir = str(tmp_path / 'run')
-  assert train(workdir, '--config.total_steps=2', '--config.checkpoint_every=0').returncode == 0
+  train_here(workdir, capsys, total_steps=2, checkpoint_every=0)
   assert_one_line_error(run('train.sample', f'--workdir={workdir}', '--top_p=1.5'),
                         '--top_p=1.5', '(0, 1]')
   assert_one_line_error(run('train.sample', f'--workdir={workdir}', '--top_p=0'), '--top_p=0')
