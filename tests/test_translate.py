@@ -20,6 +20,8 @@ from absl import flags
 from experiments.configs import translate_multi30k
 from tests import toy_families
 from tests.test_sharding import three_steps
+from train import config as config_lib
+from train import evaluate as evaluate_lib
 from train import loop
 from train import sample as sample_lib
 from train import text
@@ -138,27 +140,34 @@ def run(*args):
                         text=True, timeout=600, check=False)
 
 
-def one_line_error(proc, fragment):
-  assert proc.returncode == 1, proc.stdout + proc.stderr
-  assert 'Traceback' not in proc.stderr, proc.stderr
-  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
-  assert len(errors) == 1 and fragment in errors[0], proc.stderr
+def fails_here(main, argv, fragment):
+  """`main` of `python -m train.sample|train.evaluate ARGV`, run in this process, raises a
+  one-line UserError holding `fragment` (which the command prints as one line, exit 1)."""
+  with pytest.raises(UserError) as e:
+    try:
+      main(flags.FLAGS(argv))
+    finally:
+      flags.FLAGS.unparse_flags()
+  assert fragment in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
 @needs_multi30k
 def test_command_line_train_sample_evaluate_and_bad_input(tmp_path):
+  # `train.sample` and `train.evaluate` run as commands once each; training and the bad inputs
+  # run what the commands run, in this process.
   workdir = str(tmp_path / 'run')
-  proc = run('train', f'--config={CONFIG}:tiny', f'--workdir={workdir}',
-             '--config.total_steps=4', '--config.data.max_train_pairs=2000')
-  assert proc.returncode == 0, proc.stderr
-  sample = lambda *a: run('train.sample', f'--workdir={workdir}', *a)
-  out = sample('--prompt=A man in an orange hat is smiling.', '--beam_size=2',
-               '--length_penalty=0.6')
+  config = config_lib.apply_overrides(config_lib.load(f'{CONFIG}:tiny'), [
+      ('total_steps', '4'), ('data.max_train_pairs', '2000')])
+  loop.train(config, workdir, devices=jax.devices()[:1])
+  out = run('train.sample', f'--workdir={workdir}', '--prompt=A man in an orange hat is smiling.',
+            '--beam_size=2', '--length_penalty=0.6')
   assert out.returncode == 0, out.stderr
   assert out.stdout.splitlines()[0].startswith('# translate samples from step 4')
-  one_line_error(sample('--beam_size=0'), '--beam_size=0')
-  one_line_error(sample('--prompt=' + 'word ' * 100), 'exceed the model')
-  one_line_error(sample('--top_k=3'), "--top_k: not a sampling flag of family 'translate'")
+  sample_fails = lambda fragment, *a: fails_here(sample_lib.main,
+                                                 ['sample', f'--workdir={workdir}', *a], fragment)
+  sample_fails('--beam_size=0', '--beam_size=0')
+  sample_fails('exceed the model', '--prompt=' + 'word ' * 100)
+  sample_fails("--top_k: not a sampling flag of family 'translate'", '--top_k=3')
   # Evaluation: the report's BLEU is sacreBLEU's on the translations it wrote.
   ev = run('train.evaluate', f'--workdir={workdir}', '--split=test2017_mscoco',
            '--beam_size=1', '--num_samples=40', f'--report={tmp_path}/r.json')
@@ -171,17 +180,17 @@ def test_command_line_train_sample_evaluate_and_bad_input(tmp_path):
   assert report['num_sentences'] == len(hyp) == 40
   assert report['bleu'] == pytest.approx(sacrebleu.corpus_bleu(hyp, [refs]).score)
   assert report['bleu_signature'].startswith('nrefs:1|case:mixed')
-  one_line_error(run('train.evaluate', f'--workdir={workdir}', '--split=test2099'),
-                 '--split=test2099')
-  one_line_error(run('train.evaluate', f'--workdir={workdir}', '--classifier=x'),
-                 "--classifier: not an evaluation flag of family 'translate'")
+  evaluate_fails = lambda fragment, *a: fails_here(
+      evaluate_lib.main, ['evaluate', f'--workdir={workdir}', *a], fragment)
+  evaluate_fails('--split=test2099', '--split=test2099')
+  evaluate_fails("--classifier: not an evaluation flag of family 'translate'", '--classifier=x')
   # A damaged, then a missing tokenizer file: one line naming it; checkpoints untouched.
   tok = os.path.join(workdir, 'tokenizer.json')
   with open(tok, 'w', encoding='utf-8') as f:
     f.write('{"model": {')
-  one_line_error(sample(), 'damaged tokenizer file')
+  sample_fails('damaged tokenizer file')
   os.remove(tok)
-  one_line_error(sample(), 'tokenizer file missing')
+  sample_fails('tokenizer file missing')
   assert os.listdir(os.path.join(workdir, 'checkpoints'))
 
 
