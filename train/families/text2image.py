@@ -150,24 +150,25 @@ class TextToImageFamily(DiffusionFamily):
     return {}
 
   def sample(self, models, rng, workdir: str, options: dict[str, Any]) -> str:
-    """`train.sample`: --num_samples images of --prompt (default: captions over the classes
-    and attributes), as a PNG grid."""
-    num = options.pop('num_samples', None)
-    num = 16 if num is None else int(num)
-    if num < 1:
-      raise UserError(f'--num_samples={num}: must be >= 1')
+    """`train.sample`: --num_samples images (default 8) of each prompt in --prompt (several
+    separated by ';'; default: one caption per class), as a PNG grid of one row per prompt."""
+    per_prompt = options.pop('num_samples', None)
+    per_prompt = 8 if per_prompt is None else int(per_prompt)
+    if per_prompt < 1:
+      raise UserError(f'--num_samples={per_prompt}: must be >= 1')
     prompt = options.pop('prompt', None)
-    if prompt is None:
-      tokens = self.default_labels(num)
-    else:
-      tokens = np.tile(self.prompt_tokens(prompt), (num, 1))
+    prompts = self.default_prompts(10) if prompt is None else prompt.split(';')
+    tokens = np.repeat(np.stack([self.prompt_tokens(p) for p in prompts]), per_prompt, axis=0)
     out = options.pop('out', None) or storage.join(workdir, 'samples', 'sample.png')
     options = self.check_sample_options({k: v for k, v in options.items() if v is not None})
-    images, _ = images_lib.generate_in_batches(self, models, rng, num, tokens, options,
+    images, _ = images_lib.generate_in_batches(self, models, rng, len(tokens), tokens, options,
                                                self.sampling_batch())
-    path = images_lib.save_grid(out, images, None if prompt is not None else self.caption(tokens))
-    said = f' of {self.tokenizer.decode(tokens[0])!r}' if prompt is not None else ''
-    return f'wrote {num} samples{said} to {path}'
+    if not out.endswith('.png'):
+      out += '.png'
+    grid = images_lib.prompt_grid([p.strip() for p in prompts],
+                                  images.reshape(len(prompts), per_prompt, *images.shape[1:]))
+    storage.save_image(out, grid)
+    return f'wrote {len(prompts)} x {per_prompt} samples to {out}'
 
   # ---- evaluation ----
   @property
