@@ -275,8 +275,12 @@ class GaussianDiffusion:
 # Classifier-free guidance.
 # ---------------------------------------------------------------------------------------------
 def guided(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], labels: jax.Array,
-           null_label: int, scale: float) -> DenoiseFn:
+           null_label: int | jax.Array, scale: float) -> DenoiseFn:
   """Classifier-free guidance (Ho & Salimans 2022) as a denoiser of (x_t, t).
+
+  `labels` is the condition per example ([B] class ids, or [B, L] caption tokens) and
+  `null_label` the null condition, broadcast to its shape (the null class id, or a null
+  caption's [L] tokens).
 
   out = out_uncond + scale * (out_cond - out_uncond): scale 1 is the plain conditional model,
   0 the unconditional one, > 1 strengthens the condition (Ho & Salimans's w is scale - 1).
@@ -284,14 +288,15 @@ def guided(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], lab
   x_t with coefficients that sum to one. Scale 1 costs one network call; otherwise the
   conditional and null-label inputs go through the network as one doubled batch.
   """
+  null = jnp.broadcast_to(jnp.asarray(null_label, labels.dtype), labels.shape)
   if scale == 1.0:
     return lambda x, t: model_fn(x, t, labels)
   if scale == 0.0:
-    return lambda x, t: model_fn(x, t, jnp.full_like(labels, null_label))
+    return lambda x, t: model_fn(x, t, null)
 
   def denoise(x, t):
     both = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                    jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+                    jnp.concatenate([labels, null]))
     cond, uncond = jnp.split(both, 2)
     return uncond + scale * (cond - uncond)
   return denoise

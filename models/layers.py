@@ -213,15 +213,17 @@ class MultiHeadAttention(nnx.Module):
   """Multi-head attention with head-major fused projections.
 
   Self attention (`cross=False`): params `qkv` `[D, 3D]`, `proj` `[D, D]`. Cross attention
-  (`cross=True`): params `q` `[D, D]`, `kv` `[D, 2D]`, `proj`; the keys/values come from a
-  context (the encoder output) through `context_kv`, computed once per context.
+  (`cross=True`): params `q` `[D, D]`, `kv` `[context_dim, 2D]`, `proj`; the keys/values come
+  from a context (the encoder output) through `context_kv`, computed once per context.
   """
 
   def __init__(self, *, embed_dim: int, num_heads: int, cross: bool = False,
                dropout: float = 0.0, init_std: float, out_init_std: float | None = None,
-               implementation: str | None = None, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    """init_std: std of the input projections; out_init_std: of `proj` (default init_std)."""
+               implementation: str | None = None, context_dim: int | None = None,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """init_std: std of the input projections; out_init_std: of `proj` (default init_std);
+    context_dim: width of a cross-attention context (default embed_dim), e.g. a text encoder's
+    beside a UNet level's channels."""
     if embed_dim % num_heads:
       raise ValueError(f'embed_dim {embed_dim} not divisible by num_heads {num_heads}')
     if implementation not in IMPLEMENTATIONS:
@@ -238,7 +240,7 @@ class MultiHeadAttention(nnx.Module):
     out_init = nnx.initializers.normal(init_std if out_init_std is None else out_init_std)
     if cross:
       self.q = linear(embed_dim, embed_dim, kernel_init=init)
-      self.kv = linear(embed_dim, 2 * embed_dim, kernel_init=init)
+      self.kv = linear(context_dim or embed_dim, 2 * embed_dim, kernel_init=init)
     else:
       self.qkv = linear(embed_dim, 3 * embed_dim, kernel_init=init)
     self.proj = linear(embed_dim, embed_dim, kernel_init=out_init)
@@ -254,7 +256,8 @@ class MultiHeadAttention(nnx.Module):
     return self._heads(self.qkv(x), batch, seq, 3)
 
   def context_kv(self, context: jax.Array, *, batch: int, seq: int) -> KVCache:
-    """Cross attention: context `[batch * seq, embed]` -> k, v `[batch, seq, heads, head_dim]`."""
+    """Cross attention: context `[batch * seq, context_dim]` -> k, v `[batch, seq, heads,
+    head_dim]`."""
     if not self.cross:
       raise ValueError('context_kv is for cross attention (cross=True)')
     k, v = self._heads(self.kv(context), batch, seq, 2)

@@ -1,4 +1,4 @@
-"""The DDPM UNet (Ho et al. 2020, appendix B) in Flax NNX, with optional class conditioning.
+"""The DDPM UNet (Ho et al. 2020, appendix B) in Flax NNX, with optional class or text conditioning.
 
 Layout: conv in -> per resolution level, `num_res_blocks` residual blocks (GroupNorm, SiLU, 3x3
 conv, time embedding added, GroupNorm, SiLU, dropout, 3x3 conv) with self-attention at the
@@ -8,6 +8,14 @@ upsampling -> GroupNorm, SiLU, conv out. The time t goes in through a sinusoidal
 MLP; a class label (id num_classes is the null class of classifier-free guidance) adds a learned
 embedding to it. The last conv of every residual branch and of the output starts at zero, so
 each block starts as the identity (as improved-diffusion's `zero_module`).
+
+Text conditioning (`context_dim` > 0, as latent diffusion's UNet, Rombach et al. 2022): a
+context of token vectors [B, L, context_dim] with its padding mask [B, L] (a text encoder's
+output) is read by a residual cross-attention block after every self-attention (the resolutions
+in `attention_resolutions` and the middle), and its mean over the real tokens is added to the
+time embedding (as Imagen's pooled text embedding, Saharia et al. 2022). A context with no real
+token (the null caption of classifier-free guidance) contributes exactly nothing to either.
+Without a context dimension the UNet and its params are the class-conditional/unconditional ones.
 
 Images are NHWC. 28x28 MNIST with channel_mult (1, 2, 2) runs at 28, 14 and 7 pixels.
 """
@@ -20,6 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from models import layers
 
 _zeros = nnx.initializers.zeros
 
@@ -77,6 +87,31 @@ class Attention(nnx.Module):
     return x + self.proj(y.reshape(b * h * w, c)).reshape(b, h, w, c)
 
 
+class CrossAttention(nnx.Module):
+  """Residual multi-head attention from the H*W image positions to a context's tokens."""
+
+  def __init__(self, ch: int, context_dim: int, *, heads: int, groups: int, dtype,
+               rngs: nnx.Rngs):
+    self.norm = nnx.GroupNorm(ch, num_groups=groups, rngs=rngs)
+    # Output projection at zero: the block starts as the identity, like every residual branch.
+    self.attn = layers.MultiHeadAttention(
+        embed_dim=ch, num_heads=heads, cross=True, context_dim=context_dim,
+        init_std=ch ** -0.5, out_init_std=0.0, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, context, context_mask):
+    """x [B, H, W, C], context [B, L, D], context_mask [B, L] bool -> [B, H, W, C]."""
+    b, h, w, c = x.shape
+    length = context.shape[1]
+    kv = self.attn.context_kv(context.reshape(b * length, -1).astype(x.dtype), batch=b,
+                              seq=length)
+    y = self.attn(self.norm(x).reshape(b * h * w, c), batch=b, seq=h * w,
+                  mask=layers.padding_mask(context_mask), context_kv=kv)
+    # A context without real tokens (the null caption) adds nothing; masked softmax alone would
+    # attend uniformly to its padding.
+    has_tokens = jnp.any(context_mask, axis=-1)[:, None, None, None]
+    return x + jnp.where(has_tokens, y.reshape(b, h, w, c), 0).astype(x.dtype)
+
+
 class UNet(nnx.Module):
   """eps/x0/v network of a diffusion model: (x_t [B, H, W, C], t [B], labels [B] | None) ->
   [B, H, W, C] float32.
@@ -91,77 +126,114 @@ class UNet(nnx.Module):
     num_classes: 0 for an unconditional model; else labels in [0, num_classes], where
       num_classes is the null label (classifier-free guidance).
     groups: GroupNorm groups.
+    context_dim: 0 (no text); else the width of the context `__call__` takes, read by
+      cross-attention with `context_heads` heads wherever there is self-attention.
   """
 
   def __init__(self, *, image_shape: tuple[int, int, int], channels: int = 32,
                channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                attention_resolutions: tuple[int, ...] = (7,), dropout: float = 0.0,
-               num_classes: int = 0, groups: int = 8, dtype=jnp.float32, rngs: nnx.Rngs):
+               num_classes: int = 0, groups: int = 8, context_dim: int = 0,
+               context_heads: int = 4, dtype=jnp.float32, rngs: nnx.Rngs):
     size, _, in_ch = image_shape
     if size % 2 ** (len(channel_mult) - 1) or image_shape[1] % 2 ** (len(channel_mult) - 1):
       raise ValueError(f'image_shape {image_shape} is not divisible by 2^{len(channel_mult) - 1}')
     self.channels, self.num_classes, self.dtype = channels, num_classes, dtype
+    self.context_dim = context_dim
+    if context_dim:
+      bad = [channels * m for m in channel_mult if (channels * m) % context_heads]
+      if bad:
+        raise ValueError(f'context_heads={context_heads} does not divide the channel count '
+                         f'{bad[0]}')
     emb_dim = 4 * channels
     self.time_mlp1 = nnx.Linear(channels, emb_dim, rngs=rngs)
     self.time_mlp2 = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
     self.label_emb = nnx.Embed(num_classes + 1, emb_dim, rngs=rngs) if num_classes else None
+    # No bias: the null caption's mean token is zero, and so is its contribution.
+    self.context_emb = (nnx.Linear(context_dim, emb_dim, use_bias=False, rngs=rngs)
+                        if context_dim else None)
     self.conv_in = nnx.Conv(in_ch, channels, (3, 3), dtype=dtype, rngs=rngs)
     block = lambda i, o: ResBlock(i, o, emb_dim, dropout=dropout, groups=groups, dtype=dtype,
                                   rngs=rngs)
     attn = lambda c, res: (Attention(c, groups=groups, dtype=dtype, rngs=rngs)
                            if res in attention_resolutions else None)
+    # Created only for a text model, so other models draw the same init keys as before.
+    cross = lambda c, res: (CrossAttention(c, context_dim, heads=context_heads, groups=groups,
+                                           dtype=dtype, rngs=rngs)
+                            if context_dim and res in attention_resolutions else None)
 
-    # Down: a list of (ResBlock, Attention | None) or (Conv stride 2, None); skip widths.
+    # Down: a list of (ResBlock, Attention | None, CrossAttention | None) or (Conv stride 2,
+    # None, None); skip widths. (Cross-attention comes last in every list, so the param paths of
+    # models without it are those of the UNet before it existed.)
     self.down = nnx.List()
     skips, ch, res = [channels], channels, size
     for level, mult in enumerate(channel_mult):
       for _ in range(num_res_blocks):
-        self.down.append(nnx.List([block(ch, channels * mult), attn(channels * mult, res)]))
+        self.down.append(nnx.List([block(ch, channels * mult), attn(channels * mult, res),
+                                   cross(channels * mult, res)]))
         ch = channels * mult
         skips.append(ch)
       if level < len(channel_mult) - 1:
         self.down.append(nnx.List([nnx.Conv(ch, ch, (3, 3), strides=2, dtype=dtype, rngs=rngs),
-                                   None]))
+                                   None, None]))
         skips.append(ch)
         res //= 2
     self.mid1, self.mid2 = block(ch, ch), block(ch, ch)
     self.mid_attn = Attention(ch, groups=groups, dtype=dtype, rngs=rngs)
-    # Up: (ResBlock, Attention | None, Conv after 2x upsampling | None).
+    self.mid_cross = (CrossAttention(ch, context_dim, heads=context_heads, groups=groups,
+                                     dtype=dtype, rngs=rngs) if context_dim else None)
+    # Up: (ResBlock, Attention | None, Conv after 2x upsampling | None, CrossAttention | None).
     self.up = nnx.List()
     for level, mult in reversed(list(enumerate(channel_mult))):
       for i in range(num_res_blocks + 1):
         up = (nnx.Conv(channels * mult, channels * mult, (3, 3), dtype=dtype, rngs=rngs)
               if level > 0 and i == num_res_blocks else None)
         self.up.append(nnx.List([block(ch + skips.pop(), channels * mult),
-                                 attn(channels * mult, res), up]))
+                                 attn(channels * mult, res), up, cross(channels * mult, res)]))
         ch = channels * mult
       res *= 2 if level > 0 else 1
     self.norm_out = nnx.GroupNorm(ch, num_groups=groups, rngs=rngs)
     self.conv_out = nnx.Conv(ch, in_ch, (3, 3), dtype=dtype, kernel_init=_zeros, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None, *,
+               context: jax.Array | None = None, context_mask: jax.Array | None = None,
                dropout_key: jax.Array | None = None) -> jax.Array:
+    """context [B, L, context_dim] and context_mask [B, L] (True: a real token): a text
+    model's condition, required when context_dim > 0 (all False: the null caption)."""
+    if self.context_dim and (context is None or context_mask is None):
+      raise ValueError('a UNet with context_dim > 0 needs context and context_mask')
+    if not self.context_dim and context is not None:
+      raise ValueError('context given to a UNet without cross-attention (context_dim=0)')
     emb = self.time_mlp2(nnx.silu(self.time_mlp1(timestep_embedding(t, self.channels))))
     if self.label_emb is not None:
       if labels is None:
         labels = jnp.full(t.shape, self.num_classes, jnp.int32)
       emb = emb + self.label_emb(labels)
+    cross = lambda layer, h: h
+    if self.context_dim:
+      valid = context_mask.astype(jnp.float32)[..., None]   # [B, L, 1]
+      pooled = (context.astype(jnp.float32) * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0)
+      emb = emb + self.context_emb(pooled)
+      cross = lambda layer, h: h if layer is None else layer(h, context, context_mask)
     emb = nnx.silu(emb).astype(self.dtype)
     counter = itertools.count()   # one dropout key per residual block
     key = lambda: None if dropout_key is None else jax.random.fold_in(dropout_key, next(counter))
 
     h = self.conv_in(x.astype(self.dtype))
     hs = [h]
-    for layer, attn in self.down:
+    for layer, attn, cross_attn in self.down:
       h = layer(h, emb, key()) if isinstance(layer, ResBlock) else layer(h)
       if attn is not None:
         h = attn(h)
+      h = cross(cross_attn, h)
       hs.append(h)
-    h = self.mid2(self.mid_attn(self.mid1(h, emb, key())), emb, key())
-    for layer, attn, up in self.up:
+    h = cross(self.mid_cross, self.mid_attn(self.mid1(h, emb, key())))
+    h = self.mid2(h, emb, key())
+    for layer, attn, up, cross_attn in self.up:
       h = layer(jnp.concatenate([h, hs.pop()], axis=-1), emb, key())
       if attn is not None:
         h = attn(h)
+      h = cross(cross_attn, h)
       if up is not None:
         b, hh, ww, c = h.shape
         h = up(jax.image.resize(h, (b, 2 * hh, 2 * ww, c), 'nearest'))

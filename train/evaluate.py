@@ -3,7 +3,9 @@
 Every family scores itself through `Family.evaluate` with the flags it lists in
 `evaluate_flags` (another flag is an error naming it). Translation (train/families/translate.py):
 `--split=test2016 --beam_size=4 --length_penalty=0.6 --batch=64 --num_samples=N`, sacreBLEU
-BLEU and chrF.
+BLEU and chrF. Text-to-image (train/text2image_eval.py): `--prompts=test [--classifier=RUN]
+[--clip=RUN]`: attribute and label accuracy, Frechet distance and CLIP score of images drawn for
+seen and unseen caption combinations.
 Image families: what follows.
 
 `python -m train.evaluate --workdir=DIR --classifier=workdirs/classifier_mnist [flags]`: image model scores.
@@ -85,10 +87,15 @@ flags.DEFINE_string('split', None, 'Translation: the Multi30k split to translate
                     'test2016 (default), test2017, test2018, test2017_mscoco); retriever: the '
                     'knowledge task split whose questions are asked (val (default), test).')
 
+flags.DEFINE_string('prompts', None, 'Text-to-image: the split whose captions are drawn and '
+                    'scored (test (default), train); see train/text2image_eval.py.')
+flags.DEFINE_string('clip', None, 'Text-to-image: workdir of a `clip`-family run whose caption-'
+                    'image score is reported.')
+
 # Flags of the families' own evaluations (`Family.evaluate_flags`), besides their sampling flags.
 IMAGE_EVALUATE_FLAGS = ('classifier', 'features', 'inception_weights', 'batch', 'report',
                         'likelihood_examples', 'pr_k', 'confidence')
-EVALUATE_FLAGS = IMAGE_EVALUATE_FLAGS + ('split',)
+EVALUATE_FLAGS = IMAGE_EVALUATE_FLAGS + ('split', 'prompts', 'clip')
 
 DEFAULT_NUM_SAMPLES = 10_000
 

@@ -65,6 +65,29 @@ def image_grid(images: np.ndarray, labels: Sequence[str] | None = None,
   return out
 
 
+def prompt_grid(prompts: Sequence[str], images: np.ndarray, scale: int = 2,
+                pad: int = 2) -> Image.Image:
+  """A PIL image with one row per prompt: its text, then its uint8 [K, H, W, C] images
+  (`images` is [len(prompts), K, H, W, C]), each shown `scale` times larger."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.ndim != 5 or len(images) != len(prompts):
+    raise ValueError(f'prompt_grid wants uint8 [prompts, K, H, W, C] for {len(prompts)} '
+                     f'prompts, got {images.dtype} {images.shape}')
+  p, k, h, w, _ = images.shape
+  font = ImageFont.load_default()
+  text_w = max(int(font.getlength(t)) for t in prompts) + 3 * pad
+  tile_h, tile_w = h * scale + pad, w * scale + pad
+  out = Image.new('RGB', (text_w + k * tile_w + pad, p * tile_h + pad), (255, 255, 255))
+  draw = ImageDraw.Draw(out)
+  for i, text in enumerate(prompts):
+    draw.text((pad, pad + i * tile_h + tile_h // 2 - 6), text, fill=(0, 0, 0), font=font)
+    for j in range(k):
+      tile = Image.fromarray(images[i, j, ..., 0] if images.shape[-1] == 1 else images[i, j])
+      out.paste(tile.convert('RGB').resize((w * scale, h * scale), Image.NEAREST),
+                (text_w + j * tile_w, pad + i * tile_h))
+  return out
+
+
 def save_grid(path: str, images: np.ndarray, labels: Sequence[str] | None = None,
               ncols: int | None = None) -> str:
   """Writes `image_grid(...)` to `path` (.png added when missing); returns the path."""

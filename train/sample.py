@@ -7,6 +7,8 @@ output.
   translation:     --prompt (a source sentence) --beam_size (1: greedy) --length_penalty
   image families:  --num_samples --labels (all | 3 | 1,7) --out (PNG path; default
                    DIR/samples/sample.png), and for diffusion --sampler --steps --eta --guidance
+  text2image:      --prompt (captions separated by ';') --num_samples (per prompt) --out
+                   --sampler --steps --eta --guidance
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by `pyt
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 # Family flags: None means "not given" (the family's default applies).
 flags.DEFINE_integer('num_samples', None, 'How many samples.')
-flags.DEFINE_string('prompt', None, 'Text to continue (language models; default a newline).')
+flags.DEFINE_string('prompt', None, 'Text to continue (language models; default a newline); '
+                    'text2image: captions to draw, several separated by ";".')
 flags.DEFINE_integer('max_new_tokens', None, 'Tokens to generate (default 500).')
 flags.DEFINE_float('temperature', None, 'Softmax temperature; 0 is greedy (default 1).')
 flags.DEFINE_integer('top_k', None, 'Keep only the k most likely tokens.')

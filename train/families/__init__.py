@@ -18,6 +18,7 @@ _FAMILIES = {
     'reward': 'train.families.reward:RewardFamily',
     'dpo': 'train.families.dpo:DPOFamily',
     'diffusion': 'train.families.diffusion:DiffusionFamily',
+    'text2image': 'train.families.text2image:TextToImageFamily',
     'classifier': 'train.families.classifier:ClassifierFamily',
     'vae': 'train.families.vae:VAEFamily',
     'gan': 'train.families.gan:GANFamily',

@@ -66,6 +66,8 @@ class DiffusionFamily(images_lib.ImageFamily):
 
   name = 'diffusion'
   sample_flags = images_lib.ImageFamily.sample_flags + ('sampler', 'steps', 'eta', 'guidance')
+  #: The config.diffusion key of the probability of the null condition in training.
+  condition_dropout_key = 'label_dropout'
 
   def __init__(self, config):
     super().__init__(config)
@@ -75,8 +77,9 @@ class DiffusionFamily(images_lib.ImageFamily):
           d.schedule, d.num_steps, d.prediction, d.variance)
     except ValueError as e:
       raise UserError(f'config.diffusion.{e}') from None
-    if not 0.0 <= d.label_dropout < 1.0:
-      raise UserError(f'config.diffusion.label_dropout={d.label_dropout}: must be in [0, 1)')
+    p = d[self.condition_dropout_key]
+    if not 0.0 <= p < 1.0:
+      raise UserError(f'config.diffusion.{self.condition_dropout_key}={p}: must be in [0, 1)')
     if not isinstance(config.sampling.batch, int) or config.sampling.batch < 1:
       raise UserError(f'config.sampling.batch={config.sampling.batch!r}: must be >= 1 (images '
                       'per jitted sampler call)')
@@ -96,17 +99,25 @@ class DiffusionFamily(images_lib.ImageFamily):
   def _denoiser(self, model, labels, dropout_key=None):
     return lambda x, t: model(x, t, labels, dropout_key=dropout_key)
 
+  def null_condition(self):
+    """What stands for "no condition" in classifier-free guidance (the null class id)."""
+    return self.num_classes
+
+  def condition(self, batch):
+    """The model's condition in `batch` (class labels [B]), or None when unconditional."""
+    return batch['label'] if self.conditional else None
+
   def loss(self, models, batch, rng, *, train: bool):
     x0 = images_lib.to_float(batch['image'])
     loss_key, drop_key, dropout_key = jax.random.split(rng, 3)
-    labels = None
-    if self.conditional:
-      labels = batch['label']
-      p = float(self.config.diffusion.label_dropout)
-      if train and p > 0:
-        null = jnp.full_like(labels, self.num_classes)
-        labels = jnp.where(jax.random.bernoulli(drop_key, p, labels.shape), null, labels)
-    denoise = self._denoiser(models['model'], labels, dropout_key if train else None)
+    cond = self.condition(batch)
+    p = float(self.config.diffusion[self.condition_dropout_key])
+    if cond is not None and train and p > 0:
+      # Each example's condition (a label, or a caption's tokens) becomes the null one with p.
+      drop = jax.random.bernoulli(drop_key, p, cond.shape[:1])
+      null = jnp.broadcast_to(jnp.asarray(self.null_condition(), cond.dtype), cond.shape)
+      cond = jnp.where(drop.reshape((-1,) + (1,) * (cond.ndim - 1)), null, cond)
+    denoise = self._denoiser(models['model'], cond, dropout_key if train else None)
     return self.diffusion.training_losses(denoise, x0, loss_key).mean(), {}
 
   def vlb_exact_steps(self) -> int:
@@ -115,8 +126,7 @@ class DiffusionFamily(images_lib.ImageFamily):
 
   def eval_step(self, models, batch):
     x0 = images_lib.to_float(batch['image'])
-    labels = batch['label'] if self.conditional else None
-    denoise = self._denoiser(models['model'], labels)
+    denoise = self._denoiser(models['model'], self.condition(batch))
     key = jax.random.key(0)
     loss = self.diffusion.training_losses(denoise, x0, key).mean()
     bpd = self.diffusion.bpd_estimate(denoise, x0, key, exact_steps=self.vlb_exact_steps(),
@@ -161,7 +171,7 @@ class DiffusionFamily(images_lib.ImageFamily):
 
   def sampler_fn(self, sampler: str, steps: int, eta: float, guidance: float):
     """The jitted whole-chain sampler for these options (cached; compiled once per shape):
-    run(graphdef, state, x_T [B, H, W, C], labels [B] | None, rng) -> x_0 [B, H, W, C]."""
+    run(graphdef, state, x_T [B, H, W, C], condition [B, ...] | None, rng) -> x_0 [B, H, W, C]."""
     key = (sampler, steps, eta, guidance)
     if key not in self._samplers:
       clip = bool(self.config.sampling.clip)
@@ -171,7 +181,7 @@ class DiffusionFamily(images_lib.ImageFamily):
         model = nnx.merge(graphdef, state)
         if self.conditional:
           denoise = diffusion_lib.guided(lambda x, t, y: model(x, t, y), labels,
-                                         self.num_classes, guidance)
+                                         self.null_condition(), guidance)
         else:
           denoise = lambda x, t: model(x, t)
         return diffusion_lib.SAMPLERS[sampler](self.diffusion, denoise, x_T, rng, steps=steps,
@@ -185,7 +195,8 @@ class DiffusionFamily(images_lib.ImageFamily):
   def generate_images(self, models, rng, num, labels=None, *, sampler='ddim', steps=50,
                       eta=0.0, guidance=1.0, **options) -> np.ndarray:
     """uint8 [num, H, W, C] from `sampler` (options as `check_sample_options` returns them), in
-    chunks of config.sampling.batch images (the last one padded, so one compiled shape)."""
+    chunks of config.sampling.batch images (the last one padded, so one compiled shape);
+    `labels`: the condition per image ([num] class ids, or a text model's [num, L] tokens)."""
     del options
     if labels is None and self.conditional:
       labels = self.default_labels(num)
@@ -198,7 +209,8 @@ class DiffusionFamily(images_lib.ImageFamily):
       x_T = jax.random.normal(jax.random.fold_in(key, 1), (chunk, *self.image_shape))
       y = None
       if labels is not None:
-        y = jnp.asarray(np.resize(np.asarray(labels[lo:lo + chunk], np.int32), chunk))
+        part = np.asarray(labels[lo:lo + chunk], np.int32)
+        y = jnp.asarray(np.resize(part, (chunk,) + part.shape[1:]))
       out.append(images_lib.to_uint8(run(graphdef, state, x_T, y, key)))
     return np.concatenate(out)[:num]
 
