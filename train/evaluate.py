@@ -84,8 +84,9 @@ _LIKELIHOOD_EXAMPLES = flags.DEFINE_integer(
 _PR_K = flags.DEFINE_integer('pr_k', 3, 'k of the k-NN balls of precision/recall.')
 _CONFIDENCE = flags.DEFINE_float('confidence', 0.9, 'Confidence threshold of class coverage.')
 flags.DEFINE_string('split', None, 'Translation: the Multi30k split to translate (train, val, '
-                    'test2016 (default), test2017, test2018, test2017_mscoco); retriever: the '
-                    'knowledge task split whose questions are asked (val (default), test).')
+                    'test2016 (default), test2017, test2018, test2017_mscoco); retriever and '
+                    'RAG generator: the knowledge task split whose questions are asked (val '
+                    '(default), test).')
 
 flags.DEFINE_string('prompts', None, 'Text-to-image: the split whose captions are drawn and '
                     'scored (test (default), train); see train/text2image_eval.py.')

@@ -5,6 +5,7 @@ own flags; giving a flag the family does not take is an error. The same seed giv
 output.
   language models: --num_samples --prompt --max_new_tokens --temperature (0: greedy) --top_k --top_p
   translation:     --prompt (a source sentence) --beam_size (1: greedy) --length_penalty
+  RAG generator:   --prompt (a question) --retriever (dense | bm25 | none) --top_k (passages)
   image families:  --num_samples --labels (all | 3 | 1,7) --out (PNG path; default
                    DIR/samples/sample.png), and for diffusion --sampler --steps --eta --guidance
   text2image:      --prompt (captions separated by ';') --num_samples (per prompt) --out
@@ -21,10 +22,8 @@ from absl import flags
 from train import checkpoint as ckpt_lib
 from train import cli
 from train import config as config_lib
-from train import families
-from train import loop
 from train import storage
-from train import tuned_checkpoint as tuned_ckpt
+from train.run_loader import load_models  # noqa: F401 (callers use sample.load_models)
 from train.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by `python -m train`.')
@@ -35,7 +34,8 @@ flags.DEFINE_string('prompt', None, 'Text to continue (language models; default 
                     'text2image: captions to draw, several separated by ";".')
 flags.DEFINE_integer('max_new_tokens', None, 'Tokens to generate (default 500).')
 flags.DEFINE_float('temperature', None, 'Softmax temperature; 0 is greedy (default 1).')
-flags.DEFINE_integer('top_k', None, 'Keep only the k most likely tokens.')
+flags.DEFINE_integer('top_k', None, 'Language models: keep only the k most likely tokens; '
+                     'BERT: the k best fillers; RAG generator: the passages to read.')
 flags.DEFINE_float('top_p', None, 'Nucleus sampling: keep the smallest set of tokens '
                    'whose probability reaches p, in (0, 1].')
 flags.DEFINE_string('labels', None, 'Class-conditional images: "all", one id, or ids "1,7".')
@@ -47,10 +47,12 @@ flags.DEFINE_float('guidance', None, 'Diffusion: classifier-free guidance scale 
 flags.DEFINE_integer('beam_size', None, 'Translation: beam width (1: greedy search).')
 flags.DEFINE_float('length_penalty', None, 'Translation: GNMT length penalty alpha >= 0 of beam '
                    'search (0: raw log probability).')
+flags.DEFINE_string('retriever', None, 'RAG generator: dense, bm25 or none (closed book); '
+                    'default the run\'s.')
 
 FAMILY_FLAGS = ('num_samples', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
                 'labels', 'out', 'sampler', 'steps', 'eta', 'guidance', 'beam_size',
-                'length_penalty')
+                'length_penalty', 'retriever')
 
 
 def family_options(family) -> dict:
@@ -90,47 +92,6 @@ def write_run(out: str, config, family, state, step: int, meta: dict) -> None:
   checkpointer = ckpt_lib.Checkpointer(storage.join(out, 'checkpoints'), async_save=False)
   checkpointer.save(step, state, {'data_step': step, 'family': family.name, **meta})
   checkpointer.close()
-
-
-def load_models(workdir: str, use_ema: bool = True):
-  """The family, its networks (EMA params where kept, unless use_ema=False) and the step of
-  `workdir`'s latest checkpoint, restored onto one device."""
-  culprit = f'--workdir={workdir}'
-  config_path = storage.join(workdir, 'config.json')
-  if not storage.isfile(config_path):
-    raise UserError(f'{culprit}: no config.json; is it a `python -m train` workdir?')
-  config = config_lib.from_json(json.dumps(storage.read_json(config_path, culprit)))
-  if not isinstance(config.get('family'), str):
-    raise UserError(f'{culprit}: {config_path} is damaged (it names no `family`)')
-  metadata = storage.read_json(storage.join(workdir, 'family.json'), culprit)
-  checkpoint_dir = storage.join(workdir, 'checkpoints')
-  if not storage.isdir(checkpoint_dir):  # (a Checkpointer would create it)
-    raise UserError(f'{culprit}: no checkpoint in {storage.absolute(checkpoint_dir)}')
-  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, async_save=False)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise UserError(f'{culprit}: no checkpoint in {checkpointer.directory}')
-  family_class = families.get(config.family)
-  try:
-    family = family_class(config)
-    family.load_metadata(metadata)
-    family.read_run_files(workdir)
-    builder = loop.StateBuilder(family, config)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # A run written by an older version of the family's code lacks keys the code now reads.
-    raise UserError(f'{culprit}: its config.json or family.json lacks or garbles {e} that '
-                    f'family {config.family!r} needs (damaged, or written by an older version '
-                    'of genlab?)') from None
-  # Whatever mesh wrote the checkpoint, sampling restores it onto one device.
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shardings = jax.tree.map(lambda _: one_device, builder.abstract)
-  try:
-    # A tuned run's checkpoint holds what it trained; its frozen params are its base run's.
-    state, _ = tuned_ckpt.restore(checkpointer, step, builder, shardings, metadata)
-  finally:
-    checkpointer.close()
-  params = builder.sampling_params(state) if use_ema else state['params']
-  return family, builder.models(params, state['rest']), step
 
 
 def main(argv):

@@ -25,6 +25,7 @@ _FAMILIES = {
     'bert': 'train.families.bert:BERTFamily',
     'translate': 'train.families.translate:TranslateFamily',
     'retriever': 'train.families.retriever:RetrieverFamily',
+    'rag_gpt': 'train.families.rag_gpt:RAGGPTFamily',
 }
 
 
