@@ -88,19 +88,21 @@ def test_answer_scores_are_means_over_questions():
 def _tiny(total_steps):
   c = rag_knowledge.get_config('tiny')
   c.update_from_flattened_dict({'total_steps': total_steps, 'checkpoint_every': 2,
-                                'eval_every': 0, 'log_every': 1})
+                                'eval_every': 0, 'log_every': 1, 'model.num_layers': 1})
   return c
+
 
 
 @pytest.fixture(scope='module')
 def resumed_run(tmp_path_factory):
   """(uninterrupted 4-step result, its workdir cut back to step 2 and resumed to 4, result)."""
   root = tmp_path_factory.mktemp('rag')
-  full = loop.train(_tiny(4), str(root / 'full'))
+  one_device = jax.devices()[:1]   # (a mesh of the 8 fake devices would only cost compile time)
+  full = loop.train(_tiny(4), str(root / 'full'), devices=one_device)
   workdir = str(root / 'resumed')
   shutil.copytree(root / 'full', workdir)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))   # as if stopped after step 2
-  second = loop.train(_tiny(4), workdir)
+  second = loop.train(_tiny(4), workdir, devices=one_device)
   return full, workdir, second
 
 
