@@ -170,6 +170,8 @@ def test_sample_prints_answer_and_passages_and_refuses_bad_requests(resumed_run,
       family.sample(models, key, workdir, {'prompt': 'Who employs Ilsa Marrow?',
                                            'retriever': None, 'top_k': None, **options})
     assert '\n' not in str(e.value)
-  # A dense retriever named by a run that is not a retriever run.
+  # A dense retriever named by a run that is not a retriever run, or by no run at all.
   with pytest.raises(UserError, match="a 'rag_gpt' run, not a retriever run"):
     rag.load_dense(workdir, family.collection)
+  with pytest.raises(UserError, match='config.rag.retriever_run=/nonexistent/ret: no config'):
+    rag.load_dense('/nonexistent/ret', family.collection)
