@@ -32,7 +32,7 @@ from train import cli
 from train import metrics as metrics_lib
 from train import rag
 from train import retrieval
-from train import sample
+from train import run_loader
 from train import storage
 from train.errors import UserError
 
@@ -69,8 +69,8 @@ def main(argv):
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _RAG.value or not _CLOSED.value:
     raise UserError('--rag and --closed_book are required (finished rag_knowledge.py runs)')
-  family, models, step = sample.load_models(_RAG.value)
-  closed, closed_models, closed_step = sample.load_models(_CLOSED.value)
+  family, models, step = run_loader.load_models(_RAG.value)
+  closed, closed_models, closed_step = run_loader.load_models(_CLOSED.value)
   for f, flag in ((family, '--rag'), (closed, '--closed_book')):
     if f.name != 'rag_gpt':
       raise UserError(f'{flag}: a {f.name!r} run, not a rag_gpt run')

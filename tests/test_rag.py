@@ -88,19 +88,21 @@ def test_answer_scores_are_means_over_questions():
 def _tiny(total_steps):
   c = rag_knowledge.get_config('tiny')
   c.update_from_flattened_dict({'total_steps': total_steps, 'checkpoint_every': 2,
-                                'eval_every': 0, 'log_every': 1})
+                                'eval_every': 0, 'log_every': 1, 'model.num_layers': 1})
   return c
+
 
 
 @pytest.fixture(scope='module')
 def resumed_run(tmp_path_factory):
   """(uninterrupted 4-step result, its workdir cut back to step 2 and resumed to 4, result)."""
   root = tmp_path_factory.mktemp('rag')
-  full = loop.train(_tiny(4), str(root / 'full'))
+  one_device = jax.devices()[:1]   # (a mesh of the 8 fake devices would only cost compile time)
+  full = loop.train(_tiny(4), str(root / 'full'), devices=one_device)
   workdir = str(root / 'resumed')
   shutil.copytree(root / 'full', workdir)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))   # as if stopped after step 2
-  second = loop.train(_tiny(4), workdir)
+  second = loop.train(_tiny(4), workdir, devices=one_device)
   return full, workdir, second
 
 
@@ -168,6 +170,8 @@ def test_sample_prints_answer_and_passages_and_refuses_bad_requests(resumed_run,
       family.sample(models, key, workdir, {'prompt': 'Who employs Ilsa Marrow?',
                                            'retriever': None, 'top_k': None, **options})
     assert '\n' not in str(e.value)
-  # A dense retriever named by a run that is not a retriever run.
+  # A dense retriever named by a run that is not a retriever run, or by no run at all.
   with pytest.raises(UserError, match="a 'rag_gpt' run, not a retriever run"):
     rag.load_dense(workdir, family.collection)
+  with pytest.raises(UserError, match='config.rag.retriever_run=/nonexistent/ret: no config'):
+    rag.load_dense('/nonexistent/ret', family.collection)

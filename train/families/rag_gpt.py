@@ -130,7 +130,10 @@ class RAGGPTFamily(gpt_family.GPTFamily):
   def rows(self, questions: Sequence[knowledge.Question], contexts: np.ndarray
            ) -> dict[str, np.ndarray]:
     """inputs, targets `[n, block_size]` int32, weights `[n, block_size]` float32."""
-    prompts = self.prompts([q.text for q in questions], contexts)
+    try:
+      prompts = self.prompts([q.text for q in questions], contexts)
+    except UserError as e:  # a question of the task does not fit: the config's fault
+      raise UserError(f'config.model.block_size={self.config.model.block_size}: {e}') from None
     budget = self.config.rag.answer_tokens
     out = {'inputs': [], 'targets': [], 'weights': []}
     for q, prompt in zip(questions, prompts):
