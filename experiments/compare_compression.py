@@ -11,7 +11,8 @@ Rows, each read from a run directory (default OUT/<row>, or the flag of the same
                     with the student's shape): the f32 model every compression below starts from
   ptq_int8_weights, ptq_int8
                     `train.quantize` of `scratch` (post-training int8, weight-only and weights +
-                    activations), written to OUT/<row> here whenever missing (no training)
+                    activations), written to OUT/<row> here whenever missing (no training;
+                    delete the directory to redo it)
   qat               int8 quantization-aware training from `scratch` (--finetune_steps steps at lr
                     1e-4 to 1e-5), converted to int8 by `train.quantize` (OUT/qat_int8)
   scratch_tuned     `scratch` fine-tuned as the pruned runs are, unpruned: their control (a
@@ -55,7 +56,6 @@ from flax import nnx
 
 from experiments.configs import distill_gpt
 from experiments.configs import gpt_shakespeare
-from train import checkpoint as ckpt_lib
 from train import cli
 from train import loop
 from train import metrics as metrics_lib
@@ -178,10 +178,6 @@ def converted_dir(out: str, row: str) -> str:
 # -------------------------------------------------------------------------- measurements
 
 
-def param_bytes(model: nnx.Module) -> int:
-  return ckpt_lib.array_bytes(nnx.state(model, nnx.Param))
-
-
 def sparse_bytes(params: Any, selected: list[bool], method: str) -> int:
   """Bytes of `params` with the selected kernels stored sparse (module docstring): 4 bytes per
   nonzero, plus a 1-bit mask per weight (magnitude) or a 2-bit index per kept weight (2:4);
@@ -203,7 +199,7 @@ def measure(out: str, rows: list[str], run_dirs: dict[str, str], configs: dict[s
   family, models, _ = sample.load_models(run_dirs[REFERENCE])
   family.setup_data(0, 1)
   batches = list(family.eval_batches())
-  reference_bytes = param_bytes(models['model'])
+  reference_bytes = quantize_lib.param_bytes({'model': models['model']})
   report_rows, loaded = [], {}
   for row in rows:
     workdir = converted_dir(out, row) if row in PTQ or row == 'qat' else run_dirs[row]
@@ -212,7 +208,7 @@ def measure(out: str, rows: list[str], run_dirs: dict[str, str], configs: dict[s
     config = row_family.config
     r = {'row': row, 'workdir': storage.absolute(workdir), 'step': step,
          'params': sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
-         'bytes': param_bytes(model)}
+         'bytes': quantize_lib.param_bytes({'model': model})}
     r['bytes_ratio'] = r['bytes'] / reference_bytes
     r['val_loss'] = quantize_lib.eval_loss(family, {'model': model}, batches)
     if row in PTQ or row == 'qat':
