@@ -1,4 +1,4 @@
-"""experiments/compare_compression.py end to end on :tiny runs of a few steps.
+"""experiments/compare_compression.py on a :tiny student run directory (written untrained).
 
 The expected bytes are counted by hand from the GPT's layer shapes (not from the code that
 measures them): 4 bytes per f32 param; int8 kernels at 1 byte plus one f32 scale per output
@@ -14,7 +14,9 @@ import pytest
 
 from experiments import compare_compression
 from experiments.configs import distill_gpt
+from train import loop
 from train import prune
+from train import sample
 
 needs_tfds = pytest.mark.skipif(not os.environ.get('TFDS_DATA_DIR'),
                                 reason='TFDS_DATA_DIR (a prepared data_dir) is not set')
@@ -52,9 +54,16 @@ def test_compare_compression_on_tiny_runs(tmp_path):
   assert report['rows'] == [] and set(report['missing']) == {'teacher', 'distilled'}
   assert '--config.distill.teacher=' in report['missing']['distilled']
 
+  # The scratch student's run directory, written untrained (training runs are tested elsewhere;
+  # this test is about what the comparison measures), at the step the comparison expects.
+  run = compare_compression.runs(out, {}, tiny=True, student_steps=2, teacher_steps=2,
+                                 finetune_steps=2)['scratch']
+  setup = loop.setup(run.config(), jax.devices()[:1])
+  state = dict(setup.builder.init(setup.shardings), step=jnp.asarray(2, jnp.int32))
+  sample.write_run(run.workdir, run.config(), setup.family, state, 2, {})
   report = compare_compression.compare(
-      out, ['scratch', 'ptq_int8_weights'], tiny=True, train_missing=True, student_steps=2,
-      decode_tokens=0, devices=jax.devices()[:1])  # (decode timing: tests/test_quantize.py)
+      out, ['scratch', 'ptq_int8_weights'], tiny=True, student_steps=2,
+      decode_tokens=0)  # (decode timing: tests/test_quantize.py)
   by = {r['row']: r for r in report['rows']}
   assert list(by) == ['scratch', 'ptq_int8_weights'] and not report['missing']
   params, kernels, channels = _gpt_counts(distill_gpt.get_config('tiny').model)
