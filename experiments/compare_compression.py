@@ -38,8 +38,9 @@ Columns (every model scored in this process, on the same data):
              loop, so a change of host load hits them alike), and its ratio to `scratch`'s
   sparsity   the share of exactly-zero weights among the prunable kernels (the attention and
              MLP kernels: `config.prune.params`)
-Writes OUT/compression.md (table, goals, run commands), OUT/compression.png (val loss against
-bytes and against decode tokens/s) and OUT/compression.json. `--tiny` runs the same on the
+Writes OUT/compression.md (table, goals, commands of missing runs), OUT/compression.png (val loss
+against bytes and against decode tokens/s) and OUT/compression.json (every run's command).
+`--tiny` runs the same on the
 configs' :tiny variants (a smoke test of seconds).
 """
 
