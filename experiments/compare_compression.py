@@ -40,8 +40,7 @@ Columns (every model scored in this process, on the same data):
              MLP kernels: `config.prune.params`)
 Writes OUT/compression.md (table, goals, commands of missing runs), OUT/compression.png (val loss
 against bytes and against decode tokens/s) and OUT/compression.json (every run's command).
-`--tiny` runs the same on the
-configs' :tiny variants (a smoke test of seconds).
+`--tiny` runs the same on the configs' :tiny variants (a smoke test of seconds).
 """
 
 from __future__ import annotations
