@@ -11,8 +11,21 @@ warmup steps, cosine to 1e-5), weight decay 1e-4.
 Default (no ARG): MNIST.
   Command:  python -m train --config=experiments/configs/clip_mnist.py --workdir=workdirs/clip_mnist
             python -m train.evaluate --workdir=workdirs/clip_mnist
-  Hardware: not measured yet.
-  Result:   not measured yet.
+  Hardware: 2-core CPU (AMD Zen 4 host, cpu family 25), shared: load average 10-13 from other
+            jobs, run under `nice -n 19 /usr/bin/time -v` (December).
+  Runtime:  training 34.6 min wall, 455 s user + 216 s system CPU time (0.86-1.04 s/step at that
+            load; 3.77 GFLOP/step); evaluation 58 s wall, 19 s user + 2 s system.
+  Result:   final train loss 1.84, test loss 1.90, in-batch accuracy 0.21-0.22 (a batch of 256
+            holds ~4.5 pairs of each combination: its false negatives cap the loss near log 4.5
+            and the in-batch accuracy near 1 / 4.5). Over the 10,000 test pairs (a hit: a
+            retrieved item has the query's label, thickness and slant; chance at 1: 0.019-0.021):
+              text->image  seen:   recall@1 1.000  recall@5 1.000
+              text->image  unseen: recall@1 1.000  recall@5 1.000   (585 held-out pairs)
+              image->text  seen:   recall@1 0.909  recall@5 0.909   (label alone: 0.990)
+              image->text  unseen: recall@1 0.860  recall@5 0.860   (label alone: 0.990)
+            Image->text is the hard direction: it names the thickness and slant of every test
+            image, also those near a category threshold; its top 5 are near-copies of one
+            caption (other phrasings of the same combination), so @5 adds nothing.
 
 ARG `fashion_mnist`: the same on Fashion-MNIST (--config.data.raw_dir=DIR_WITH_IDX_FILES
 --config.data.data_dir=YOUR_TFDS_DIR prepare it without TensorFlow on first use).
