@@ -26,6 +26,7 @@ _FAMILIES = {
     'translate': 'train.families.translate:TranslateFamily',
     'retriever': 'train.families.retriever:RetrieverFamily',
     'rag_gpt': 'train.families.rag_gpt:RAGGPTFamily',
+    'clip': 'train.families.clip:CLIPFamily',
 }
 
 
