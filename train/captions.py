@@ -296,8 +296,9 @@ class CaptionTokenizer:
       raise ValueError(f'prompt {text!r} is empty: describe an image, e.g. "a thick seven"')
     ids = [i for i in self._ids(text) if i != UNK_ID]
     if not ids:
-      raise ValueError(f'prompt {text!r} has no word the captions use (the vocabulary: '
-                       f'{" ".join(sorted(self.vocab)[len(SPECIAL_TOKENS):][:12])} ...)')
+      words = sorted(self.vocab, key=self.vocab.get)[len(SPECIAL_TOKENS):]
+      raise ValueError(f'prompt {text!r} has no word the captions use (e.g. '
+                       f'{", ".join([w for w in words if w.isalpha()][:12])} ...)')
     if len(ids) > max_len:
       raise ValueError(f'prompt {text!r} has {len(ids)} known tokens, more than the model\'s '
                        f'max_len={max_len}')

@@ -25,6 +25,7 @@ _FAMILIES = {
     'bert': 'train.families.bert:BERTFamily',
     'translate': 'train.families.translate:TranslateFamily',
     'retriever': 'train.families.retriever:RetrieverFamily',
+    'clip': 'train.families.clip:CLIPFamily',
 }
 
 
