@@ -5,8 +5,9 @@ position embeddings, pre-LayerNorm `models.layers.Block`s of bidirectional self-
 a padding mask, a final LayerNorm; its params (`embed`, `blocks`, `ln_f`) have BERT's paths.
 Its token outputs [B, L, D] and the padding mask are the UNet's context (models/unet.py).
 
-The null caption of classifier-free guidance (Ho & Salimans 2022) is a row of padding only: it
-has no real token, so the UNet gets nothing from the text and is the unconditional model.
+Classifier-free guidance (Ho & Salimans 2022) needs a null caption: the text2image family uses
+a caption of one [NULL] token (train/captions.py `null_tokens`), which the encoder reads like
+any other. A row of padding only would give the UNet no text at all (see models/unet.py).
 """
 
 from __future__ import annotations
