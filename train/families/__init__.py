@@ -17,6 +17,7 @@ _FAMILIES = {
     'distill_gpt': 'train.families.distill_gpt:DistillGPTFamily',
     'reward': 'train.families.reward:RewardFamily',
     'dpo': 'train.families.dpo:DPOFamily',
+    'rlhf': 'train.families.rlhf:RLHFFamily',
     'diffusion': 'train.families.diffusion:DiffusionFamily',
     'classifier': 'train.families.classifier:ClassifierFamily',
     'vae': 'train.families.vae:VAEFamily',
