@@ -58,11 +58,21 @@ _DPO = flags.DEFINE_string('dpo', None, 'A DPO run (optional).')
 _PPO_SMALL = flags.DEFINE_string('ppo_small', None, 'An RLHF run with a small beta (optional).')
 _PPO_LARGE = flags.DEFINE_string('ppo_large', None, 'An RLHF run with a large beta (optional).')
 _OUT = flags.DEFINE_string('out_dir', '/tmp/alignment', 'Where the table and plot go.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Sampling temperature (0: greedy).')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 48, 'Response budget in tokens.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 60, 'Longer test prompts are left out.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_NUM_PROMPTS = flags.DEFINE_integer('num_prompts', None, 'Only the first N test prompts '
+                                    '(default: all).')
 _CHUNK = 50   # prompts per scoring call (bounds the [chunk, seq, vocab] logits in memory)
+
+
+# train.sample's flags --temperature (default 1 here), --max_new_tokens (48) and --seed (0).
+def _temperature() -> float:
+  value = flags.FLAGS.temperature
+  return 1.0 if value is None else float(value)
+
+
+def _max_new_tokens() -> int:
+  value = flags.FLAGS.max_new_tokens
+  return 48 if value is None else int(value)
 
 
 def _load(workdir: str, flag: str):
@@ -105,7 +115,7 @@ def evaluate_model(model, reference, reward, tokenizer, records, key) -> dict:
     rows = np.arange(k, k + len(chunk), dtype=np.int32)
     out, score, kl = _respond_and_score(
         model, reference, reward, prompts, lengths, rows, key,
-        max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, eos_id=text_lib.EOS_ID)
+        max_new_tokens=_max_new_tokens(), temperature=_temperature(), eos_id=text_lib.EOS_ID)
     targets, weights = np.asarray(out['targets']), np.asarray(out['weights'])
     for row, w in zip(targets, weights):
       ids = [int(t) for t, keep in zip(row, w) if keep and t != text_lib.EOS_ID]
@@ -126,12 +136,16 @@ def main(argv):
   t0 = time.perf_counter()
   cpu0 = time.process_time()
   manifest, splits = preferences.load(_PAIRS.value, culprit='--pairs')
-  records = [r for r in splits['test'] if len(r['prompt_ids']) <= _PROMPT_LEN.value]
+  records = [r for r in splits['test']
+             if len(r['prompt_ids']) <= _PROMPT_LEN.value][:_NUM_PROMPTS.value]
   if not records:
     raise UserError(f'--pairs={_PAIRS.value}: no test prompt of at most --prompt_len='
                     f'{_PROMPT_LEN.value} tokens')
   sft_family, sft_model, sft_step = _load(_SFT.value, 'sft')
   tokenizer = sft_family.tokenizer
+  if _PROMPT_LEN.value + _max_new_tokens() > sft_model.context_size:
+    raise UserError(f'--prompt_len={_PROMPT_LEN.value} + --max_new_tokens={_max_new_tokens()}: '
+                    f'more than the model\'s {sft_model.context_size} positions')
   if manifest.get('tokenizer_sha256') != preferences.sha256(tokenizer.to_str()):
     raise UserError(f'--pairs={_PAIRS.value}: its pairs were tokenized by another tokenizer '
                     f'than --sft={_SFT.value}\'s')
@@ -139,7 +153,7 @@ def main(argv):
   runs = [('SFT', _SFT.value, 'sft', None), ('DPO', _DPO.value, 'dpo', 'dpo'),
           ('PPO small beta', _PPO_SMALL.value, 'ppo_small', 'rlhf'),
           ('PPO large beta', _PPO_LARGE.value, 'ppo_large', 'rlhf')]
-  key = jax.random.key(_SEED.value)
+  key = jax.random.key(flags.FLAGS.seed)
   judge_t = float(manifest.get('judge_temperature', 5.0))
   rows, baseline = [], None
   for label, workdir, flag, family_name in runs:
@@ -174,8 +188,8 @@ def main(argv):
         'examples': [{'input': r['input'], 'reference': r['reference'], 'response': t}
                      for r, t in zip(records[:3], result['texts'][:3])]})
   report = {'pairs': storage.absolute(_PAIRS.value), 'reward': f'{_REWARD.value}:{reward_step}',
-            'test_prompts': len(records), 'temperature': _TEMPERATURE.value,
-            'max_new_tokens': _MAX_NEW.value, 'seed': _SEED.value,
+            'test_prompts': len(records), 'temperature': _temperature(),
+            'max_new_tokens': _max_new_tokens(), 'seed': flags.FLAGS.seed,
             'judge_temperature': judge_t, 'rows': rows,
             'wall_s': time.perf_counter() - t0, 'process_cpu_s': time.process_time() - cpu0}
   out = _OUT.value

@@ -9,10 +9,11 @@ responses to 32 train prompts of the pairs file inside the run and takes PPO upd
                 --config.init_from=/tmp/sft --config.rlhf.reference=/tmp/sft \
                 --config.rlhf.reward=/tmp/reward --config.preferences.path=/tmp/pairs \
                 [--config.rlhf.beta=0.01]
-Hyperparameters were chosen, not tuned (beta 0.1; clip 0.2, 2 PPO epochs per rollout, GAE
-lambda 0.95, value coefficient 0.5, AdamW lr 1e-5, 100 steps of 32 rollouts); the results
-of the runs are in experiments/README.md (python -m experiments.compare_alignment). The model
-section must equal the SFT run's.
+Hyperparameters were chosen, not tuned, and the run is short because a step is costly on a
+CPU (a rollout of 16 prompts x 48 tokens, three forward passes, two updates): beta 0.1, clip
+0.2, 2 PPO epochs per rollout, GAE lambda 0.95, value coefficient 0.5, AdamW lr 5e-5, 40
+steps of 16 rollouts. Results: experiments/README.md (python -m experiments.compare_alignment).
+The model section must equal the SFT run's.
 
 ARG `tiny`: gpt_instruct.py:tiny's model, 4 steps of 8 rollouts of 8 tokens (tests).
 """
@@ -25,15 +26,18 @@ def get_config(arg: str | None = None):
   c.family = 'rlhf'
   c.rlhf = dict(reward='', reference='', beta=0.1, clip=0.2, ppo_epochs=2, gae_lambda=0.95,
                 vf_coef=0.5, temperature=1.0, max_new_tokens=48, prompt_len=60)
-  c.total_steps = c.optimizer.decay_steps = 100
-  c.optimizer.update(lr=1e-5, min_lr=1e-6, warmup_steps=5)
-  c.log_every = 10
-  c.eval_every = c.checkpoint_every = 50
+  c.batch_size = 16
+  c.total_steps = c.optimizer.decay_steps = 40
+  c.optimizer.update(lr=5e-5, min_lr=5e-6, warmup_steps=4)
+  c.log_every = 5
+  c.eval_every = 40
+  c.checkpoint_every = 10
   c.eval_batches = 2
   if arg == 'tiny':
     c.rlhf.update(max_new_tokens=8, prompt_len=64)
     c.optimizer.update(lr=1e-3, min_lr=1e-4, warmup_steps=1)
     c.total_steps = c.optimizer.decay_steps = 4
+    c.batch_size = 8
     c.log_every = 2
     c.eval_every = c.checkpoint_every = 2
     c.eval_batches = 1
