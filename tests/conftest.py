@@ -27,3 +27,11 @@ def pytest_configure(config):
     if value and not os.path.isdir(value):
       raise pytest.UsageError(f'{var}={value}: no such directory ({os.path.abspath(value)}); '
                               f'point it at {what}, or unset it to skip the tests that need it')
+
+
+@pytest.fixture(scope='session')
+def alignment_sft(tmp_path_factory):
+  """The tiny SFT run and its preference pairs that tests/test_alignment.py and test_rlhf.py
+  share: made once per test process."""
+  from tests import test_alignment  # pylint: disable=import-outside-toplevel
+  return test_alignment.make_sft(tmp_path_factory.mktemp('alignment'))

@@ -17,7 +17,6 @@ from models import gpt
 from models import scalar_head
 from tests.test_alignment import alignment_config
 from tests.test_alignment import needs_multi30k
-from tests.test_alignment import sft  # pylint: disable=unused-import  (a fixture)
 from tests.test_alignment import tiny_gpt
 from train import loop
 from train import text as text_lib
@@ -134,9 +133,14 @@ def test_rollouts_are_reproducible_from_their_key_row_by_row():
 # ----------------------------------------------------------------------- runs on a tiny SFT
 
 
+@pytest.fixture
+def sft(alignment_sft):
+  return alignment_sft
+
+
 @pytest.fixture(scope='module')
-def reward_run(sft):
-  sft_dir, pairs_dir, root = sft
+def reward_run(alignment_sft):
+  sft_dir, pairs_dir, root = alignment_sft
   workdir = str(root / 'reward_for_rlhf')
   loop.train(alignment_config(reward_gpt, sft_dir, pairs_dir, eval_every=0, total_steps=2),
              workdir, devices=jax.devices()[:1])
