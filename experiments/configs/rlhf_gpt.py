@@ -3,7 +3,7 @@ r"""RLHF with PPO and a KL penalty: policy and reference from the SFT run, a fro
 The policy starts from an instruction-tuned en->de run (config.init_from; a value head is
 added at zero), the reference is loaded frozen from config.rlhf.reference (the same run,
 usually) and the reward from config.rlhf.reward (a reward_gpt.py run). Each step samples
-responses to 32 train prompts of the pairs file inside the run and takes PPO updates on them
+responses to 16 train prompts of the pairs file inside the run and takes PPO updates on them
 (train/families/rlhf.py). Train the reward model first (reward_gpt.py's docstring).
   Command:  python -m train --config=experiments/configs/rlhf_gpt.py --workdir=/tmp/ppo \
                 --config.init_from=/tmp/sft --config.rlhf.reference=/tmp/sft \
