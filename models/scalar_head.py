@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import gpt
+from models import layers
 
 
 class ScalarHeadGPT(gpt.GPT):
@@ -32,6 +33,17 @@ class ScalarHeadGPT(gpt.GPT):
     batch, seq = tokens.shape
     h = self.ln_f(self._trunk(tokens, dropout_key))        # [batch * seq, embed]
     return self.value_head(h).astype(jnp.float32).reshape(batch, seq)
+
+  def logits_and_values(self, tokens: jax.Array, *, dropout_key: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array]:
+    """tokens `[batch, seq]` -> (float32 logits `[batch, seq, vocab]`, float32 values
+    `[batch, seq]`), one trunk pass. The head reads the hidden state through stop_gradient: a
+    PPO critic on the policy's features that does not pull on the policy's trunk."""
+    batch, seq = tokens.shape
+    h = self.ln_f(self._trunk(tokens, dropout_key))        # [batch * seq, embed]
+    logits = layers.tied_logits(h, self.wte).reshape(batch, seq, self.vocab_size)
+    values = self.value_head(jax.lax.stop_gradient(h)).astype(jnp.float32).reshape(batch, seq)
+    return logits, values
 
   def score(self, tokens: jax.Array, index: jax.Array, *,
             dropout_key: jax.Array | None = None) -> jax.Array:

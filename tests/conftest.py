@@ -64,3 +64,11 @@ def pytest_unconfigure(config):
   del config
   if _OWN_COMPILATION_CACHE:
     shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def alignment_sft(tmp_path_factory):
+  """The tiny SFT run and its preference pairs that tests/test_alignment.py and test_rlhf.py
+  share: made once per test process."""
+  from tests import test_alignment  # pylint: disable=import-outside-toplevel
+  return test_alignment.make_sft(tmp_path_factory.mktemp('alignment'))

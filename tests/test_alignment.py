@@ -193,10 +193,11 @@ def write_small_multi30k(directory, lines=(400, 40, 40)):
   return directory
 
 
-@pytest.fixture(scope='module')
-def sft(tmp_path_factory):
-  """A tiny en_de instruction-tuned run (its own tokenizer, 2 steps) and pairs written from it."""
-  root = tmp_path_factory.mktemp('alignment')
+def make_sft(root):
+  """A tiny en_de instruction-tuned run (its own tokenizer, 2 steps) and pairs written from it,
+  under directory `root` (a pathlib.Path): (run dir, pairs dir, root). conftest.py's
+  session fixture `alignment_sft` makes it once per test process (this module and
+  tests/test_rlhf.py share it)."""
   raw = write_small_multi30k(str(root / 'multi30k'))
   c = gpt_instruct.get_config('tiny')
   c.update_from_flattened_dict({
@@ -208,6 +209,11 @@ def sft(tmp_path_factory):
   pairs = str(root / 'pairs')
   preferences.generate(workdir, pairs, num_prompts=40, num_held_out=8, max_new_tokens=10)
   return workdir, pairs, root
+
+
+@pytest.fixture
+def sft(alignment_sft):
+  return alignment_sft
 
 
 # Smaller than the :tiny configs' model (fewer compiled ops); the SFT run's model section.

@@ -17,6 +17,7 @@ _FAMILIES = {
     'distill_gpt': 'train.families.distill_gpt:DistillGPTFamily',
     'reward': 'train.families.reward:RewardFamily',
     'dpo': 'train.families.dpo:DPOFamily',
+    'rlhf': 'train.families.rlhf:RLHFFamily',
     'diffusion': 'train.families.diffusion:DiffusionFamily',
     'text2image': 'train.families.text2image:TextToImageFamily',
     'classifier': 'train.families.classifier:ClassifierFamily',

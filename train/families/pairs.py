@@ -72,6 +72,7 @@ class PairsFamily(gpt_family.GPTFamily):
     self.tokenizer = self._train_subword([])   # the init_from run's tokenizer.json
     path = str(c.preferences.path)
     manifest, splits = preferences.load(path)
+    self.records = splits   # split -> records (the RLHF family takes its prompts from them)
     if manifest.get('tokenizer_sha256') != preferences.sha256(self.tokenizer.to_str()):
       raise UserError(f'config.preferences.path={path}: its pairs were tokenized by '
                       f'{manifest.get("sft")}, whose tokenizer differs from config.init_from='

@@ -1,0 +1,44 @@
+r"""RLHF with PPO and a KL penalty: policy and reference from the SFT run, a frozen reward model.
+
+The policy starts from an instruction-tuned en->de run (config.init_from; a value head is
+added at zero), the reference is loaded frozen from config.rlhf.reference (the same run,
+usually) and the reward from config.rlhf.reward (a reward_gpt.py run). Each step samples
+responses to 16 train prompts of the pairs file inside the run and takes PPO updates on them
+(train/families/rlhf.py). Train the reward model first (reward_gpt.py's docstring).
+  Command:  python -m train --config=experiments/configs/rlhf_gpt.py --workdir=/tmp/ppo \
+                --config.init_from=/tmp/sft --config.rlhf.reference=/tmp/sft \
+                --config.rlhf.reward=/tmp/reward --config.preferences.path=/tmp/pairs \
+                [--config.rlhf.beta=0.01]
+Hyperparameters were chosen, not tuned, and the run is short because a step is costly on a
+CPU (a rollout of 16 prompts x 48 tokens, three forward passes, two updates): beta 0.1, clip
+0.2, 2 PPO epochs per rollout, GAE lambda 0.95, value coefficient 0.5, AdamW lr 5e-5, 40
+steps of 16 rollouts. Results: experiments/README.md (python -m experiments.compare_alignment).
+The model section must equal the SFT run's.
+
+ARG `tiny`: gpt_instruct.py:tiny's model, 4 steps of 8 rollouts of 8 tokens (tests).
+"""
+
+from experiments.configs import reward_gpt
+
+
+def get_config(arg: str | None = None):
+  c = reward_gpt.get_config(arg)
+  c.family = 'rlhf'
+  c.rlhf = dict(reward='', reference='', beta=0.1, clip=0.2, ppo_epochs=2, gae_lambda=0.95,
+                vf_coef=0.5, temperature=1.0, max_new_tokens=48, prompt_len=60)
+  c.batch_size = 16
+  c.total_steps = c.optimizer.decay_steps = 40
+  c.optimizer.update(lr=5e-5, min_lr=5e-6, warmup_steps=4)
+  c.log_every = 5
+  c.eval_every = 40
+  c.checkpoint_every = 10
+  c.eval_batches = 2
+  if arg == 'tiny':
+    c.rlhf.update(max_new_tokens=8, prompt_len=64)
+    c.optimizer.update(lr=1e-3, min_lr=1e-4, warmup_steps=1)
+    c.total_steps = c.optimizer.decay_steps = 4
+    c.batch_size = 8
+    c.log_every = 2
+    c.eval_every = c.checkpoint_every = 2
+    c.eval_batches = 1
+  return c

@@ -1,0 +1,204 @@
+"""RLHF with PPO: the KL estimator, PPO's clipping, GAE, rollouts reproducible from their key,
+and RLHF runs (one device vs 8, exact resume, bad input) from the tiny SFT run and reward
+model that tests/test_alignment.py's helpers make."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.configs import reward_gpt
+from experiments.configs import rlhf_gpt
+from models import gpt
+from models import scalar_head
+from tests.test_alignment import alignment_config
+from tests.test_alignment import needs_multi30k
+from tests.test_alignment import tiny_gpt
+from train import loop
+from train import text as text_lib
+from train.errors import UserError
+from train.families import rlhf as rlhf_lib
+
+
+# ------------------------------------------------------------------------ the pure pieces
+
+
+def test_kl_estimators_against_the_exact_kl_of_a_toy_categorical():
+  rng = np.random.default_rng(0)
+  logits_p, logits_q = rng.normal(0, 1.5, (3, 7)), rng.normal(0, 1.5, (3, 7))
+  p = np.exp(logits_p) / np.exp(logits_p).sum(-1, keepdims=True)
+  q = np.exp(logits_q) / np.exp(logits_q).sum(-1, keepdims=True)
+  exact = (p * np.log(p / q)).sum(-1)                                  # [3]
+  np.testing.assert_allclose(rlhf_lib.token_kl(jnp.asarray(logits_p, jnp.float32),
+                                               jnp.asarray(logits_q, jnp.float32)),
+                             exact, rtol=1e-5)
+  np.testing.assert_allclose(rlhf_lib.token_entropy(jnp.asarray(logits_p, jnp.float32)),
+                             -(p * np.log(p)).sum(-1), rtol=1e-5)
+  # The sampled estimator in the reward, log p(x) - log q(x) at x ~ p, is unbiased: its mean
+  # over draws is the exact KL within 4 standard errors.
+  draws = np.stack([rng.choice(7, 100_000, p=row) for row in p])      # [3, draws]
+  logp = rlhf_lib.token_log_probs(
+      jnp.broadcast_to(jnp.asarray(logits_p, jnp.float32)[:, None], (3, 100_000, 7)),
+      jnp.asarray(draws))
+  logq = rlhf_lib.token_log_probs(
+      jnp.broadcast_to(jnp.asarray(logits_q, jnp.float32)[:, None], (3, 100_000, 7)),
+      jnp.asarray(draws))
+  sample = np.asarray(logp - logq, np.float64)
+  stderr = sample.std(-1) / np.sqrt(sample.shape[-1])
+  assert np.all(np.abs(sample.mean(-1) - exact) < 4 * stderr)
+
+
+def test_ppo_clipping_gives_no_gradient_beyond_the_clip_range():
+  clip = 0.2
+  ratio = np.array([0.5, 0.9, 1.1, 1.5, 0.5, 0.9, 1.1, 1.5, 1.5])
+  adv = np.array([1.0, 1.0, 1.0, 1.0, -2.0, -2.0, -2.0, -2.0, 3.0])
+  mask = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0], np.float32)            # the last is padding
+  old = np.linspace(-3.0, -1.0, 9)
+  logp = old + np.log(ratio)
+  loss_fn = lambda lp: rlhf_lib.ppo_policy_loss(
+      lp[None], jnp.asarray(old[None], jnp.float32), jnp.asarray(adv[None], jnp.float32),
+      jnp.asarray(mask[None]), clip)
+  grad = np.asarray(jax.grad(lambda lp: loss_fn(lp)[0])(jnp.asarray(logp, jnp.float32)))
+  # By hand: the loss is -(1/8) sum_t min(r_t A_t, clip(r_t) A_t), d r_t / d logp_t = r_t. The
+  # clipped branch is the minimum (a constant: no gradient) exactly when A > 0 and r > 1.2, or
+  # A < 0 and r < 0.8; elsewhere the gradient is -r_t A_t / 8.
+  want = np.array([-0.5 * 1, -0.9 * 1, -1.1 * 1, 0.0,
+                   0.0, 0.9 * 2, 1.1 * 2, 1.5 * 2, 0.0]) / 8
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+  # clip fraction: the masked tokens with |r - 1| > 0.2 (ratios 0.5 and 1.5, twice each).
+  assert float(loss_fn(jnp.asarray(logp, jnp.float32))[1]) == pytest.approx(4 / 8)
+
+
+def test_gae_against_its_definition_and_response_rows_by_hand():
+  rng = np.random.default_rng(1)
+  rewards, values = rng.normal(size=(2, 7)), rng.normal(size=(2, 7))
+  mask = np.zeros((2, 7))
+  mask[0, 2:6], mask[1, 1:7] = 1, 1
+  lam = 0.9
+  got = np.asarray(rlhf_lib.gae(*(jnp.asarray(x, jnp.float32) for x in (rewards, values, mask)),
+                                lam))
+  for i in range(2):
+    steps = np.flatnonzero(mask[i])
+    v = np.append(values[i, steps], 0.0)                # the value after the end is 0
+    delta = rewards[i, steps] + v[1:] - v[:-1]
+    want = [sum(lam ** l * delta[t + l] for l in range(len(steps) - t))
+            for t in range(len(steps))]
+    np.testing.assert_allclose(got[i, steps], want, rtol=1e-5, atol=1e-6)
+    assert np.all(got[i, mask[i] == 0] == 0)
+  # Prompt [EOS, 5, 6] then response 7, [EOS], 9 (the 9 after [EOS] is dropped).
+  eos = text_lib.EOS_ID
+  rows = rlhf_lib.response_rows(jnp.array([[eos, 5, 6, 0]]), jnp.array([3]),
+                                jnp.array([[7, eos, 9]]), eos)
+  np.testing.assert_array_equal(rows['inputs'], [[eos, 5, 6, 7, eos, 0]])
+  np.testing.assert_array_equal(rows['targets'], [[5, 6, 7, eos, 0, 0]])
+  np.testing.assert_array_equal(rows['weights'], [[0, 0, 1, 1, 0, 0]])
+
+
+def rlhf_family(**rlhf):
+  c = rlhf_gpt.get_config('tiny')
+  c.update_from_flattened_dict({'preferences.path': 'unused', 'rlhf.reference': 'unused',
+                                'rlhf.reward': 'unused',
+                                **{f'rlhf.{k}': v for k, v in rlhf.items()}})
+  return rlhf_lib.RLHFFamily(c)
+
+
+def test_rollouts_are_reproducible_from_their_key_row_by_row():
+  family = rlhf_family(max_new_tokens=5, prompt_len=6)
+  models = {'model': tiny_gpt(scalar_head.ScalarHeadGPT), 'reference': tiny_gpt(seed=1),
+            'reward': tiny_gpt(scalar_head.ScalarHeadGPT, seed=2)}
+  models['reward'].value_head.kernel[...] = jax.random.normal(jax.random.key(5), (16, 1))
+  batch = {'prompts': jnp.array([[1, 2, 3, 4, 0, 0], [5, 6, 0, 0, 0, 0], [7, 8, 9, 1, 2, 3]]),
+           'lengths': jnp.array([4, 2, 6]), 'rows': jnp.arange(3)}
+  run = nnx.jit(family.rollout)
+  a, b = run(models, batch, jax.random.key(0)), run(models, batch, jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  other = run(models, batch, jax.random.key(1))
+  assert not np.array_equal(a['inputs'], other['inputs'])
+  # A row samples from its global row index, wherever it sits in the batch (the same shapes:
+  # no new compile).
+  flipped = run(models, jax.tree.map(lambda x: x[::-1], batch), jax.random.key(0))
+  np.testing.assert_array_equal(flipped['inputs'], a['inputs'][::-1])
+  # The policy's own sampled tokens: their log-probabilities equal the sampler's model's.
+  logits = np.asarray(nnx.jit(lambda m, x: m(x))(models['model'], a['inputs']), np.float64)
+  logz = np.log(np.exp(logits).sum(-1))
+  picked = np.take_along_axis(logits, np.asarray(a['targets'])[..., None], -1)[..., 0] - logz
+  np.testing.assert_allclose(a['old_logp'], picked, rtol=1e-4, atol=1e-4)
+  assert isinstance(models['model'], gpt.GPT)
+
+
+# ----------------------------------------------------------------------- runs on a tiny SFT
+
+
+@pytest.fixture
+def sft(alignment_sft):
+  return alignment_sft
+
+
+@pytest.fixture(scope='module')
+def reward_run(alignment_sft):
+  sft_dir, pairs_dir, root = alignment_sft
+  workdir = str(root / 'reward_for_rlhf')
+  loop.train(alignment_config(reward_gpt, sft_dir, pairs_dir, eval_every=0, total_steps=2),
+             workdir, devices=jax.devices()[:1])
+  return workdir
+
+
+def rlhf_config(sft_dir, pairs_dir, reward_dir, **overrides):
+  return alignment_config(rlhf_gpt, sft_dir, pairs_dir, **{
+      'rlhf.reference': sft_dir, 'rlhf.reward': reward_dir, 'eval_every': 0, **overrides})
+
+
+@needs_multi30k
+def test_rlhf_run_equals_on_8_devices_and_resumes_exactly(sft, reward_run):
+  sft_dir, pairs_dir, root = sft
+  config = lambda **o: rlhf_config(sft_dir, pairs_dir, reward_run, **o)
+  one = loop.train(config(log_every=1), str(root / 'rlhf1'), devices=jax.devices()[:1])
+  logged = {row['step']: row for row in one.history if 'kl' in row}
+  assert all(k in logged[1] for k in (
+      'reward', 'entropy', 'clip_fraction', 'value_loss', 'kl_sampled', 'policy_loss'))
+  # Step 1 samples from the policy before any update: it is the reference (both the SFT run),
+  # so the KL is 0; the updates then move it away.
+  assert abs(logged[1]['kl']) < 1e-5 and abs(logged[1]['kl_sampled']) < 1e-5
+  assert logged[4]['kl'] > 1e-4
+  eight = loop.train(config(**{'mesh.data': 8, 'total_steps': 2}), str(root / 'rlhf8'))
+  np.testing.assert_allclose([eight.step_losses[s] for s in (1, 2)],
+                             [one.step_losses[s] for s in (1, 2)], rtol=1e-4, atol=1e-6)
+  # Resumed from the uninterrupted run's step-2 checkpoint (a copy without the later ones).
+  workdir = str(root / 'rlhf_resumed')
+  shutil.copytree(str(root / 'rlhf1'), workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  second = loop.train(config(), workdir, devices=jax.devices()[:1])
+  assert sorted(second.step_losses) == [3, 4]
+  for s in (3, 4):
+    assert second.step_losses[s] == one.step_losses[s], s
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state),
+               jax.device_get(one.state))
+
+
+@needs_multi30k
+def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
+  sft_dir, pairs_dir, root = sft
+
+  def fails(config, match, run_it=False):
+    with pytest.raises(UserError, match=match) as e:
+      if run_it:
+        loop.train(config, str(root / 'bad_rlhf'), devices=jax.devices()[:1])
+      else:
+        loop.setup(config, jax.devices()[:1])
+    assert '\n' not in str(e.value)
+
+  fails(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.beta': -0.1}),
+        r'config.rlhf.beta=-0.1: must be > 0')
+  fails(rlhf_config(sft_dir, pairs_dir, str(root / 'none')),
+        r'config.rlhf.reward=.*none: no checkpoint', run_it=True)
+  other = str(root / 'other_tokenizer_rlhf')
+  shutil.copytree(sft_dir, other)
+  os.remove(os.path.join(other, text_lib.TOKENIZER_FILE))
+  text_lib.save_in_workdir(text_lib.SubwordTokenizer.train(['ein hund', 'a dog'] * 50, 300),
+                           other)
+  fails(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.reference': other}),
+        r'config.rlhf.reference=.*other_tokenizer_rlhf: its tokenizer differs')

@@ -1,0 +1,317 @@
+"""RLHF with PPO and a per-token KL penalty to a frozen reference, on the shared loop.
+
+Networks: 'model', the policy (`models.scalar_head.ScalarHeadGPT`: the SFT run's GPT from
+config.init_from plus a value head, trained), 'reference', a frozen GPT from
+config.rlhf.reference (usually the SFT run), and 'reward', a frozen reward model (a run of the
+`reward` family, config.rlhf.reward). Both frozen networks come through the loop's
+`networks_from_runs`: no optimizer, loaded at a fresh start, recorded in every checkpoint.
+
+One loop step is one PPO iteration, all inside the family's jitted `train_step` (the protocol
+needs no other hook, and the loop is not forked):
+  1. Rollout: the step's batch holds train prompts (a pure function of (seed, step)); the
+     policy answers each with `models.gpt.sample_continue` (the KV-cache sampler, temperature
+     config.rlhf.temperature, up to config.rlhf.max_new_tokens tokens or [EOS]); row i draws
+     from a key folded from (the step's key, i), so a resumed or resharded run draws the same
+     responses.
+  2. Scoring, without gradients: the policy's token log-probabilities and values, the
+     reference's log-probabilities, and the reward model's score of each prompt + response
+     (read, as in reward training, at the position whose input is the response's last token).
+  3. Per-token rewards (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+     Preferences"; Ouyang et al. 2022): r_t = -beta * (log pi(y_t) - log ref(y_t)) on every
+     response token, plus the reward model's score on the last one; beta = config.rlhf.beta > 0
+     (fixed). Advantages by GAE (Schulman et al. 2016) with gamma = 1 and
+     lambda = config.rlhf.gae_lambda over the response tokens, whitened over the batch; returns
+     = advantages (before whitening) + values.
+  4. config.rlhf.ppo_epochs optimizer updates on the whole rollout batch, each minimising
+     (Schulman et al. 2017, "Proximal Policy Optimization Algorithms")
+       -mean_t min(ratio_t A_t, clip(ratio_t, 1 - eps, 1 + eps) A_t)
+       + vf_coef * 0.5 * mean_t (V_t - return_t)^2,       ratio_t = pi(y_t) / pi_old(y_t),
+     means over response tokens, eps = config.rlhf.clip. The value head reads the policy's
+     hidden states through stop_gradient (`ScalarHeadGPT.logits_and_values`): a critic on the
+     policy's features that does not pull on its trunk. The optimizer's step count (and
+     schedule) advances once per update, ppo_epochs times per loop step.
+Logs: reward (the reward model's mean score), kl (the exact KL(pi || ref) of each response
+position's next-token distribution, summed over the response, mean over rollouts), kl_sampled
+(sum of the log-ratios of the sampled tokens, the estimator in the reward), entropy (per
+response token), clip_fraction, value_loss, policy_loss, response_tokens; loss is the last
+update's. The eval rows: reward, kl and response_tokens of rollouts on the validation prompts
+(a fixed key).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from models import gpt as gpt_lib
+from models import scalar_head
+from train import metrics as metrics_lib
+from train import storage
+from train import text as text_lib
+from train import tune
+from train.errors import UserError
+from train.families import pairs
+from train.families import reward as reward_lib
+
+
+# ------------------------------------------------------------------------ the pure pieces
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """logits `[n, seq, vocab]`, targets `[n, seq]` -> `[n, seq]` float32 log p(target)."""
+  return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def token_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+  """`[..., vocab]` twice -> `[...]`: the exact KL(p || q) = sum_v p(v) (log p(v) - log q(v))
+  of two next-token distributions given as logits."""
+  logp, logq = jax.nn.log_softmax(logits_p, -1), jax.nn.log_softmax(logits_q, -1)
+  return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+  """`[..., vocab]` -> `[...]`: -sum_v p(v) log p(v)."""
+  logp = jax.nn.log_softmax(logits, -1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def ppo_policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
+                    mask: jax.Array, clip: float) -> tuple[jax.Array, jax.Array]:
+  """PPO's clipped surrogate (to minimise) over the masked tokens, and the share of tokens
+  whose ratio lies outside [1 - clip, 1 + clip]. All inputs `[n, seq]`."""
+  ratio = jnp.exp(logp - old_logp)
+  surrogate = jnp.minimum(ratio * advantages,
+                          jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * advantages)
+  clipped = (jnp.abs(ratio - 1.0) > clip).astype(jnp.float32)
+  return -masked_mean(surrogate, mask), masked_mean(clipped, mask)
+
+
+def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, lam: float,
+        gamma: float = 1.0) -> jax.Array:
+  """Generalised advantage estimates `[n, seq]` of per-token rewards and values `[n, seq]`
+  over the positions where mask is 1 (a contiguous response); 0 elsewhere. The value after
+  the last response token is 0 (the episode ends)."""
+  def step(carry, xs):
+    next_value, next_advantage = carry
+    r, v, m = xs
+    delta = r + gamma * next_value - v
+    advantage = (delta + gamma * lam * next_advantage) * m
+    return (v * m, advantage), advantage
+
+  zeros = jnp.zeros(rewards.shape[0], jnp.float32)
+  swap = lambda x: jnp.swapaxes(x, 0, 1)[::-1]           # [seq, n], last position first
+  _, advantages = jax.lax.scan(step, (zeros, zeros), (swap(rewards), swap(values), swap(mask)))
+  return jnp.swapaxes(advantages[::-1], 0, 1)
+
+
+def whiten(x: jax.Array, mask: jax.Array) -> jax.Array:
+  mean = masked_mean(x, mask)
+  var = masked_mean(jnp.square(x - mean), mask)
+  return (x - mean) * jax.lax.rsqrt(var + 1e-8) * mask
+
+
+def response_rows(prompts: jax.Array, lengths: jax.Array, responses: jax.Array, eos_id: int
+                  ) -> dict[str, jax.Array]:
+  """Prompt + response as language-model rows.
+
+  prompts `[n, width]` (right-padded), lengths `[n]`, responses `[n, T]` (the sampler's
+  tokens after each prompt) -> inputs, targets `[n, width + T - 1]` int32 and weights (1 on the
+  targets that are response tokens up to and including the first [EOS]), as the instruction
+  and preference rows have them.
+  """
+  n, width = prompts.shape
+  t = responses.shape[1]
+  pos = jnp.arange(width + t)[None, :]                        # [1, S]
+  rel = pos - lengths[:, None]                                # [n, S]: index in the response
+  # A response token counts while no [EOS] came before it.
+  is_eos = (responses == eos_id).astype(jnp.int32)
+  alive = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0          # [n, T]
+  in_response = (rel >= 0) & (rel < t)
+  picked = jnp.clip(rel, 0, t - 1)
+  keep = in_response & jnp.take_along_axis(alive, picked, axis=1)
+  prompt_part = jnp.pad(prompts, ((0, 0), (0, t)))
+  seq = jnp.where(rel < 0, prompt_part,
+                  jnp.where(keep, jnp.take_along_axis(responses, picked, axis=1), 0))
+  return {'inputs': seq[:, :-1].astype(jnp.int32), 'targets': seq[:, 1:].astype(jnp.int32),
+          'weights': keep[:, 1:].astype(jnp.float32)}
+
+
+def rollout_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+  """One sampling key per global batch row: a row's response depends on (key, its index)
+  only, not on how the batch is split over devices or processes."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
+
+
+# ------------------------------------------------------------------------------- the family
+class RLHFFamily(pairs.PairsFamily):
+  """config.rlhf: reward and reference (RUN_DIR[:STEP]), beta (> 0), clip, ppo_epochs,
+  gae_lambda, vf_coef, temperature, max_new_tokens, prompt_len (the prompts' padded width;
+  longer prompts are dropped; prompt_len + max_new_tokens <= model.block_size). Training
+  prompts are the pairs file's train split, evaluation prompts its validation split."""
+
+  name = 'rlhf'
+
+  def __init__(self, config):
+    super().__init__(config)
+    r = config.rlhf
+    self.beta = float(r.beta)
+    if not self.beta > 0:
+      raise UserError(f'config.rlhf.beta={r.beta}: must be > 0 (the strength of the KL '
+                      'penalty to the reference)')
+    for key, what in (('reward', 'a reward-family run'), ('reference', 'usually the SFT run')):
+      if not str(r.get(key) or ''):
+        raise UserError(f'config.rlhf.{key}: empty; name the frozen {key} run ({what})')
+    self.max_new_tokens, self.prompt_len = int(r.max_new_tokens), int(r.prompt_len)
+    if self.max_new_tokens < 1 or self.prompt_len < 2 or \
+        self.prompt_len + self.max_new_tokens > config.model.block_size:
+      raise UserError(f'config.rlhf.prompt_len={self.prompt_len} + config.rlhf.max_new_tokens='
+                      f'{self.max_new_tokens}: each >= 1 and together <= config.model.block_size'
+                      f'={config.model.block_size}')
+    if not 0 < float(r.clip) < 1 or int(r.ppo_epochs) < 1 or not 0 <= float(r.gae_lambda) <= 1 \
+        or float(r.temperature) <= 0:
+      raise UserError(f'config.rlhf: clip={r.clip} must be in (0, 1), ppo_epochs='
+                      f'{r.ppo_epochs} >= 1, gae_lambda={r.gae_lambda} in [0, 1] and '
+                      f'temperature={r.temperature} > 0')
+
+  def networks_from_runs(self):
+    return {'reference': (str(self.config.rlhf.reference), 'model', 'config.rlhf.reference'),
+            'reward': (str(self.config.rlhf.reward), 'model', 'config.rlhf.reward')}
+
+  # ---- data ----
+  def setup_data(self, process_index: int, process_count: int) -> None:
+    super().setup_data(process_index, process_count)   # tokenizer and pair-file checks
+    # The loop checks each frozen run's family.json (vocabulary size) when it loads it; the
+    # merges must match too, or its scores would be of other tokens.
+    for key in ('reference', 'reward'):
+      spec = str(self.config.rlhf[key])
+      path = storage.join(tune.parse_init_from(spec)[0], text_lib.TOKENIZER_FILE)
+      if storage.isfile(path) and text_lib.SubwordTokenizer.load(path).to_str() != \
+          self.tokenizer.to_str():
+        raise UserError(f'config.rlhf.{key}={spec}: its tokenizer differs from '
+                        f'config.init_from={self.config.init_from}\'s')
+    c = self.config
+    prompts = {}
+    for split in ('train', 'validation'):
+      ids = [r['prompt_ids'] for r in self.records[split]]
+      prompts[split] = [np.asarray(p, np.int32) for p in ids if len(p) <= self.prompt_len]
+      if len(prompts[split]) < len(ids):
+        metrics_lib.print_line(f'{split} prompts: dropped {len(ids) - len(prompts[split])} of '
+                               f'{len(ids)} (longer than config.rlhf.prompt_len='
+                               f'{self.prompt_len})')
+    if not prompts['train']:
+      raise UserError(f'config.preferences.path={c.preferences.path}: no training prompt of '
+                      f'at most config.rlhf.prompt_len={self.prompt_len} tokens')
+    self._prompts = prompts['train']
+    local = c.batch_size // process_count
+    self._slice = slice(process_index * local, (process_index + 1) * local)
+    val = prompts['validation']
+    count = min(len(val) // c.batch_size, c.eval_batches)
+    self._eval = [self._prompt_batch(val, range(k * c.batch_size, (k + 1) * c.batch_size))
+                  for k in range(count)]
+    if not self._eval and c.eval_every:
+      raise UserError(f'config.preferences.path={c.preferences.path}: fewer validation prompts '
+                      f'than config.batch_size={c.batch_size}; set config.eval_every=0')
+
+  def _prompt_batch(self, prompts, picks) -> dict[str, np.ndarray]:
+    """prompts `[n, prompt_len]` (right-padded), lengths and rows (global row index) `[n]`,
+    this process's share of the global rows `picks`."""
+    picks = list(picks)
+    rows = np.arange(len(picks), dtype=np.int32)[self._slice]
+    chosen = [prompts[picks[i]] for i in rows]
+    padded = np.zeros((len(chosen), self.prompt_len), np.int32)
+    for i, p in enumerate(chosen):
+      padded[i, :len(p)] = p
+    return {'prompts': padded, 'lengths': np.array([len(p) for p in chosen], np.int32),
+            'rows': rows}
+
+  def train_batch(self, step: int):
+    rng = np.random.default_rng([self.config.seed, step])
+    picks = rng.integers(0, len(self._prompts), self.config.batch_size)
+    return self._prompt_batch(self._prompts, picks)
+
+  def eval_batches(self):
+    return self._eval
+
+  # ---- networks ----
+  def make_models(self, rngs):
+    m = self.config.model
+    return {'model': self.build_gpt(m, rngs, cls=scalar_head.ScalarHeadGPT),
+            'reference': self.build_gpt(m, rngs),
+            'reward': self.build_gpt(m, rngs, cls=scalar_head.ScalarHeadGPT)}
+
+  def optimizers(self, make_tx):
+    return {'model': make_tx(self.config.optimizer)}   # reference and reward stay frozen
+
+  # ---- rollouts ----
+  def rollout(self, models, batch, key: jax.Array) -> dict[str, jax.Array]:
+    """Samples responses to batch's prompts and scores them (no gradients): the rows
+    (`response_rows`) plus old_logp, ref_logp, values `[n, S-1]`, kl, entropy `[n, S-1]` and
+    score `[n]`."""
+    policy = models['model']
+    responses = gpt_lib.sample_continue(
+        policy, batch['prompts'], batch['lengths'], rollout_keys(key, batch['rows']),
+        max_new_tokens=self.max_new_tokens, temperature=float(self.config.rlhf.temperature))
+    rows = response_rows(batch['prompts'], batch['lengths'], responses, self._eos_id)
+    logits, values = policy.logits_and_values(rows['inputs'])
+    ref_logits = models['reference'](rows['inputs'])
+    score = models['reward'].score(rows['inputs'],
+                                   reward_lib.last_response_index(rows['weights']))
+    out = {**rows, 'old_logp': token_log_probs(logits, rows['targets']),
+           'ref_logp': token_log_probs(ref_logits, rows['targets']), 'values': values,
+           'kl': token_kl(logits, ref_logits), 'entropy': token_entropy(logits), 'score': score}
+    return jax.tree.map(jax.lax.stop_gradient, out)
+
+  def advantages(self, ro) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(per-token rewards, whitened advantages, returns), each `[n, S-1]`."""
+    w = ro['weights']
+    last = jax.nn.one_hot(reward_lib.last_response_index(w), w.shape[1]) * w
+    rewards = -self.beta * (ro['old_logp'] - ro['ref_logp']) * w + ro['score'][:, None] * last
+    adv = gae(rewards, ro['values'], w, float(self.config.rlhf.gae_lambda))
+    return rewards, whiten(adv, w), (adv + ro['values']) * w
+
+  def loss(self, models, batch, rng, *, train: bool):
+    """PPO's loss on a scored rollout batch (inputs, targets, weights, old_logp, advantages,
+    returns)."""
+    logits, values = models['model'].logits_and_values(
+        batch['inputs'], dropout_key=rng if train else None)
+    w = batch['weights']
+    logp = token_log_probs(logits, batch['targets'])
+    policy_loss, clip_fraction = ppo_policy_loss(logp, batch['old_logp'], batch['advantages'],
+                                                 w, float(self.config.rlhf.clip))
+    value_loss = 0.5 * masked_mean(jnp.square(values - batch['returns']), w)
+    loss = policy_loss + float(self.config.rlhf.vf_coef) * value_loss
+    return loss, {'policy_loss': policy_loss, 'value_loss': value_loss,
+                  'clip_fraction': clip_fraction}
+
+  def train_step(self, ctx, batch, rng):
+    rollout_key, update_key = jax.random.split(rng)
+    ro = self.rollout(ctx.models(), batch, rollout_key)
+    _, advantages, returns = self.advantages(ro)
+    data = {k: ro[k] for k in ('inputs', 'targets', 'weights', 'old_logp')}
+    data.update(advantages=advantages, returns=returns)
+    w = ro['weights']
+    metrics = self._rollout_metrics(ro)
+    for epoch in range(int(self.config.rlhf.ppo_epochs)):
+      loss, m, grads = ctx.value_and_grad(
+          lambda models, b, r: self.loss(models, b, r, train=True), 'model', data,
+          jax.random.fold_in(update_key, epoch))
+      metrics.update(m, loss=loss, **ctx.apply_gradients('model', grads))
+    metrics['entropy'] = masked_mean(ro['entropy'], w)
+    metrics['kl_sampled'] = jnp.mean(jnp.sum((ro['old_logp'] - ro['ref_logp']) * w, axis=1))
+    return metrics
+
+  def _rollout_metrics(self, ro) -> dict[str, jax.Array]:
+    w = ro['weights']
+    return {'reward': jnp.mean(ro['score']), 'kl': jnp.mean(jnp.sum(ro['kl'] * w, axis=1)),
+            'response_tokens': jnp.mean(jnp.sum(w, axis=1))}
+
+  def eval_step(self, models, batch):
+    ro = self.rollout(models, batch, jax.random.key(0))
+    return {**self._rollout_metrics(ro), 'loss': -jnp.mean(ro['score'])}
+
+  def items_per_step(self) -> int:
+    return self.config.batch_size * self.max_new_tokens   # response tokens sampled (at most)
