@@ -25,11 +25,12 @@ from flax import nnx
 from models import layers
 
 
-class BERT(nnx.Module):
-  """Bidirectional encoder with a tied MLM head.
+class Encoder(nnx.Module):
+  """The bidirectional transformer encoder without a head: tokens `[batch, seq]` (padded with
+  pad_id) -> hidden states. BERT adds its MLM head; the text encoders of the contrastive and
+  text-to-image models (models/clip.py, models/text2image.py) read its hidden states.
 
-  Params: embed (wte `[vocab, D]`, wpe `[max_len, D]`), blocks/i (`layers.Block`), ln_f,
-  head_dense, head_ln, head_bias `[vocab]`.
+  Params: embed (wte `[vocab, D]`, wpe `[max_len, D]`), blocks/i (`layers.Block`), ln_f.
   """
 
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int,
@@ -45,24 +46,19 @@ class BERT(nnx.Module):
     self.embed_dim = embed_dim
     self.dropout = dropout
     self.pad_id = pad_id
-    init_std = embed_dim ** -0.5 if init_std is None else init_std
+    self.init_std = embed_dim ** -0.5 if init_std is None else init_std
     self.embed = layers.Embeddings(vocab_size=vocab_size, max_len=max_len, embed_dim=embed_dim,
-                                   init_std=init_std, dtype=dtype, param_dtype=param_dtype,
+                                   init_std=self.init_std, dtype=dtype, param_dtype=param_dtype,
                                    rngs=rngs)
     self.blocks = nnx.List([
         layers.Block(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout,
-                     init_std=init_std, out_init_std=init_std / math.sqrt(2 * num_layers),
+                     init_std=self.init_std,
+                     out_init_std=self.init_std / math.sqrt(2 * num_layers),
                      implementation=attention_implementation, dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs)
         for _ in range(num_layers)])
-    ln = lambda: nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
-                               rngs=rngs)
-    self.ln_f = ln()
-    self.head_dense = nnx.Linear(embed_dim, embed_dim,
-                                 kernel_init=nnx.initializers.normal(init_std), dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
-    self.head_ln = ln()
-    self.head_bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype))
+    self.ln_f = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
 
   def encode(self, tokens: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """tokens `[batch, seq]` (padded with pad_id) -> hidden states `[batch * seq, embed]`.
@@ -78,6 +74,33 @@ class BERT(nnx.Module):
     for block, key in zip(self.blocks, keys[1:]):
       x = block(x, batch=batch, seq=seq, mask=mask, dropout_key=key)
     return self.ln_f(x)
+
+  def hidden(self, tokens: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    """`encode` as `[batch, seq, embed]`."""
+    return self.encode(tokens, dropout_key=dropout_key).reshape(*tokens.shape, self.embed_dim)
+
+
+class BERT(Encoder):
+  """Bidirectional encoder with a tied MLM head.
+
+  Params: the `Encoder`'s (embed, blocks/i, ln_f), head_dense, head_ln, head_bias `[vocab]`.
+  """
+
+  def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int,
+               embed_dim: int, dropout: float = 0.0, init_std: float | None = None,
+               pad_id: int = 0, attention_implementation: str | None = None,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    super().__init__(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers,
+                     num_heads=num_heads, embed_dim=embed_dim, dropout=dropout,
+                     init_std=init_std, pad_id=pad_id,
+                     attention_implementation=attention_implementation, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
+    self.head_dense = nnx.Linear(embed_dim, embed_dim,
+                                 kernel_init=nnx.initializers.normal(self.init_std),
+                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.head_ln = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                                 rngs=rngs)
+    self.head_bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype))
 
   def mlm_logits(self, tokens: jax.Array, positions: jax.Array, *,
                  dropout_key: jax.Array | None = None) -> jax.Array:

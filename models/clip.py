@@ -6,9 +6,10 @@ output layer used as the projection into the shared space. A small CNN rather th
 (stroke width, slant, brightness, texture) is local shape that convolutions see directly; the
 dense layer after the convolutions keeps where things are.
 
-Text encoder (`TextEncoder`): token + position embeddings and pre-LayerNorm bidirectional
-transformer blocks (`models.layers`, as models/bert.py), a padding mask, a final LayerNorm, then
-the mean over the real tokens (`models.retriever.mean_pool`) and a linear projection.
+Text encoder (`TextEncoder`: `models.bert.Encoder`, BERT's encoder without its head): token +
+position embeddings and pre-LayerNorm bidirectional transformer blocks (`models.layers`), a
+padding mask, a final LayerNorm, then the mean over the real tokens
+(`models.retriever.mean_pool`) and a linear projection.
 
 Both embeddings are normalised to unit length; the logits are cosine * exp(log_scale), with
 log_scale learned, initialised to log(1 / 0.07) and clipped to [0, log 100] as CLIP does (here
@@ -26,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import bert as bert_lib
 from models import classifier as classifier_lib
-from models import layers
 from models import retriever as retriever_lib
 
 INIT_LOG_SCALE = math.log(1 / 0.07)
@@ -40,42 +41,9 @@ def normalise(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
-class TextEncoder(nnx.Module):
-  """tokens `[batch, seq]` (padded with pad_id) -> hidden states and a pooled embedding.
-
-  Params: embed (wte `[vocab, D]`, wpe `[max_len, D]`), blocks/i (`layers.Block`), ln_f.
-  """
-
-  def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int,
-               embed_dim: int, dropout: float = 0.0, pad_id: int = 0,
-               attention_implementation: str | None = None, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
-    if embed_dim % num_heads:
-      raise ValueError(f'embed_dim {embed_dim} not divisible by num_heads {num_heads}')
-    init_std = embed_dim ** -0.5
-    self.num_layers = num_layers
-    self.embed_dim = embed_dim
-    self.dropout = dropout
-    self.pad_id = pad_id
-    self.embed = layers.Embeddings(vocab_size=vocab_size, max_len=max_len, embed_dim=embed_dim,
-                                   init_std=init_std, dtype=dtype, rngs=rngs)
-    self.blocks = nnx.List([
-        layers.Block(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout,
-                     init_std=init_std, out_init_std=init_std / math.sqrt(2 * num_layers),
-                     implementation=attention_implementation, dtype=dtype, rngs=rngs)
-        for _ in range(num_layers)])
-    self.ln_f = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, rngs=rngs)
-
-  def hidden(self, tokens: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
-    """`[batch, seq, D]` final hidden states; padding keys are never attended to."""
-    batch, seq = tokens.shape
-    keys = ([None] * (self.num_layers + 1) if dropout_key is None
-            else list(jax.random.split(dropout_key, self.num_layers + 1)))
-    mask = layers.padding_mask(tokens != self.pad_id)  # [batch, 1, 1, seq]
-    x = layers.dropout(self.embed(tokens), self.dropout, keys[0])  # [batch * seq, D]
-    for block, key in zip(self.blocks, keys[1:]):
-      x = block(x, batch=batch, seq=seq, mask=mask, dropout_key=key)
-    return self.ln_f(x).reshape(batch, seq, self.embed_dim)
+class TextEncoder(bert_lib.Encoder):
+  """tokens `[batch, seq]` (padded with pad_id) -> `[batch, D]`: the transformer encoder of
+  models/bert.py (params embed, blocks/i, ln_f), mean-pooled over the real tokens."""
 
   def __call__(self, tokens: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """`[batch, D]` float32 mean of the hidden states over the real (non-pad) tokens."""
