@@ -27,7 +27,8 @@ from absl import app, flags
 from experiments import train_speed
 from experiments.configs import translate_multi30k
 from train import loop
-from train import sample as sample_lib
+from train import run_loader
+from train import sample as sample_lib  # noqa: F401 (defines the sampling flags this command reads)
 from train import text
 
 _STEPS = flags.DEFINE_integer('train_steps', 5, 'Train steps per timed chunk.')
@@ -45,7 +46,7 @@ def bench_train(config) -> dict[str, float]:
 
 def bench_decode(config) -> dict[str, float]:
   if flags.FLAGS.workdir:
-    family, models, _ = sample_lib.load_models(flags.FLAGS.workdir)
+    family, models, _ = run_loader.load_models(flags.FLAGS.workdir)
     config = family.config
   else:
     setup = loop.setup(config)

@@ -33,7 +33,7 @@ from train import cli
 from train import families
 from train import loop
 from train import metrics as metrics_lib
-from train import sample
+from train import run_loader
 from train import storage
 from train import tune
 
@@ -94,7 +94,7 @@ def main(argv):
   rows = []
   # The base, zero-shot: its own weights scored on every task.
   probe = instruct_config('full', all_tasks, base)
-  _, base_models, _ = sample.load_models(base)
+  _, base_models, _ = run_loader.load_models(base)
   zero = _scores(probe, base_models['model'])
   setup = loop.setup(probe)
   base_params = loop.num_params(setup.builder.abstract['params'])
@@ -107,7 +107,7 @@ def main(argv):
       config = instruct_config(method, MIXES[mix], base)
       workdir = os.path.join(out, f'{mix}_{method}')
       _train(config, workdir)
-      _, models, step = sample.load_models(workdir)
+      _, models, step = run_loader.load_models(workdir)
       scored = instruct_config(method, all_tasks, base)
       scored.model.prompt_tokens = config.model.prompt_tokens
       s = loop.setup(config)

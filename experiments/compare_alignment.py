@@ -44,7 +44,8 @@ from models import gpt as gpt_lib
 from train import cli
 from train import metrics as metrics_lib
 from train import preferences
-from train import sample
+from train import run_loader
+from train import sample  # noqa: F401 (defines the sampling flags this command reads)
 from train import storage
 from train import text as text_lib
 from train.errors import UserError
@@ -80,7 +81,7 @@ def _load(workdir: str, flag: str):
     raise UserError(f'--{flag}={workdir}: no such run directory (train it first: see '
                     '`python -m experiments.compare_alignment --helpfull` or this module\'s '
                     'docstring)')
-  family, models, step = sample.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   return family, models['model'], step
 
 

@@ -61,7 +61,7 @@ from train import loop
 from train import metrics as metrics_lib
 from train import prune as prune_lib
 from train import quantize as quantize_lib
-from train import sample
+from train import run_loader
 from train import storage
 from train.errors import UserError
 
@@ -196,14 +196,14 @@ def sparse_bytes(params: Any, selected: list[bool], method: str) -> int:
 def measure(out: str, rows: list[str], run_dirs: dict[str, str], configs: dict[str, Any], *,
             decode_batch: int, decode_tokens: int) -> dict[str, Any]:
   """Loads each row's model and measures the columns (module docstring)."""
-  family, models, _ = sample.load_models(run_dirs[REFERENCE])
+  family, models, _ = run_loader.load_models(run_dirs[REFERENCE])
   family.setup_data(0, 1)
   batches = list(family.eval_batches())
   reference_bytes = quantize_lib.param_bytes({'model': models['model']})
   report_rows, loaded = [], {}
   for row in rows:
     workdir = converted_dir(out, row) if row in PTQ or row == 'qat' else run_dirs[row]
-    row_family, row_models, step = sample.load_models(workdir)
+    row_family, row_models, step = run_loader.load_models(workdir)
     model = row_models['model']  # (a distillation run's student)
     config = row_family.config
     r = {'row': row, 'workdir': storage.absolute(workdir), 'step': step,

@@ -35,7 +35,8 @@ from train import config as config_lib
 from train import evaluate as evaluate_lib
 from train import images as images_lib
 from train import loop
-from train import sample
+from train import run_loader
+from train import sample  # noqa: F401 (defines the sampling flags this command reads)
 from train import storage
 from train.errors import UserError
 
@@ -156,7 +157,7 @@ def main(argv):
   for name in chosen:
     workdir = _WORKDIRS[name].value
     train_if_needed(name, workdir, _CONFIGS[name].value)
-    loaded = sample.load_models(workdir)
+    loaded = run_loader.load_models(workdir)
     config = loaded[0].config
     options = {f: fl[f].value for f in _DDPM_FLAGS} if name == 'ddpm' else {}
     # train.evaluate's progress lines (sampling, features, likelihood) follow this one.

@@ -17,7 +17,7 @@ from train import config as config_lib
 from train import evaluate
 from train import families
 from train import loop
-from train import sample
+from train import run_loader
 from train import sharding as sharding_lib
 from train.errors import UserError
 
@@ -110,7 +110,7 @@ def test_damaged_run_files(tmp_path, name, text, fragment):
     if content is not None:
       (tmp_path / file).write_text(content)
   with pytest.raises(UserError) as e:
-    sample.load_models(str(tmp_path))
+    run_loader.load_models(str(tmp_path))
   one_line(e, f'--workdir={tmp_path}', fragment)
 
 

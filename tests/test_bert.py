@@ -20,7 +20,7 @@ from models import bert as bert_lib
 from tests.test_sharding import mesh_overrides, three_steps
 from train import loop
 from train import mlm
-from train import sample as sample_lib
+from train import run_loader
 from train import text
 from train.errors import UserError
 
@@ -181,7 +181,7 @@ def test_resume_is_exact(resumed_run):
 
 def test_fill_mask_and_its_bad_input(resumed_run, tmp_path):
   _, workdir, _ = resumed_run
-  family, models, step = sample_lib.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   assert step == 6
   out = family.fill_mask(models['model'], 'a man in a [MASK] shirt and a [MASK] hat .', top_k=4)
   assert len(out) == 2 and all(len(fillers) == 4 for fillers in out)
@@ -223,7 +223,7 @@ def test_missing_or_damaged_tokenizer_is_one_line(resumed_run, tmp_path):
       (copy / name).write_text(f.read(), encoding='utf-8')
   os.symlink(os.path.join(workdir, 'checkpoints'), copy / 'checkpoints')
   with pytest.raises(UserError, match='tokenizer file missing'):
-    sample_lib.load_models(str(copy))
+    run_loader.load_models(str(copy))
   (copy / text.TOKENIZER_FILE).write_text('{"not": "a tokenizer"', encoding='utf-8')
   with pytest.raises(UserError, match='damaged tokenizer file'):
-    sample_lib.load_models(str(copy))
+    run_loader.load_models(str(copy))

@@ -17,7 +17,7 @@ from models import clip as clip_lib
 from tests.conftest import needs_data
 from train import captions
 from train import loop
-from train import sample as sample_lib
+from train import run_loader
 from train.errors import UserError
 from train.families import clip as clip_family
 
@@ -130,7 +130,7 @@ def test_sharded_equals_one_device_and_resume_is_exact(runs):
 @needs_data
 def test_retrieval_report_matches_brute_force_and_prompts(runs, tmp_path):
   _, _, workdir, _ = runs
-  family, models, step = sample_lib.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   report_path = str(tmp_path / 'report.json')
   summary = family.evaluate(models, workdir, step, {'batch': 2000, 'report': report_path})
   assert 'text_to_image/unseen' in summary and os.path.isfile(report_path)

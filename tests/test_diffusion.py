@@ -19,6 +19,7 @@ from experiments.configs import ddpm_mnist
 from models import diffusion as D
 from models import unet as unet_lib
 from train import loop
+from train import run_loader
 from train.errors import UserError
 from train.families.diffusion import DiffusionFamily
 
@@ -403,8 +404,7 @@ def test_train_checkpoint_resume_sample(tmp_path):
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
   assert errors == ['error: --sampler=euler: unknown sampler (known: ddim, ddpm)'], proc.stderr
 
-  from train import sample as sample_lib   # in-process: the same errors, without 5 processes
-  family, models, step = sample_lib.load_models(resumed)
+  family, models, step = run_loader.load_models(resumed)
   assert step == 6 and family.conditional
   for options, fragment in (({'steps': 0}, '--steps=0'), ({'steps': 101}, '--steps=101'),
                             ({'eta': 1.5}, '--eta=1.5'), ({'labels': '10'}, 'label 10 is outside'),

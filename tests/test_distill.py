@@ -18,7 +18,7 @@ from models import gpt
 from tests.test_sharding import three_steps
 from tests.test_tune import leaves_by_path
 from train import loop
-from train import sample
+from train import run_loader
 from train.errors import UserError
 from train.families import distill_gpt
 
@@ -154,7 +154,7 @@ def test_distill_run_resumes_exactly_and_reads_like_a_gpt_run(teacher, tmp_path)
   # The run directory reads like a GPT run's: eval/loss is the student's CE, which
   # train.sample's models (the student as 'model') reproduce.
   eval_row = [h for h in straight.history if 'eval/loss' in h][-1]
-  f, models, step = sample.load_models(str(tmp_path / 'straight'))
+  f, models, step = run_loader.load_models(str(tmp_path / 'straight'))
   assert step == 4 and f.name == 'distill_gpt'
   f.setup_data(0, 1)
   ces = [float(f.loss({'model': models['model']}, b, None, train=False)[0])

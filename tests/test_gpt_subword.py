@@ -8,7 +8,7 @@ import pytest
 
 from experiments.configs import gpt_multi30k
 from train import loop
-from train import sample as sample_lib
+from train import run_loader
 from train import text
 
 pytestmark = pytest.mark.skipif(
@@ -31,7 +31,7 @@ def test_gpt_trains_and_samples_with_the_subword_tokenizer(tmp_path, monkeypatch
 
   # Sampling needs no dataset: only the run directory.
   monkeypatch.delenv('GENLAB_RAW_DATA')
-  family, models, step = sample_lib.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   assert step == 20 and family.tokenizer.vocab_size == vocab
   out = family.sample(models, jax.random.key(0), workdir,
                       {'num_samples': 2, 'prompt': 'A man in', 'max_new_tokens': 8,

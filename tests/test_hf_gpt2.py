@@ -31,7 +31,7 @@ from train import families  # pylint: disable=wrong-import-position
 from train import hf_gpt2  # pylint: disable=wrong-import-position
 from train import import_hf  # pylint: disable=wrong-import-position
 from train import loop  # pylint: disable=wrong-import-position
-from train import sample as sample_lib  # pylint: disable=wrong-import-position
+from train import run_loader
 from train.errors import UserError  # pylint: disable=wrong-import-position
 
 VOCAB, POSITIONS = 300, 64
@@ -77,7 +77,7 @@ def imported(hf_dir, tmp_path_factory):
   """The import of `hf_dir` with dropout 0: (run directory, family, genlab GPT)."""
   run = str(tmp_path_factory.mktemp('runs') / 'imported')
   import_hf.import_gpt2(hf_dir[0], run, dropout=0.0)
-  family, models, step = sample_lib.load_models(run)
+  family, models, step = run_loader.load_models(run)
   assert step == 0
   return run, family, models['model']
 
@@ -143,7 +143,7 @@ def test_export_round_trip_is_exact(hf_dir, imported, tmp_path):
   # import(export(x)) == x, every param bit for bit.
   reimported = str(tmp_path / 'reimported')
   import_hf.import_gpt2(out, reimported, dropout=0.0)
-  _, models, _ = sample_lib.load_models(reimported)
+  _, models, _ = run_loader.load_models(reimported)
   first, second = _params(model), _params(models['model'])
   assert set(first) == set(second)
   for name, x in first.items():

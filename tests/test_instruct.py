@@ -12,7 +12,7 @@ from experiments.configs import gpt_base
 from experiments.configs import gpt_instruct
 from train import instruct
 from train import loop
-from train import sample
+from train import run_loader
 from train import text as text_lib
 from train.errors import UserError
 from train.families import gpt_instruct as family_lib
@@ -156,7 +156,7 @@ def _instruct(method, base, **overrides):
 
 
 def _params(workdir):
-  _, models, _ = sample.load_models(workdir)
+  _, models, _ = run_loader.load_models(workdir)
   return {jax.tree_util.keystr(p, simple=True, separator='/').removesuffix('/value'):
           np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(
@@ -176,7 +176,7 @@ def test_tuned_run_trains_only_its_params_and_scores(base_run, tmp_path, method,
   for path, value in before.items():
     np.testing.assert_array_equal(after[path], value, err_msg=path)  # frozen: bit-identical
   # The tuned model's scores: the report names every task and the forgetting loss.
-  family, models, step = sample.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   summary = family.evaluate(models, workdir, step, {'report': None})
   assert 'count: exact_match' in summary and 'reverse: exact_match' in summary
   assert 'tiny_shakespeare validation LM loss' in summary

@@ -11,7 +11,7 @@ from tests import toy_families
 from tests.test_tune import leaves_by_path, saved_array_paths, toy
 from train import families
 from train import loop
-from train import sample
+from train import run_loader
 from train.errors import UserError
 
 
@@ -75,7 +75,7 @@ def test_resume_and_trained_only_checkpoints_reload_the_teacher(teacher, tmp_pat
   resumed = loop.train(student(teacher_dir, total_steps=6, **tuned), half_dir)
   assert_same(resumed.state['params'], full.state['params'])
   assert_same(resumed.state['params']['teacher'], teacher_run.state['params']['model'])
-  _, models, _ = sample.load_models(half_dir)
+  _, models, _ = run_loader.load_models(half_dir)
   assert_same(nnx.state(models['teacher'], nnx.Param), teacher_run.state['params']['model'])
 
 

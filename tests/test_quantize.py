@@ -19,7 +19,7 @@ from models import gpt
 from models import quantize as quantize_lib
 from train import loop
 from train import quantize
-from train import sample
+from train import run_loader
 from train.errors import UserError
 
 needs_tfds = pytest.mark.skipif(not os.environ.get('TFDS_DATA_DIR'),
@@ -150,8 +150,8 @@ def test_quantized_run_samples_evaluates_and_is_smaller(tmp_path):
   with open(os.path.join(out, 'quantize.json'), encoding='utf-8') as f:
     assert json.load(f)['quantized_eval_loss'] == report['quantized_eval_loss']
 
-  _, float_models, _ = sample.load_models(base)
-  family, models, step = sample.load_models(out)
+  _, float_models, _ = run_loader.load_models(base)
+  family, models, step = run_loader.load_models(out)
   assert step == 2 and family.config.quantize.mode == 'int8_weights'
   assert family.config.quantize.source == f'{os.path.abspath(base)}:2'
   float_kernels, float_rest = _kernel_bytes(nnx.state(float_models['model'], nnx.Param))

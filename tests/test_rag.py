@@ -12,7 +12,7 @@ import pytest
 from experiments.configs import rag_knowledge
 from train import loop
 from train import rag
-from train import sample as sample_lib
+from train import run_loader
 from train import text as text_lib
 from train.errors import UserError
 
@@ -108,8 +108,8 @@ def resumed_run(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def loaded(resumed_run):
-  """The resumed run's family, networks and step (`train.sample.load_models`)."""
-  return sample_lib.load_models(resumed_run[1])
+  """The resumed run's family, networks and step (`train.run_loader.load_models`)."""
+  return run_loader.load_models(resumed_run[1])
 
 
 def test_generator_trains_and_resumes_exactly(resumed_run, loaded):
@@ -173,5 +173,5 @@ def test_sample_prints_answer_and_passages_and_refuses_bad_requests(resumed_run,
   # A dense retriever named by a run that is not a retriever run, or by no run at all.
   with pytest.raises(UserError, match="a 'rag_gpt' run, not a retriever run"):
     rag.load_dense(workdir, family.collection)
-  with pytest.raises(UserError, match='config.rag.retriever_run=/nonexistent/ret: no config'):
+  with pytest.raises(UserError, match='config.rag.retriever_run=/nonexistent/ret: no such directory'):
     rag.load_dense('/nonexistent/ret', family.collection)

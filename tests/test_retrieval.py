@@ -20,7 +20,7 @@ from models import retriever as retriever_lib
 from train import knowledge
 from train import loop
 from train import retrieval
-from train import sample as sample_lib
+from train import run_loader
 from train import text
 from train.errors import UserError
 
@@ -204,7 +204,7 @@ def test_resume_is_exact(resumed_run):
 
 def test_evaluate_reports_dense_and_bm25_recall(resumed_run, tmp_path):
   _, workdir, _ = resumed_run
-  family, models, step = sample_lib.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   summary = family.evaluate(models, workdir, step, {'split': 'val', 'batch': 64,
                                                     'report': None})
   assert 'dense: recall@1' in summary and 'bm25: recall@1' in summary

@@ -21,6 +21,7 @@ from models import unet as unet_lib
 from tests.test_sharding import mesh_overrides, three_steps
 from train import captions
 from train import loop
+from train import run_loader
 from train import sample as sample_lib
 from train import text2image_eval
 from train.errors import UserError
@@ -159,7 +160,7 @@ def test_resume_is_exact_and_8_devices_equal_one(resumed_run):
 
 def test_prompt_sampling_evaluation_and_bad_input(resumed_run, tmp_path):
   _, workdir, _ = resumed_run
-  family, models, step = sample_lib.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   assert family.name == 'text2image' and step == 4
   for prompt, fragment in (('', "--prompt: prompt '' is empty"),
                            ('purple elephants', "--prompt: prompt 'purple elephants' has no "

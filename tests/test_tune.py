@@ -24,7 +24,7 @@ from tests.test_sharding import mesh_overrides, three_steps
 from train import checkpoint as ckpt_lib
 from train import export
 from train import loop
-from train import sample
+from train import run_loader
 from train import tune
 from train.errors import UserError
 
@@ -183,7 +183,7 @@ def test_tuned_checkpoint_holds_only_what_trained_and_restores_through_its_base(
 
   # train.sample's loader rebuilds the whole model: the state the run ended with, bit for bit.
   for use_ema, group in ((True, 'ema'), (False, 'params')):
-    _, models, step = sample.load_models(tuned_dir, use_ema=use_ema)
+    _, models, step = run_loader.load_models(tuned_dir, use_ema=use_ema)
     loaded = leaves_by_path(nnx.state(models['model'], nnx.Param))
     want = leaves_by_path(tuned.state[group]['model'])
     assert step == 3 and sorted(loaded) == sorted(want)
@@ -203,14 +203,14 @@ def test_tuned_checkpoint_holds_only_what_trained_and_restores_through_its_base(
   message = (rf'checkpoints/3 \(trained params only\) needs its base run '
              rf'{re.escape(base_dir)}:2 for the frozen ones: no checkpoint in ')
   with pytest.raises(UserError, match=message) as error:
-    sample.load_models(tuned_dir)
+    run_loader.load_models(tuned_dir)
   assert '\n' not in str(error.value)
   with pytest.raises(UserError, match=message):
     loop.train(toy(total_steps=4, init_from=base_dir, **lora), tuned_dir)
   assert saved_array_paths(step_dir) == saved and os.listdir(
       os.path.join(tuned_dir, 'checkpoints')) == ['3']
   os.rename(moved, base_dir)
-  assert sample.load_models(tuned_dir)[2] == 3
+  assert run_loader.load_models(tuned_dir)[2] == 3
 
 
 # --------------------------------------------------------------------------------- init_from
@@ -314,7 +314,7 @@ def test_gpt_lora_from_base_then_export_merged(tmp_path):
       os.path.join(everything, 'checkpoints', '2'))  # (Orbax's metadata dominates at this size)
   outputs = []
   for workdir in (run, everything):
-    family, models, step = sample.load_models(workdir)
+    family, models, step = run_loader.load_models(workdir)
     text = family.sample(models, jax.random.key(4), workdir,
                          {**{k: None for k in family.sample_flags}, 'max_new_tokens': 24})
     report = str(tmp_path / f'{os.path.basename(workdir)}.json')
@@ -324,8 +324,8 @@ def test_gpt_lora_from_base_then_export_merged(tmp_path):
   assert outputs[0] == outputs[1] and len(outputs[0][0]) > 10
   out = str(tmp_path / 'merged')
   export.merge_lora_run(run, out)
-  _, lora_models, _ = sample.load_models(run)
-  family, merged_models, step = sample.load_models(out)
+  _, lora_models, _ = run_loader.load_models(run)
+  family, merged_models, step = run_loader.load_models(out)
   assert step == 2 and not any('lora' in p for p in leaves_by_path(
       nnx.state(merged_models['model'], nnx.Param)))
   batch = jax.random.randint(jax.random.key(3), (2, 32), 0, family.tokenizer.vocab_size)

@@ -16,7 +16,7 @@ from tests.test_cli import ROOT, assert_one_line_error, run
 from train import data as data_lib
 from train import families
 from train import loop
-from train import sample
+from train import run_loader
 from train.errors import UserError
 
 needs_tfds = pytest.mark.skipif(not os.environ.get('TFDS_DATA_DIR'),
@@ -92,7 +92,7 @@ def test_trains_on_mnist_resumes_exactly_and_writes_pictures(tmp_path):
       'step_0000030.png', 'step_0000030_interp.png', 'step_0000030_recon.png']
 
   # The test NLL: an IWAE estimate on fixed-seed binarised test images, tighter with k.
-  family, models, _ = sample.load_models(str(tmp_path / 'full'))
+  family, models, _ = run_loader.load_models(str(tmp_path / 'full'))
   family.setup_data(0, 1)
   assert set(np.unique(family.eval_batches()[0]['image'])) == {0, 255}
   images = data_lib.load_images('mnist')['test'][0][:64]

@@ -64,6 +64,7 @@ from train import data as data_lib
 from train import image_metrics
 from train import images as images_lib
 from train import metrics as metrics_lib
+from train import run_loader
 from train import sample
 from train import storage
 from train.errors import UserError
@@ -126,14 +127,7 @@ class ClassifierFeatures:
       raise UserError('--classifier is required: the workdir of a classifier run, e.g. '
                       '`python -m train --config=experiments/configs/classifier_mnist.py '
                       '--workdir=workdirs/classifier_mnist`')
-    if not storage.isdir(workdir):
-      raise UserError(f'--classifier={workdir}: no such directory')
-    try:
-      family, models, step = sample.load_models(workdir)
-    except UserError as e:
-      raise UserError(str(e).replace('--workdir=', '--classifier=', 1)) from None
-    if family.name != 'classifier':
-      raise UserError(f'--classifier={workdir}: a {family.name!r} run, not a classifier run')
+    family, models, step = run_loader.load_run_of('classifier', workdir, '--classifier')
     self.workdir, self.step = workdir, step
     self.dataset = family.config.data.name
     self.image_shape = tuple(family.image_shape)
@@ -246,7 +240,7 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
     extractor: e.g. `ClassifierFeatures`.
     labels: --labels' text (None: balanced over all classes for a conditional model).
     options: the family's sampling flags (None values: the family's defaults).
-    loaded: `sample.load_models(workdir)` when the caller already has it.
+    loaded: `run_loader.load_models(workdir)` when the caller already has it.
 
   Returns:
     (JSON-ready report, uint8 [N, H, W, C] generated images, [N, K] their class probabilities).
@@ -260,7 +254,7 @@ def evaluate(workdir: str, extractor, *, num_samples: int = DEFAULT_NUM_SAMPLES,
                     f'--pr_k={k} (each sample\'s k nearest neighbours)')
   if not 0.0 <= threshold < 1.0:
     raise UserError(f'--confidence={threshold}: must be in [0, 1)')
-  family, models, step = loaded or sample.load_models(workdir)
+  family, models, step = loaded or run_loader.load_models(workdir)
   if not isinstance(family, images_lib.ImageFamily) or family.name == 'classifier':
     raise UserError(f'--workdir={workdir}: family {family.name!r} does not generate images')
   config = family.config
@@ -376,7 +370,7 @@ def main(argv):
     # families had their own evaluations.
     print(evaluate_images(None, workdir), flush=True)
     return
-  family, models, step = sample.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   options = family_options(family)
   # Each family scores itself: image families with `evaluate_images` below.
   print(family.evaluate(models, workdir, step, options), flush=True)
@@ -384,12 +378,12 @@ def main(argv):
 
 def evaluate_images(loaded, workdir: str) -> str:
   """`train.evaluate` of an image family (`ImageFamily.evaluate`), with the flags above;
-  `loaded` is `sample.load_models(workdir)` or None to load it here."""
+  `loaded` is `run_loader.load_models(workdir)` or None to load it here."""
   if _FEATURES.value == 'inception':
     extractor = InceptionFeatures(_INCEPTION_WEIGHTS.value)
   else:
     extractor = ClassifierFeatures(_CLASSIFIER.value)
-  loaded = loaded or sample.load_models(workdir)
+  loaded = loaded or run_loader.load_models(workdir)
   options = sample.family_options(loaded[0])
   num = options.pop('num_samples', None)
   labels = options.pop('labels', None)

@@ -20,6 +20,7 @@ from models import lora as lora_lib
 from train import cli
 from train import config as config_lib
 from train import loop
+from train import run_loader
 from train import sample
 from train import sharding as sharding_lib
 from train import storage
@@ -42,7 +43,7 @@ def merge_lora_run(workdir: str, out: str) -> str:
   if storage.exists(storage.join(out, 'checkpoints')) or storage.exists(
       storage.join(out, 'config.json')):
     raise UserError(f'--out={out}: already holds a run; give a new directory')
-  family, models, step = sample.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   config = config_lib.from_json(storage.read_text(config_path))
   merged = {name: lora_lib.merge_lora(model) for name, model in models.items()}
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from train import cli
 from train import hf_gpt2
-from train import sample as sample_lib
+from train import run_loader
 from train import storage
 from train import text as text_lib
 from train.errors import UserError
@@ -28,7 +28,7 @@ from train.errors import UserError
 def export_gpt2(workdir: str, out: str) -> str:
   """Writes HF_DIR `out` from run `workdir`; returns a one-line summary."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=import-outside-toplevel
-  family, models, step = sample_lib.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   if family.name != 'gpt':
     raise UserError(f'--workdir={workdir}: a {family.name!r} run; only gpt runs export to GPT-2')
   if os.path.exists(os.path.join(out, hf_gpt2.WEIGHTS_FILE)):

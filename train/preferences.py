@@ -44,6 +44,7 @@ import numpy as np
 from absl import flags
 
 from train import instruct
+from train import run_loader
 from train import storage
 from train.errors import UserError
 
@@ -254,7 +255,6 @@ def generate(sft: str, out: str, *, num_prompts: int, num_held_out: int, seed: i
              temperature: float = 1.0, max_new_tokens: int = 48, judge_temperature: float = 5.0,
              task: str = 'en_de') -> str:
   """Writes `out`'s preference files from run `sft`; returns a one-line summary."""
-  from train import sample  # pylint: disable=import-outside-toplevel
   if num_prompts < 1 or num_held_out < 0:
     raise UserError(f'--num_prompts={num_prompts} --num_held_out={num_held_out}: need >= 1 '
                     'training prompt and >= 0 held-out ones')
@@ -268,7 +268,7 @@ def generate(sft: str, out: str, *, num_prompts: int, num_held_out: int, seed: i
   preference_probability(0.0, 0.0, judge_temperature)  # checks it
   if storage.exists(storage.join(out, RECORDS_FILE)):
     raise UserError(f'--out={out}: already holds {RECORDS_FILE}; give a new directory')
-  family, models, step = sample.load_models(sft, use_ema=True)
+  family, models, step = run_loader.load_models(sft, use_ema=True)
   if family.name != 'gpt_instruct' or task not in family.tasks:
     raise UserError(f'--sft={sft}: a {family.name!r} run' + (
         f' trained on {", ".join(family.tasks)}' if family.name == 'gpt_instruct' else '')

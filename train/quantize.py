@@ -40,6 +40,7 @@ from train import checkpoint as ckpt_lib
 from train import cli
 from train import config as config_lib
 from train import loop
+from train import run_loader
 from train import sample
 from train import sharding as sharding_lib
 from train import storage
@@ -129,7 +130,7 @@ def quantize_run(workdir: str, out: str, mode: str, *, decode_batch: int = 8,
     if tune.post_training_quantized(config):
       raise UserError(f'--workdir={workdir}: already quantized (config.quantize.mode='
                       f'{tune.quantize_mode(config)!r}); quantize its source run instead')
-  family, models, step = sample.load_models(workdir)
+  family, models, step = run_loader.load_models(workdir)
   config = family.config
   if tune.lora_rank(config):
     raise UserError(f'--workdir={workdir}: a LoRA run; merge its adapters first '

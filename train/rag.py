@@ -152,13 +152,7 @@ def load_dense(run_dir: str, collection: knowledge.Collection) -> retrieval.Dens
                     'run (experiments/configs/retriever_knowledge.py)')
   # Imported here: run_loader imports the loop, which imports the families (and so this module).
   from train import run_loader  # pylint: disable=import-outside-toplevel
-  try:
-    family, models, step = run_loader.load_models(run_dir)
-  except UserError as e:
-    raise UserError(str(e).replace('--workdir=', 'config.rag.retriever_run=', 1)) from None
-  if family.name != 'retriever':
-    raise UserError(f'config.rag.retriever_run={run_dir}: a {family.name!r} run, not a '
-                    'retriever run')
+  family, models, step = run_loader.load_run_of('retriever', run_dir, 'config.rag.retriever_run')
   if family.collection.args != collection.args:
     raise UserError(f'config.rag.retriever_run={run_dir}: indexes the knowledge task '
                     f'{family.collection.args}, but this run\'s is {collection.args}')

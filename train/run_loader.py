@@ -20,10 +20,11 @@ from train import tuned_checkpoint as tuned_ckpt
 from train.errors import UserError
 
 
-def load_models(workdir: str, use_ema: bool = True):
+def load_models(workdir: str, use_ema: bool = True, *, name: str = '--workdir'):
   """The family, its networks (EMA params where kept, unless use_ema=False) and the step of
-  `workdir`'s latest checkpoint, restored onto one device."""
-  culprit = f'--workdir={workdir}'
+  `workdir`'s latest checkpoint, restored onto one device. `name`: what the user called the
+  run (a flag or a config key), which the errors name."""
+  culprit = f'{name}={workdir}'
   config_path = storage.join(workdir, 'config.json')
   if not storage.isfile(config_path):
     raise UserError(f'{culprit}: no config.json; is it a `python -m train` workdir?')
@@ -59,3 +60,15 @@ def load_models(workdir: str, use_ema: bool = True):
     checkpointer.close()
   params = builder.sampling_params(state) if use_ema else state['params']
   return family, builder.models(params, state['rest']), step
+
+
+def load_run_of(family_name: str, run: str, name: str):
+  """`load_models(run)` of a run that a flag or config key `name` (e.g. '--classifier',
+  'config.rag.retriever_run') gives, which must be a run of family `family_name`; UserError
+  naming `name` otherwise."""
+  if not storage.isdir(run):
+    raise UserError(f'{name}={run}: no such directory')
+  family, models, step = load_models(run, name=name)
+  if family.name != family_name:
+    raise UserError(f'{name}={run}: a {family.name!r} run, not a {family_name} run')
+  return family, models, step

@@ -22,8 +22,8 @@ from absl import flags
 from train import checkpoint as ckpt_lib
 from train import cli
 from train import config as config_lib
+from train import run_loader
 from train import storage
-from train.run_loader import load_models  # noqa: F401 (callers use sample.load_models)
 from train.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by `python -m train`.')
@@ -99,7 +99,7 @@ def main(argv):
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
-  family, models, step = load_models(_WORKDIR.value)
+  family, models, step = run_loader.load_models(_WORKDIR.value)
   options = family_options(family)
   print(f'# {family.name} samples from step {step} of {_WORKDIR.value}', flush=True)
   out = family.sample(models, jax.random.key(_SEED.value), _WORKDIR.value, options)

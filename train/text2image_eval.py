@@ -33,7 +33,7 @@ from absl import flags
 from train import captions
 from train import image_metrics
 from train import images as images_lib
-from train import sample
+from train import run_loader
 from train import storage
 from train.errors import UserError
 
@@ -71,14 +71,7 @@ def _clip_scorer(run: str | None, dataset: str):
   `clip` run (train/families/clip.py), or None without --clip."""
   if not run:
     return None
-  if not storage.isdir(run):
-    raise UserError(f'--clip={run}: no such directory')
-  try:
-    family, models, _ = sample.load_models(run)
-  except UserError as e:
-    raise UserError(str(e).replace('--workdir=', '--clip=', 1)) from None
-  if family.name != 'clip':
-    raise UserError(f'--clip={run}: a {family.name!r} run, not a clip run')
+  family, models, _ = run_loader.load_run_of('clip', run, '--clip')
   if family.config.data.name != dataset:
     raise UserError(f'--clip={run}: trained on {family.config.data.name!r}, but this run '
                     f'models {dataset!r}')

@@ -9,7 +9,7 @@ names the base (`tune.FROZEN_FROM`: 'DIR:STEP', DIR absolute), so a checkpoint's
 the fine-tuning method (a LoRA checkpoint holds the adapters and their Adam moments only).
 
 Restoring such a checkpoint (resume in train/loop.py; `train.sample`, `train.evaluate` and
-`train.export` through `train.sample.load_models`) redoes what the run's start did: the jitted
+`train.export` through `train.run_loader.load_models`) redoes what the run's start did: the jitted
 init, then the base run's params (`tune.load_init`, any mesh), then this checkpoint's arrays
 on top. A base run that has gone is named in a one-line error; nothing is deleted.
 
