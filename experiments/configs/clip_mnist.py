@@ -29,6 +29,18 @@ Default (no ARG): MNIST.
 
 ARG `fashion_mnist`: the same on Fashion-MNIST (--config.data.raw_dir=DIR_WITH_IDX_FILES
 --config.data.data_dir=YOUR_TFDS_DIR prepare it without TensorFlow on first use).
+  Command:  python -m train --config=experiments/configs/clip_mnist.py:fashion_mnist \
+              --workdir=workdirs/clip_fashion [--config.data.data_dir=YOUR_TFDS_DIR]
+            python -m train.evaluate --workdir=workdirs/clip_fashion
+  Runtime:  training 23.4 min wall, 433 s user + 198 s system CPU time (same host, load
+            average 4-11, nice 19, December); evaluation 19 s user + 2 s system CPU time (506 s
+            wall: the process waited at nice 19 behind other jobs, load ~11).
+  Result:   final train loss 2.54, test loss 2.69. Over the 10,000 test pairs (a hit: label,
+            brightness and texture; chance at 1: 0.022-0.037):
+              text->image  seen:   recall@1 0.976  recall@5 1.000
+              text->image  unseen: recall@1 1.000  recall@5 1.000   (428 held-out pairs)
+              image->text  seen:   recall@1 0.801  recall@5 0.801   (label alone: 0.904)
+              image->text  unseen: recall@1 0.657  recall@5 0.657   (label alone: 0.808)
 
 ARG `tiny`: a smoke run (8/16-wide convs, one block of width 32, 6 steps of batch 16).
 `fashion_mnist,tiny` combines both.
