@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from train import storage
 from train.errors import UserError
 
 ATTRIBUTES = ('birthplace', 'birth_year', 'profession', 'employer', 'instrument')
@@ -226,3 +227,28 @@ def from_config(data: Any) -> Collection:
   test_entities)."""
   return generate(int(data.task_seed), int(data.num_entities), int(data.val_entities),
                   int(data.test_entities))
+
+
+# ---- the collection in a run directory (the retriever and RAG families) ----
+RUN_FILE = 'knowledge.json'
+
+
+def write_run_file(path: str, text: str) -> None:
+  """Writes `text` to run file `path`; UserError when the file there holds something else: the
+  run's checkpoints were trained on that (another config.data, config.rag or retriever run)."""
+  if storage.isfile(path) and storage.read_text(path) != text:
+    raise UserError(f'{path}: differs from what the config and the runs it names give now (the '
+                    'checkpoints were trained on it): restore them, or use a new --workdir')
+  storage.write_text(path, text)
+
+
+def read_collection(workdir: str) -> Collection:
+  """The collection a run trained on (`RUN_FILE` in `workdir`); UserError when missing or
+  damaged."""
+  path = storage.join(workdir, RUN_FILE)
+  if not storage.isfile(path):
+    raise UserError(f'{path}: missing (training writes the collection there)')
+  try:
+    return Collection.from_json(storage.read_text(path))
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f'{path}: damaged ({type(e).__name__}: {str(e)[:100]})') from None

@@ -40,7 +40,6 @@ from train.errors import UserError
 from train.families import gpt as gpt_family
 from train.families.gpt_instruct import masked_mean
 
-KNOWLEDGE_FILE = 'knowledge.json'
 RETRIEVED_FILE = 'retrieved.json'
 TRAIN_RETRIEVERS = {'bm25': ('bm25',), 'dense': ('dense',), 'mix': ('bm25', 'dense')}
 
@@ -157,24 +156,13 @@ class RAGGPTFamily(gpt_family.GPTFamily):
 
   def write_run_files(self, workdir: str) -> None:
     super().write_run_files(workdir)
-    for name, now in ((KNOWLEDGE_FILE, self.collection.to_json()),
+    for name, now in ((knowledge.RUN_FILE, self.collection.to_json()),
                       (RETRIEVED_FILE, json.dumps(self.retrieved))):
-      path = storage.join(workdir, name)
-      if storage.isfile(path) and storage.read_text(path) != now:
-        raise UserError(f'{path}: differs from what config.data and config.rag give now (the '
-                        'checkpoints were trained on it): restore the config, or the retriever '
-                        'run, or use a new --workdir')
-      storage.write_text(path, now)
+      knowledge.write_run_file(storage.join(workdir, name), now)
 
   def read_run_files(self, workdir: str) -> None:
     super().read_run_files(workdir)
-    path = storage.join(workdir, KNOWLEDGE_FILE)
-    if not storage.isfile(path):
-      raise UserError(f'{path}: missing (training writes the collection there)')
-    try:
-      self.collection = knowledge.Collection.from_json(storage.read_text(path))
-    except (ValueError, KeyError, TypeError) as e:
-      raise UserError(f'{path}: damaged ({type(e).__name__}: {str(e)[:100]})') from None
+    self.collection = knowledge.read_collection(workdir)
 
   # ---- loss ----
   def loss(self, models, batch, rng, *, train: bool):

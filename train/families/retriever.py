@@ -40,7 +40,6 @@ from train.errors import UserError
 from train.family import Family
 from train.families import bert as bert_family
 
-KNOWLEDGE_FILE = 'knowledge.json'
 RECALL_AT = (1, 5)
 
 
@@ -130,13 +129,8 @@ class RetrieverFamily(Family):
 
   def write_run_files(self, workdir: str) -> None:
     text_lib.save_in_workdir(self.tokenizer, workdir)
-    path = storage.join(workdir, KNOWLEDGE_FILE)
-    now = self.collection.to_json()
-    if storage.isfile(path) and storage.read_text(path) != now:
-      raise UserError(f'{path}: differs from the collection config.data makes now; the '
-                      'checkpoints were trained on the old one: restore the config or use a '
-                      'new --workdir')
-    storage.write_text(path, now)
+    knowledge.write_run_file(storage.join(workdir, knowledge.RUN_FILE),
+                             self.collection.to_json())
 
   def read_run_files(self, workdir: str) -> None:
     self.tokenizer = text_lib.load_from_workdir(workdir)
@@ -144,13 +138,7 @@ class RetrieverFamily(Family):
       raise UserError(f'{workdir}/{text_lib.TOKENIZER_FILE}: vocabulary of '
                       f'{self.tokenizer.vocab_size} tokens, but the run was trained with '
                       f'{self._vocab_size} (family.json)')
-    path = storage.join(workdir, KNOWLEDGE_FILE)
-    if not storage.isfile(path):
-      raise UserError(f'{path}: missing (training writes the collection there)')
-    try:
-      self.collection = knowledge.Collection.from_json(storage.read_text(path))
-    except (ValueError, KeyError, TypeError) as e:
-      raise UserError(f'{path}: damaged ({type(e).__name__}: {str(e)[:100]})') from None
+    self.collection = knowledge.read_collection(workdir)
 
   # ---- model and loss ----
   def make_models(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
