@@ -17,6 +17,7 @@ from scipy.special import logsumexp
 from experiments.configs import retriever_knowledge
 from models import bert as bert_lib
 from models import retriever as retriever_lib
+from tests.test_sharding import assert_resumed_exactly
 from train import knowledge
 from train import loop
 from train import retrieval
@@ -195,11 +196,7 @@ def resumed_run(tmp_path_factory):
 
 def test_resume_is_exact(resumed_run):
   full, _, second = resumed_run
-  assert sorted(second.step_losses) == [3, 4]
-  for s in (3, 4):
-    assert second.step_losses[s] == full.step_losses[s], s
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state),
-               jax.device_get(full.state))
+  assert_resumed_exactly(second, full)
 
 
 def test_evaluate_reports_dense_and_bm25_recall(resumed_run, tmp_path):

@@ -59,6 +59,16 @@ def three_steps(config, devices=None, init_state=None):
   return losses, init_state, state
 
 
+def assert_resumed_exactly(resumed, uninterrupted, steps=(3, 4)):
+  """A run resumed from a checkpoint ran exactly `steps`, with the uninterrupted run's losses
+  and final state (params, optimizer state, everything the checkpoint holds) bit for bit."""
+  assert sorted(resumed.step_losses) == list(steps)
+  for s in steps:
+    assert resumed.step_losses[s] == uninterrupted.step_losses[s], s
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state),
+               jax.device_get(uninterrupted.state))
+
+
 @needs_tfds
 def test_strategies_equal_single_device():
   ref_losses, init_state, ref_state = three_steps(gpt_config(), jax.devices()[:1])

@@ -48,6 +48,8 @@ import tokenizers
 from tokenizers import normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
+from train.errors import UserError
+
 DATASETS = ('mnist', 'fashion_mnist')
 
 # Attribute name -> category words, in increasing order of the measured value.
@@ -324,6 +326,22 @@ def max_caption_tokens() -> int:
   """The longest caption of either grammar, in tokens (a max_len that fits every caption)."""
   tok = CaptionTokenizer()
   return max(len(tok._ids(t)) for d in DATASETS for t in all_captions(d))  # pylint: disable=protected-access
+
+
+def check_text_config(config, key: str) -> None:
+  """UserError unless config.data.name has captions and the text encoder config `key` (e.g.
+  'model', 'text': embed_dim, num_heads, max_len) can read every caption."""
+  if config.data.name not in DATASETS:
+    raise UserError(f'config.data.name={config.data.name!r}: captions exist for '
+                    f'{", ".join(DATASETS)}')
+  t = config[key]
+  if t.embed_dim % t.num_heads:
+    raise UserError(f'config.{key}.embed_dim={t.embed_dim} is not divisible by '
+                    f'config.{key}.num_heads={t.num_heads}')
+  longest = max_caption_tokens()
+  if t.max_len < longest:
+    raise UserError(f'config.{key}.max_len={t.max_len}: the longest caption has {longest} '
+                    'tokens')
 
 
 # ---- datasets ----

@@ -58,17 +58,7 @@ class CLIPFamily(Family):
 
   def __init__(self, config):
     super().__init__(config)
-    m = config.model
-    if config.data.name not in captions.DATASETS:
-      raise UserError(f'config.data.name={config.data.name!r}: the clip family reads captioned '
-                      f'{" or ".join(captions.DATASETS)}')
-    if m.embed_dim % m.num_heads:
-      raise UserError(f'config.model.embed_dim={m.embed_dim} is not divisible by '
-                      f'config.model.num_heads={m.num_heads}')
-    longest = captions.max_caption_tokens()
-    if m.max_len < longest:
-      raise UserError(f'config.model.max_len={m.max_len}: the longest caption has {longest} '
-                      'tokens')
+    captions.check_text_config(config, 'model')
     images_lib.activation_dtype(config)
     self.tokenizer = captions.CaptionTokenizer()
     self.image_shape: tuple[int, int, int] | None = None

@@ -43,17 +43,7 @@ class TextToImageFamily(DiffusionFamily):
   def __init__(self, config):
     if not config.get('conditional', False):
       raise UserError('config.conditional=False: a text2image model is conditioned on captions')
-    if config.data.name not in captions.DATASETS:
-      raise UserError(f'config.data.name={config.data.name!r}: captions exist for '
-                      f'{", ".join(captions.DATASETS)}')
-    t = config.text
-    if t.embed_dim % t.num_heads:
-      raise UserError(f'config.text.embed_dim={t.embed_dim} is not divisible by '
-                      f'config.text.num_heads={t.num_heads}')
-    longest = captions.max_caption_tokens()
-    if t.max_len < longest:
-      raise UserError(f'config.text.max_len={t.max_len}: the longest caption has {longest} '
-                      'tokens')
+    captions.check_text_config(config, 'text')
     super().__init__(config)
     self.tokenizer = captions.CaptionTokenizer()
 
