@@ -19,7 +19,8 @@ tests/test_host_malloc.py tests the re-execution with these variables removed.
 Programs are compiled with JAX's `jax_disable_most_optimizations` (JAX_DISABLE_MOST_OPTIMIZATIONS,
 LLVM at -O0 without its expensive passes; XLA's graph passes still run): the suite's programs
 are tiny and run for a few steps, so compiling dominates its time, and compiling them this way
-takes about 40% less CPU (test_diffusion's train/resume/sample test: 156 s -> 97 s of user CPU).
+takes about a third less CPU (the whole suite with -n 2: ~2,400 -> 1,601 s of user CPU;
+test_diffusion's train/resume/sample test alone: 156 -> 97 s).
 Every equality a test asserts holds between programs compiled the same way; set the variable
 to 0 to run the suite with the optimizations users get.
 """
