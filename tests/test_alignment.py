@@ -288,18 +288,36 @@ def test_dpo_run_starts_at_ln2_equals_on_8_devices_and_resumes_exactly(sft):
                jax.device_get(one.state))
 
 
+def fails_in_one_line(config, match, workdir=None):
+  """The config is refused with one line matching `match`: by the loop's set-up, or with
+  `workdir` by `loop.train` in it, having saved no checkpoint."""
+  with pytest.raises(UserError, match=match) as e:
+    if workdir:
+      loop.train(config, workdir, devices=jax.devices()[:1])
+    else:
+      loop.setup(config, jax.devices()[:1])
+  assert '\n' not in str(e.value)
+  if workdir:
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    assert not os.path.isdir(checkpoints) or not os.listdir(checkpoints)  # nothing saved
+
+
+def run_with_another_tokenizer(run_dir, copy_dir):
+  """A copy of `run_dir` whose tokenizer is a different subword tokenizer (vocabulary 300)."""
+  shutil.copytree(run_dir, copy_dir)
+  os.remove(os.path.join(copy_dir, text_lib.TOKENIZER_FILE))
+  text_lib.save_in_workdir(text_lib.SubwordTokenizer.train(['ein hund', 'a dog'] * 50, 300),
+                           copy_dir)
+  return copy_dir
+
+
 @needs_multi30k
 def test_bad_alignment_inputs_are_one_line(sft):
   sft_dir, pairs_dir, root = sft
+  bad = str(root / 'bad')
 
   def fails(config, match, run_it=False):
-    with pytest.raises(UserError, match=match) as e:
-      if run_it:
-        loop.train(config, str(root / 'bad'), devices=jax.devices()[:1])
-      else:
-        loop.setup(config, jax.devices()[:1])
-    assert '\n' not in str(e.value)
-    assert not os.listdir(root / 'bad' / 'checkpoints') if run_it else True  # nothing saved
+    fails_in_one_line(config, match, bad if run_it else None)
 
   fails(alignment_config(dpo_gpt, sft_dir, pairs_dir, **{'dpo.beta': 0.0}),
         r'config.dpo.beta=0.0: must be > 0')
@@ -308,11 +326,7 @@ def test_bad_alignment_inputs_are_one_line(sft):
   fails(alignment_config(dpo_gpt, sft_dir, pairs_dir, **{'dpo.reference': str(root / 'none')}),
         r'config.dpo.reference=.*none: no checkpoint', run_it=True)
   # A run like the SFT run but with another tokenizer: as the reference, and as init_from.
-  other = str(root / 'other_tokenizer')
-  shutil.copytree(sft_dir, other)
-  os.remove(os.path.join(other, text_lib.TOKENIZER_FILE))
-  text_lib.save_in_workdir(text_lib.SubwordTokenizer.train(['ein hund', 'a dog'] * 50, 300),
-                           other)
+  other = run_with_another_tokenizer(sft_dir, str(root / 'other_tokenizer'))
   fails(alignment_config(dpo_gpt, sft_dir, pairs_dir, **{'dpo.reference': other}),
         r'config.dpo.reference=.*other_tokenizer: its tokenizer differs')
   fails(alignment_config(reward_gpt, other, pairs_dir),

@@ -16,12 +16,13 @@ from experiments.configs import rlhf_gpt
 from models import gpt
 from models import scalar_head
 from tests.test_alignment import alignment_config
+from tests.test_alignment import fails_in_one_line
 from tests.test_alignment import needs_multi30k
+from tests.test_alignment import run_with_another_tokenizer
 from tests.test_alignment import tiny_gpt
 from tests.test_sharding import assert_resumed_exactly
 from train import loop
 from train import text as text_lib
-from train.errors import UserError
 from train.families import rlhf as rlhf_lib
 
 
@@ -179,23 +180,10 @@ def test_rlhf_run_equals_on_8_devices_and_resumes_exactly(sft, reward_run):
 @needs_multi30k
 def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
   sft_dir, pairs_dir, root = sft
-
-  def fails(config, match, run_it=False):
-    with pytest.raises(UserError, match=match) as e:
-      if run_it:
-        loop.train(config, str(root / 'bad_rlhf'), devices=jax.devices()[:1])
-      else:
-        loop.setup(config, jax.devices()[:1])
-    assert '\n' not in str(e.value)
-
-  fails(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.beta': -0.1}),
-        r'config.rlhf.beta=-0.1: must be > 0')
-  fails(rlhf_config(sft_dir, pairs_dir, str(root / 'none')),
-        r'config.rlhf.reward=.*none: no checkpoint', run_it=True)
-  other = str(root / 'other_tokenizer_rlhf')
-  shutil.copytree(sft_dir, other)
-  os.remove(os.path.join(other, text_lib.TOKENIZER_FILE))
-  text_lib.save_in_workdir(text_lib.SubwordTokenizer.train(['ein hund', 'a dog'] * 50, 300),
-                           other)
-  fails(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.reference': other}),
-        r'config.rlhf.reference=.*other_tokenizer_rlhf: its tokenizer differs')
+  fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.beta': -0.1}),
+                    r'config.rlhf.beta=-0.1: must be > 0')
+  fails_in_one_line(rlhf_config(sft_dir, pairs_dir, str(root / 'none')),
+                    r'config.rlhf.reward=.*none: no checkpoint', str(root / 'bad_rlhf'))
+  other = run_with_another_tokenizer(sft_dir, str(root / 'other_tokenizer_rlhf'))
+  fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.reference': other}),
+                    r'config.rlhf.reference=.*other_tokenizer_rlhf: its tokenizer differs')
