@@ -81,10 +81,10 @@ _RUN_DIRS = {name: flags.DEFINE_string(name, None, f'Run directory of row {name!
 _ROWS = flags.DEFINE_list('rows', list(ROWS), f'Rows to report, of: {", ".join(ROWS)}.')
 _TRAIN = flags.DEFINE_bool('train_missing', False, 'Train the missing runs here (one by one).')
 _TINY = flags.DEFINE_bool('tiny', False, 'Smoke test: the configs\' :tiny variants.')
-_STUDENT_STEPS = flags.DEFINE_integer('student_steps', 300, 'Steps of the distilled and the '
+_STUDENT_STEPS = flags.DEFINE_integer('student_steps', 1000, 'Steps of the distilled and the '
                                       'scratch student.')
-_TEACHER_STEPS = flags.DEFINE_integer('teacher_steps', 600, 'Steps of the teacher.')
-_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 100, 'Steps of QAT and of each '
+_TEACHER_STEPS = flags.DEFINE_integer('teacher_steps', 2000, 'Steps of the teacher.')
+_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 300, 'Steps of QAT and of each '
                                        'pruning fine-tune.')
 
 
@@ -268,8 +268,8 @@ def goals(report: dict[str, Any]) -> list[str]:
 
 
 def compare(out: str, rows: list[str], *, dirs: dict[str, str | None] | None = None,
-            tiny: bool = False, train_missing: bool = False, student_steps: int = 300,
-            teacher_steps: int = 600, finetune_steps: int = 100, decode_batch: int = 8,
+            tiny: bool = False, train_missing: bool = False, student_steps: int = 1000,
+            teacher_steps: int = 2000, finetune_steps: int = 300, decode_batch: int = 8,
             decode_tokens: int = 256, devices=None) -> dict[str, Any]:
   """Trains (if asked) and converts what `rows` need, measures them, writes the table, the plot
   and the JSON under `out`; returns the report (its 'missing' lists untrained runs' commands)."""
