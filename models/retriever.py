@@ -38,9 +38,10 @@ def in_batch_contrastive_loss(questions: jax.Array, passages: jax.Array, tempera
                               ) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy of each question over the batch's passages, its own one the target.
 
-  questions, passages `[batch, dim]`: row i of `passages` is question i's gold passage, every
-  other row a negative. Returns (mean loss, share of questions whose gold passage scores
-  highest). With identical embeddings every logit is equal and the loss is log(batch).
+  questions `[batch, dim]`, passages `[batch + extra, dim]`: row i of `passages` is question
+  i's gold passage, every other row (the other questions' gold passages, then any `extra` hard
+  negatives) a negative. Returns (mean loss, share of questions whose gold passage scores
+  highest). With identical embeddings every logit is equal and the loss is log(batch + extra).
   """
   logits = questions @ passages.T / temperature  # [batch, batch]
   labels = jnp.arange(questions.shape[0])

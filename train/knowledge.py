@@ -13,6 +13,11 @@ seed (the same arguments give the same collection, record for record):
   born?" against "X's hometown is Y."), sometimes followed by a sentence about the person's
   character that holds no fact. The answer to a question is stated in exactly one document; the
   same value (a town, a profession) is also stated in other people's documents.
+  `mentions` more documents per person name them but state none of the five facts (a pastime, a
+  trait, a friend from the same split: attribute 'mention'), so a person's name is in more documents than the
+  five a question can be about and matching the name alone does not find the answer's document
+  among the top five (as in a real collection, where an entity is mentioned far more often than
+  any one fact about it is stated).
 * **Questions**: every fact asked with every question template of its attribute (three each);
   `answer` is the value as the document writes it, `gold_document` the one document stating it.
 
@@ -86,6 +91,15 @@ QUESTION_TEMPLATES = {
                    'What does {name} play?'),
 }
 _TRAIT_SENTENCE = '{first} is known to friends as {trait}.'
+# Documents that name a person and state none of the facts ({other}: another person's name).
+MENTION_TEMPLATES = ('{name} spends the weekends {pastime}.',
+                     'A neighbour describes {name} as {trait}.',
+                     '{name} and {other} met at school.',
+                     'Few people know that {name} once lived abroad.',
+                     '{name} is learning to cook from {other}.')
+_PASTIMES = ('hiking in the hills', 'playing chess', 'gardening', 'reading novels', 'fishing',
+             'painting landscapes', 'sailing', 'birdwatching')
+MENTION = 'mention'   # the attribute of a mention document
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,10 +186,13 @@ def check_sizes(num_entities: int, val_entities: int, test_entities: int) -> Non
                     'in each of train, val and test')
 
 
-def generate(seed: int, num_entities: int, val_entities: int, test_entities: int
-             ) -> Collection:
-  """The collection of `num_entities` people (see the module docstring); a pure function."""
+def generate(seed: int, num_entities: int, val_entities: int, test_entities: int,
+             mentions: int = 0) -> Collection:
+  """The collection of `num_entities` people, `mentions` fact-free documents naming each
+  (see the module docstring); a pure function."""
   check_sizes(num_entities, val_entities, test_entities)
+  if mentions < 0:
+    raise UserError(f'knowledge task mentions={mentions}: must be >= 0')
   rng = np.random.default_rng(seed)
   person = lambda r: (_word(r, _FIRST_SYLLABLES, 2).capitalize() + ' '
                       + _word(r, _LAST_SYLLABLES, int(r.integers(2, 4))).capitalize())
@@ -208,6 +225,15 @@ def generate(seed: int, num_entities: int, val_entities: int, test_entities: int
         text += ' ' + _TRAIT_SENTENCE.format(first=e.name.split()[0],
                                              trait=_TRAITS[rng.integers(len(_TRAITS))])
       texts.append((e.id, a, text))
+  peers = {s: [e.name for e in entities if e.split == s] for s in SPLITS}
+  for e in entities:
+    others = [n for n in peers[e.split] if n != e.name] or [e.name]
+    for _ in range(mentions):
+      template = MENTION_TEMPLATES[rng.integers(len(MENTION_TEMPLATES))]
+      other = others[rng.integers(len(others))]   # a friend from the same split
+      texts.append((e.id, MENTION, template.format(
+          name=e.name, other=other, pastime=_PASTIMES[rng.integers(len(_PASTIMES))],
+          trait=_TRAITS[rng.integers(len(_TRAITS))])))
   shuffled = rng.permutation(len(texts))
   documents = [Document(i, *texts[j]) for i, j in enumerate(shuffled)]
   gold = {(d.entity, d.attribute): d.id for d in documents}
@@ -219,14 +245,16 @@ def generate(seed: int, num_entities: int, val_entities: int, test_entities: int
                                   e.facts[a], gold[e.id, a]))
   args = dict(seed=seed, num_entities=num_entities, val_entities=val_entities,
               test_entities=test_entities)
+  if mentions:   # (the args of a collection without mention documents, as before they existed)
+    args['mentions'] = mentions
   return Collection(args, entities, documents, questions)
 
 
 def from_config(data: Any) -> Collection:
   """The collection of a config's `data` group (task_seed, num_entities, val_entities,
-  test_entities)."""
+  test_entities, mentions: 0 when absent)."""
   return generate(int(data.task_seed), int(data.num_entities), int(data.val_entities),
-                  int(data.test_entities))
+                  int(data.test_entities), int(data.get('mentions') or 0))
 
 
 # ---- the collection in a run directory (the retriever and RAG families) ----

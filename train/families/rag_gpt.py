@@ -48,7 +48,8 @@ class RAGGPTFamily(gpt_family.GPTFamily):
   """config.rag: top_k (passages per prompt; 0: closed book), train_retriever ('bm25',
   'dense', 'mix'), retriever_run (a retriever run directory: the dense retriever),
   answer_tokens (positions reserved for the answer and its [EOS]; the decoding budget).
-  config.data: task_seed, num_entities, val_entities, test_entities (train/knowledge.py),
+  config.data: task_seed, num_entities, val_entities, test_entities, mentions
+  (train/knowledge.py),
   vocab_size (the tokenizer, trained on the train people's documents and questions).
   config.model as the GPT family's; block_size bounds prompt + answer."""
 

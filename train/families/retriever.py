@@ -7,7 +7,11 @@ normalised (models/retriever.py).
 Data (train/knowledge.py, sizes and seed in config.data): each step takes `batch_size` distinct
 facts of the train entities, each as (one of its questions, phrasing drawn at random; its gold
 document). Loss: softmax cross-entropy of each question over the batch's passages (in-batch
-negatives) at `config.temperature`. The batch is a pure function of (seed, step). The subword
+negatives) at `config.temperature`. With `config.hard_negatives=True` each row also brings one
+hard negative, scored by every question of the batch (DPR's setup, Karpukhin et al. 2020): one
+of the person's mention documents (their name, no fact) or the document stating the same
+attribute of another train person who shares the first or the last name (the confusions of a
+retriever that matches names or wording alone), never a document that is some row's gold. The batch is a pure function of (seed, step). The subword
 tokenizer is trained on every document and the train questions, or, with `config.init_from`,
 is the base run's (its ids are the base's embedding rows).
 
@@ -26,6 +30,7 @@ import time
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -46,8 +51,9 @@ RECALL_AT = (1, 5)
 class RetrieverFamily(Family):
   """config.model: max_len (tokens per question or passage, BOS and EOS included), num_layers,
   num_heads, embed_dim, dropout, init_std, attention, dtype (as the BERT family's).
-  config.data: task_seed, num_entities, val_entities, test_entities (train/knowledge.py),
-  vocab_size. config.temperature: of the in-batch softmax (embeddings have unit length)."""
+  config.data: task_seed, num_entities, val_entities, test_entities, mentions
+  (train/knowledge.py), vocab_size. config.temperature: of the in-batch softmax (embeddings have unit length).
+  config.hard_negatives: one hard negative passage per row (module docstring)."""
 
   name = 'retriever'
   unit = 'pairs'
@@ -86,6 +92,8 @@ class RetrieverFamily(Family):
     self.tokenizer = self._train_tokenizer()
     self._passages = self.pad(self.collection.passages)  # [num_documents, max_len]
     self._train = _FactPairs(self.collection.questions_of('train'), self.pad)
+    if c.get('hard_negatives'):
+      self._confusable = confusable_documents(self.collection, self._train.gold)
     if c.batch_size > len(self._train.gold):
       raise UserError(f'config.batch_size={c.batch_size} exceeds the {len(self._train.gold)} '
                       'train facts (a batch holds distinct facts): lower it')
@@ -116,7 +124,12 @@ class RetrieverFamily(Family):
     facts = order[index * b:(index + 1) * b]
     phrasing = np.random.default_rng((self.config.seed, epoch, index, 1)).integers(
         self._train.phrasings, size=b)
-    return self._pair_batch(self._train, facts, phrasing)
+    batch = self._pair_batch(self._train, facts, phrasing)
+    if self.config.get('hard_negatives'):
+      rng = np.random.default_rng((self.config.seed, epoch, index, 2))
+      negatives = hard_negatives(self._confusable, self._train.gold, facts, rng)
+      batch['negative'] = self._passages[negatives[self._rows]]
+    return batch
 
   def eval_batches(self) -> Iterable[dict[str, np.ndarray]]:
     return self._eval
@@ -146,10 +159,13 @@ class RetrieverFamily(Family):
                                                rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):
-    keys = jax.random.split(rng, 2) if train else (None, None)
+    keys = jax.random.split(rng, 3) if train else (None,) * 3
     encoder = models['model']
     q = retriever_lib.embed(encoder, batch['question'], dropout_key=keys[0])
     p = retriever_lib.embed(encoder, batch['passage'], dropout_key=keys[1])
+    if 'negative' in batch:   # scored by every question after the batch's gold passages
+      p = jnp.concatenate([p, retriever_lib.embed(encoder, batch['negative'],
+                                                  dropout_key=keys[2])])
     loss, accuracy = retriever_lib.in_batch_contrastive_loss(q, p, self.config.temperature)
     return loss, {'in_batch_accuracy': accuracy}
 
@@ -206,6 +222,47 @@ class RetrieverFamily(Family):
     lines += [f'  {n}: ' + '  '.join(f'recall@{k} {report[n][f"recall@{k}"]:.3f}'
                                      for k in RECALL_AT) for n in retrieval.RETRIEVERS]
     return '\n'.join(lines + [f'wrote {path}'])
+
+
+def confusable_documents(collection: knowledge.Collection, gold: np.ndarray
+                         ) -> list[np.ndarray]:
+  """For each fact (its gold document `gold[f]`, a document of a train person), the ids of the
+  documents a name-blind retriever confuses with it: the person's own mention documents (their
+  name, none of the facts) and the same attribute of other train people sharing the first or
+  the last name; when no one shares either, the same attribute of every other train person."""
+  docs = collection.documents
+  facts = [docs[g] for g in gold]
+  entity = np.array([d.entity for d in facts])
+  attribute = np.array([d.attribute for d in facts])
+  names = [collection.entities[d.entity].name.split() for d in facts]
+  first = np.unique([n[0] for n in names], return_inverse=True)[1]
+  last = np.unique([n[-1] for n in names], return_inverse=True)[1]
+  mentions: dict[int, list[int]] = {}
+  for d in docs:
+    if d.attribute == knowledge.MENTION:
+      mentions.setdefault(d.entity, []).append(d.id)
+  out = []
+  for f, d in enumerate(facts):
+    others = (attribute == attribute[f]) & (entity != entity[f])
+    shared = others & ((first == first[f]) | (last == last[f]))
+    out.append(np.concatenate([np.array(mentions.get(d.entity, []), np.int64),
+                               gold[np.flatnonzero(shared if shared.any() else others)]]))
+  return out
+
+
+def hard_negatives(confusable: list[np.ndarray], gold: np.ndarray, facts: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+  """One negative document id per row of `facts`: drawn from its `confusable` documents that
+  are no row's gold document (else from the train facts' gold documents that are not), so no
+  question meets its gold passage twice."""
+  taken = set(gold[facts].tolist())
+  out = np.empty(len(facts), dtype=np.int64)
+  for i, f in enumerate(facts):
+    pool = [d for d in confusable[f].tolist() if d not in taken]
+    if not pool:
+      pool = [d for d in gold.tolist() if d not in taken]
+    out[i] = pool[rng.integers(len(pool))]
+  return out
 
 
 class _FactPairs:
