@@ -43,7 +43,7 @@ def in_batch_contrastive_loss(questions: jax.Array, passages: jax.Array, tempera
   negatives) a negative. Returns (mean loss, share of questions whose gold passage scores
   highest). With identical embeddings every logit is equal and the loss is log(batch + extra).
   """
-  logits = questions @ passages.T / temperature  # [batch, batch]
+  logits = questions @ passages.T / temperature  # [batch, batch + extra]
   labels = jnp.arange(questions.shape[0])
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   accuracy = (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean()

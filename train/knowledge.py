@@ -14,10 +14,10 @@ seed (the same arguments give the same collection, record for record):
   character that holds no fact. The answer to a question is stated in exactly one document; the
   same value (a town, a profession) is also stated in other people's documents.
   `mentions` more documents per person name them but state none of the five facts (a pastime, a
-  trait, a friend from the same split: attribute 'mention'), so a person's name is in more documents than the
-  five a question can be about and matching the name alone does not find the answer's document
-  among the top five (as in a real collection, where an entity is mentioned far more often than
-  any one fact about it is stated).
+  trait, a friend from the same split: attribute 'mention'), so a person's name is in more
+  documents than the five a question can be about and matching the name alone does not find
+  the answer's document among the top five (as in a real collection, where an entity is
+  mentioned far more often than any one fact about it is stated).
 * **Questions**: every fact asked with every question template of its attribute (three each);
   `answer` is the value as the document writes it, `gold_document` the one document stating it.
 

@@ -3,9 +3,9 @@ retrieved passages (train/knowledge.py's task, train/rag.py's prompts).
 
 Default (no ARG): the knowledge task of retriever_knowledge.py (1000 people: 800 train, 100 val,
 100 test, 8000 documents; seed 0), a byte-level BPE vocabulary of 2000 trained on the train
-people's documents and questions, a GPT of 4 layers, 4 heads, width 128 (1.07M params) over 96 positions, no
-dropout; each train question (12000) read with its top 5 passages (best first, [SEP] between
-them, cut to fit), the retriever drawn per row from BM25 and the dense retriever of
+people's documents and questions, a GPT of 4 layers, 4 heads, width 128 (1.07M params) over 96
+positions, no dropout; each train question (12000) read with its top 5 passages (best first,
+[SEP] between them, cut to fit), the retriever drawn per row from BM25 and the dense retriever of
 --config.rag.retriever_run (a retriever_knowledge.py run), the gold passage not forced in; the
 loss on the answer tokens only. 1200 steps of 16 rows, AdamW lr 2e-3 (100 warmup steps, cosine
 to 2e-4), weight decay 0.1.

@@ -11,9 +11,10 @@ negatives) at `config.temperature`. With `config.hard_negatives=True` each row a
 hard negative, scored by every question of the batch (DPR's setup, Karpukhin et al. 2020): one
 of the person's mention documents (their name, no fact) or the document stating the same
 attribute of another train person who shares the first or the last name (the confusions of a
-retriever that matches names or wording alone), never a document that is some row's gold. The batch is a pure function of (seed, step). The subword
-tokenizer is trained on every document and the train questions, or, with `config.init_from`,
-is the base run's (its ids are the base's embedding rows).
+retriever that matches names or wording alone), never a document that is some row's gold. The
+batch is a pure function of (seed, step). The subword tokenizer is trained on every document
+and the train questions, or, with `config.init_from`, is the base run's (its ids are the base's
+embedding rows).
 
 The loop's eval: the same loss and in-batch accuracy on val facts (one phrasing each).
 `python -m train.evaluate --workdir=DIR [--split=val|test] [--batch=256] [--report=PATH]`:
@@ -52,8 +53,8 @@ class RetrieverFamily(Family):
   """config.model: max_len (tokens per question or passage, BOS and EOS included), num_layers,
   num_heads, embed_dim, dropout, init_std, attention, dtype (as the BERT family's).
   config.data: task_seed, num_entities, val_entities, test_entities, mentions
-  (train/knowledge.py), vocab_size. config.temperature: of the in-batch softmax (embeddings have unit length).
-  config.hard_negatives: one hard negative passage per row (module docstring)."""
+  (train/knowledge.py), vocab_size. config.temperature: of the in-batch softmax (embeddings
+  have unit length). config.hard_negatives: one hard negative passage per row (module docstring)."""
 
   name = 'retriever'
   unit = 'pairs'
