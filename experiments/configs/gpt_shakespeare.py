@@ -19,7 +19,7 @@ ARG `teacher`: the teacher of experiments/configs/distill_gpt.py: 6 layers, 8 he
 (4.8M params, 6x the default's), block 64, batch 12 as the default, dropout 0.1, 5000 steps
 (cosine to 1e-4 over them).
   Command:  python -m train --config=experiments/configs/gpt_shakespeare.py:teacher --workdir=workdirs/gpt_teacher
-  Hardware: 2-core CPU. The full 5000 steps were not run (45-75 min at the 0.5-0.9 s/step
+  Hardware: 2-core CPU. The full 5000 steps were not run (42-75 min at the 0.5-0.9 s/step
             measured below). The teacher of experiments/compare_compression.py is shortened to
             2000 steps (schedule included):
   Command:  python -m train --config=experiments/configs/gpt_shakespeare.py:teacher \

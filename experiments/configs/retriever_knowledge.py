@@ -9,7 +9,7 @@ negative per question (batch 64 distinct facts, so 128 passages; temperature 0.0
 1500 steps, AdamW lr 1e-3 (100 warmup steps, cosine to 1e-5), weight decay 0.01.
   Command:  python -m train --config=experiments/configs/retriever_knowledge.py --workdir=/tmp/ret
             python -m train.evaluate --workdir=/tmp/ret [--split=test]
-  Hardware: 2-core CPU (AMD Zen 4, cpu family 25), mostly alone on it.
+  Hardware: 2-core CPU (AMD Zen 4, cpu family 25), beside another run for its first 2.6 min.
   Runtime:  14.6 min wall, 1007 s user + 382 s system CPU time; evaluation 16 s wall.
   Result:   val recall@1 / @5: dense 96.3% / 99.7%, BM25 35.5% / 83.7% (test: dense 93.9% /
             98.9%, BM25 36.2% / 82.1%); experiments/README.md ("Retrieval").
