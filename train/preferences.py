@@ -44,6 +44,7 @@ import numpy as np
 from absl import flags
 
 from train import instruct
+from train import metrics
 from train import run_loader
 from train import storage
 from train.errors import UserError
@@ -229,7 +230,8 @@ def fixed_batches(pairs: PairRows, batch_size: int, num_batches: int, process_in
 # Generation.
 # ---------------------------------------------------------------------------------------------
 def _sample_pairs(family, model, prompts: list[np.ndarray], keys: list[jax.Array],
-                  max_new_tokens: int, temperature: float) -> list[list[int]]:
+                  max_new_tokens: int, temperature: float,
+                  progress: metrics.Progress | None = None) -> list[list[int]]:
   """One sampled response per (prompt, key): ids up to and including the first [EOS]."""
   from models import gpt as gpt_lib  # pylint: disable=import-outside-toplevel
   out = []
@@ -248,6 +250,8 @@ def _sample_pairs(family, model, prompts: list[np.ndarray], keys: list[jax.Array
     for row in tokens:
       ends = np.flatnonzero(row == family._eos_id)  # pylint: disable=protected-access
       out.append([int(t) for t in (row[:ends[0] + 1] if len(ends) else row)])
+    if progress is not None:
+      progress.update(len(chunk))
   return out
 
 
@@ -280,9 +284,13 @@ def generate(sft: str, out: str, *, num_prompts: int, num_held_out: int, seed: i
   examples = instruct.load_examples((task,), family.config.data.get('raw_dir'), 0, 0)
   root = jax.random.key(seed)
   records = []
+  counts = {split: min(num_prompts if split == 'train' else num_held_out,
+                       len(examples[split][task])) for split in SPLITS}
+  progress = metrics.Progress('sampling', 2 * sum(counts.values()), unit='responses',
+                              note='two per prompt; prompts too long for the context are skipped')
   for split_index, split in enumerate(SPLITS):
     pool = examples[split][task]
-    count = min(num_prompts if split == 'train' else num_held_out, len(pool))
+    count = counts[split]
     picks = np.sort(np.random.default_rng([seed, split_index]).choice(
         len(pool), size=count, replace=False))
     chosen_examples, prompts = [], []
@@ -292,13 +300,15 @@ def generate(sft: str, out: str, *, num_prompts: int, num_held_out: int, seed: i
       if len(prompt) + max_new_tokens <= model.context_size:
         chosen_examples.append((int(i), pool[i]))
         prompts.append(prompt)
+    if len(prompts) < count:
+      progress.update(2 * (count - len(prompts)))   # the prompts skipped
     if not prompts:
       continue
     split_key = jax.random.fold_in(root, split_index)
     keys = [jax.random.fold_in(jax.random.fold_in(split_key, i), j)
             for i, _ in chosen_examples for j in (0, 1)]
     ids = _sample_pairs(family, model, [p for p in prompts for _ in (0, 1)], keys,
-                        max_new_tokens, temperature)
+                        max_new_tokens, temperature, progress)
     texts = [family.tokenizer.decode([t for t in r if t != family._eos_id]).strip()  # pylint: disable=protected-access
              for r in ids]
     pairs = list(zip(texts[0::2], texts[1::2]))
