@@ -4,8 +4,8 @@ r"""Aligned models against their SFT model: DPO, and PPO with a small and a larg
       --reward=REWARD --dpo=DPO --ppo_small=PPO_S --ppo_large=PPO_L --out_dir=OUT
 
 Takes finished runs (it trains nothing; leave a flag out to skip that row, except --sft, --pairs
-and --reward). Train them with, in order (the pairs from the SFT run first, see
-experiments/configs/reward_gpt.py):
+and --reward; --ppo=RUN1,RUN2,... adds a row "PPO" per run, e.g. a sweep over beta). Train them
+with, in order (the pairs from the SFT run first, see experiments/configs/reward_gpt.py):
   python -m train --config=experiments/configs/reward_gpt.py --workdir=REWARD \
       --config.init_from=SFT --config.preferences.path=PAIRS
   python -m train --config=experiments/configs/dpo_gpt.py --workdir=DPO \
@@ -19,8 +19,9 @@ Every model answers the pairs file's test prompts (held out from every run) by s
 --max_new_tokens tokens or [EOS], with one key per prompt shared by all models (common random
 numbers). Columns: win rate against SFT under the hidden judge (the judge's probability of
 preferring the model's response over SFT's on the same prompt, sigmoid of the chrF difference
-over the pairs' judge temperature, averaged over prompts: a tie is 0.5), chrF and BLEU against
-the reference translations (sacreBLEU, corpus level), the reward model's mean score, the KL to
+over the pairs' judge temperature, averaged over prompts: a tie is 0.5; +- its standard error,
+the per-prompt probabilities' standard deviation / sqrt(prompts)), chrF and BLEU against the
+reference translations (sacreBLEU, corpus level), the reward model's mean score, the KL to
 the reference (SFT) model (the exact KL of each response position's next-token distributions,
 summed over the response, mean over prompts) and the mean response length. Writes
 OUT/alignment.md (the table), OUT/alignment.json and OUT/alignment.png (reward-model score and
@@ -58,6 +59,8 @@ _REWARD = flags.DEFINE_string('reward', None, 'A reward-family run (the reward-m
 _DPO = flags.DEFINE_string('dpo', None, 'A DPO run (optional).')
 _PPO_SMALL = flags.DEFINE_string('ppo_small', None, 'An RLHF run with a small beta (optional).')
 _PPO_LARGE = flags.DEFINE_string('ppo_large', None, 'An RLHF run with a large beta (optional).')
+_PPO = flags.DEFINE_list('ppo', [], 'More RLHF runs, comma-separated (optional): rows "PPO", '
+                         'e.g. a sweep over beta.')
 _OUT = flags.DEFINE_string('out_dir', '/tmp/alignment', 'Where the table and plot go.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 60, 'Longer test prompts are left out.')
 _NUM_PROMPTS = flags.DEFINE_integer('num_prompts', None, 'Only the first N test prompts '
@@ -154,6 +157,7 @@ def main(argv):
   runs = [('SFT', _SFT.value, 'sft', None), ('DPO', _DPO.value, 'dpo', 'dpo'),
           ('PPO small beta', _PPO_SMALL.value, 'ppo_small', 'rlhf'),
           ('PPO large beta', _PPO_LARGE.value, 'ppo_large', 'rlhf')]
+  runs += [('PPO', run, 'ppo', 'rlhf') for run in _PPO.value]
   key = jax.random.key(flags.FLAGS.seed)
   judge_t = float(manifest.get('judge_temperature', 5.0))
   rows, baseline = [], None
@@ -181,6 +185,8 @@ def main(argv):
         'model': label, 'run': f'{storage.absolute(workdir)}:{step}',
         'beta': _beta(workdir, family_name),
         'win_rate': 100.0 * float(np.mean(wins)),
+        'win_rate_stderr': (100.0 * float(np.std(wins, ddof=1) / np.sqrt(len(wins)))
+                            if len(wins) > 1 else 0.0),
         'chrf': sacrebleu.corpus_chrf(result['texts'], [references]).score,
         'bleu': sacrebleu.corpus_bleu(result['texts'], [references]).score,
         'mean_sentence_chrf': float(np.mean(result['chrf'])),
@@ -212,12 +218,13 @@ def _beta(workdir: str, family_name: str | None) -> float | None:
 
 
 def markdown(report) -> str:
-  head = ['model', 'beta', 'win rate vs SFT (judge, %)', 'chrF', 'BLEU', 'reward-model score',
-          'KL to SFT (nats)', 'response tokens']
+  head = ['model', 'beta', 'win rate vs SFT (judge, %, +- s.e.)', 'chrF', 'BLEU',
+          'reward-model score', 'KL to SFT (nats)', 'response tokens']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in report['rows']:
     lines.append('| ' + ' | '.join([
-        r['model'], '-' if r['beta'] is None else f'{r["beta"]:g}', f'{r["win_rate"]:.1f}',
+        r['model'], '-' if r['beta'] is None else f'{r["beta"]:g}',
+        f'{r["win_rate"]:.1f} +- {r.get("win_rate_stderr", 0.0):.1f}',
         f'{r["chrf"]:.2f}', f'{r["bleu"]:.2f}', f'{r["reward_score"]:.3f}', f'{r["kl"]:.3f}',
         f'{r["tokens"]:.1f}']) + ' |')
   return '\n'.join(lines) + '\n'
@@ -233,7 +240,8 @@ def plot(report, path: str) -> None:
                          (axes[1], 'mean_sentence_chrf', 'judge: sentence chrF (mean)')):
     for r in rows:
       ax.scatter(r['kl'], r[key], s=40)
-      ax.annotate(r['model'], (r['kl'], r[key]), textcoords='offset points', xytext=(5, 4),
+      name = r['model'] if r['beta'] is None else f'{r["model"]} ({r["beta"]:g})'
+      ax.annotate(name, (r['kl'], r[key]), textcoords='offset points', xytext=(5, 4),
                   fontsize=8)
     ax.set_xlabel('KL to the SFT reference (nats per response)')
     ax.set_ylabel(label)

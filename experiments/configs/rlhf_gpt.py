@@ -27,8 +27,8 @@ def get_config(arg: str | None = None):
   c.rlhf = dict(reward='', reference='', beta=0.1, clip=0.2, ppo_epochs=2, gae_lambda=0.95,
                 vf_coef=0.5, temperature=1.0, max_new_tokens=48, prompt_len=60)
   c.batch_size = 16
-  c.total_steps = c.optimizer.decay_steps = 40
-  c.optimizer.update(lr=5e-5, min_lr=5e-6, warmup_steps=4)
+  c.total_steps = c.optimizer.decay_steps = 100
+  c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=4)
   c.log_every = 5
   c.eval_every = 40
   c.checkpoint_every = 10
