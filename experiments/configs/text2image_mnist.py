@@ -7,8 +7,8 @@ are held out of training. UNet 16-32-64 channels at 28/14/7 pixels as ddpm_mnist
 the caption's mean token added to the time embedding; caption encoder: 2 pre-LN transformer
 blocks, width 64, 4 heads, 12 tokens, trained jointly. Cosine schedule, T = 1000, eps
 prediction; captions dropped to the null caption with p = 0.1 (classifier-free guidance); AdamW
-lr 1e-3 (100 warmup steps, cosine to 1e-5 over 3600 steps, the schedule of ddpm_mnist.py:cond),
-batch 64, 3600 steps, EMA 0.998; checkpoints every 600 steps (a stopped run resumes exactly).
+lr 1e-3 (100 warmup steps, cosine to 1e-5 over the run), batch 64, 6000 steps, EMA 0.998;
+checkpoints every 600 steps (a stopped run resumes exactly).
 
   Command:  python -m train --config=experiments/configs/text2image_mnist.py --workdir=/tmp/t2i
             python -m train.sample --workdir=/tmp/t2i --prompt="a thick, right-slanted seven" \
@@ -16,23 +16,25 @@ batch 64, 3600 steps, EMA 0.998; checkpoints every 600 steps (a stopped run resu
             python -m train.evaluate --workdir=/tmp/t2i --prompts=test \
               --classifier=workdirs/classifier_mnist [--clip=CLIP_RUN]
   Hardware: 2-core CPU (this project's CI machine; AMD Zen 4 host, cpu family 25).
-  Measured (December), the full 3600 steps (stopped by SIGTERM at step 3017 for lack of time
-  and resumed with the same command; resuming is exact): 95 min wall, 3375 s user + 942 s
-  system CPU time in the two parts (`nice -n 5 /usr/bin/time -v`; load average 5-9 from other
-  jobs; 1.0-1.8 s/step; train-step compile 90 s); eval_ema/loss 0.0385 at step 3600.
-  train.evaluate at step 3600 (--prompts=test --classifier=CLS --clip=CLIP --guidance=3
-  --num_samples=300 --steps=50 --batch=300; CLS the classifier_mnist.py run, 99.2% test
-  accuracy, CLIP the clip_mnist.py run; 264 s user + 26 s system CPU, 4.9 min wall, load 4-7):
-    seen:   attribute accuracy 0.940 (thickness 0.993, slant 0.887; both right 0.883; chance
-            0.417), label accuracy 0.863 (real images of the same captions: 0.997), Frechet
-            distance 24.2 (real 8.7), CLIP score 0.726 (real 0.782)
-    unseen: attribute accuracy 0.903 (thickness 1.000, slant 0.807), label accuracy 0.563
-            (real 0.997), Frechet distance 198 (real 231: three digits only), CLIP score 0.626
+  Measured (December): 6000 steps in 1 h 55 min wall, 5657 s user + 1601 s system CPU time
+  (`/usr/bin/time -v`; beside other jobs of this project, one training run at a time and for 11
+  min the test suite, for all but its last 20 min; 1.05-1.75 s/step shared, 0.81-0.83 alone);
+  eval_ema/loss 0.0379 / 0.0370 / 0.0367 at steps 3600 / 4800 / 6000. train.evaluate at step
+  6000 (--prompts=test --classifier=CLS --clip=CLIP --guidance=3 --num_samples=300 --steps=50
+  --batch=300; CLS the classifier_mnist.py run, 99.2% test accuracy, CLIP the clip_mnist.py
+  run; 292 s user + 30 s system CPU, 4.4 min wall, alone):
+    seen:   attribute accuracy 0.968 (thickness 0.990, slant 0.947; both right 0.937; chance
+            0.417), label accuracy 0.993 (real images of the same captions: 0.997), Frechet
+            distance 11.9 (real 8.7), CLIP score 0.786 (real 0.782)
+    unseen: attribute accuracy 0.945 (thickness 1.000, slant 0.890), label accuracy 0.987
+            (real 0.997), Frechet distance 276 (real 231: three digits only), CLIP score 0.797
             (real 0.791)
-  The issue's goals on seen combinations: attribute accuracy >= 80% is met; label accuracy
-  >= 90% is NOT (0.863). At step 3017 (`--config.total_steps=3017`, same evaluation) it was
-  0.807 at guidance 3 and 0.800 at guidance 5 (attribute accuracy 0.922 and 0.945): stronger
-  guidance sharpens the attributes, not the digit.
+  The issue's goals on seen combinations, label accuracy >= 90% and attribute accuracy >= 80%,
+  are met. The earlier 3600-step schedule (`--config.total_steps=3600
+  --config.optimizer.decay_steps=3600`; 95 min wall at load 5-9) gave label accuracy 0.863 and
+  attribute accuracy 0.940 on seen captions, 0.563 and 0.903 on unseen, with the same
+  evaluation: the digit needed the longer training, not a different sampler (experiments/
+  README.md has that run's guidance and DDIM-step rows).
 
 ARG `fashion_mnist`: the same on Fashion-MNIST (captions: brightness and texture).
 ARG `tiny`: 8-wide UNet, T = 100, a 1-block width-16 encoder, 20 steps of batch 16: a smoke run.
@@ -64,6 +66,7 @@ def get_config(arg: str | None = None):
   c.eval_every = 1200
   c.checkpoint_every = 600
   c.sample_every = 0
+  c.total_steps = c.optimizer.decay_steps = 6000
   if 'tiny' in args:
     c.total_steps = c.optimizer.decay_steps = 20
     c.eval_every = c.checkpoint_every = 10
