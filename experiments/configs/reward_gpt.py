@@ -10,7 +10,7 @@ validation pairs. First write the pairs from the SFT run (train/preferences.py):
                 --config.init_from=/tmp/sft --config.preferences.path=/tmp/pairs
 Hyperparameters were chosen, not tuned (AdamW lr 1e-4, cosine to lr/10, 600 steps of 32 pairs).
   Result:   on the 8400 pairs of experiments/README.md ("Alignment to preferences"; 8000 train,
-            192 validation pairs of <= 80 tokens), pairwise accuracy on the validation pairs
+            192 validation pairs: 6 eval batches of 32), pairwise accuracy on them
             0.646 / 0.620 / 0.599 at steps 200 / 400 / 600 (eval loss 0.649 / 0.632 / 0.636;
             the judge's noisy verdicts agree with the higher chrF in 76.4% of the pairs, about
             the best any model can score).
