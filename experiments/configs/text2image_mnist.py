@@ -18,7 +18,7 @@ checkpoints every 600 steps (a stopped run resumes exactly).
   Hardware: 2-core CPU (this project's CI machine; AMD Zen 4 host, cpu family 25).
   Measured (December): 6000 steps in 1 h 55 min wall, 5657 s user + 1601 s system CPU time
   (`/usr/bin/time -v`; beside other jobs of this project, one training run at a time and for 11
-  min the test suite, for all but its last 20 min; 1.05-1.75 s/step shared, 0.81-0.83 alone);
+  min the test suite, for all but its last 20 min; 0.78-0.95 s/step alone, up to 1.73 shared);
   eval_ema/loss 0.0379 / 0.0370 / 0.0367 at steps 3600 / 4800 / 6000. train.evaluate at step
   6000 (--prompts=test --classifier=CLS --clip=CLIP --guidance=3 --num_samples=300 --steps=50
   --batch=300; CLS the classifier_mnist.py run, 99.2% test accuracy, CLIP the clip_mnist.py
