@@ -150,3 +150,19 @@ def test_bad_inputs_are_one_line(tmp_path):
                         "config.loss='wasserstein'", 'unknown GAN loss', 'hinge')
   with pytest.raises(UserError, match='r1_gamma'):
     families.get('gan')(tiny_config(r1_gamma=-1.0))
+
+
+def test_truncated_latents_follow_the_truncated_normal():
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  from train.families import gan as gan_family  # pylint: disable=import-outside-toplevel
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(gan_family.latents(key, 4, 3), jax.random.normal(key, (4, 3)))
+  for t in (0.5, 1.5):
+    z = np.asarray(gan_family.latents(key, 20_000, 8, t)).ravel()
+    assert np.abs(z).max() <= t
+    # Against scipy's truncated normal: its variance and a Kolmogorov-Smirnov test.
+    np.testing.assert_allclose(z.var(), stats.truncnorm(-t, t).var(), rtol=0.02)
+    assert stats.kstest(z, stats.truncnorm(-t, t).cdf).pvalue > 1e-3
+  family = families.get('gan')(tiny_config())
+  with pytest.raises(UserError, match='--truncation=0'):
+    family.check_sample_options({'truncation': 0.0})

@@ -7,7 +7,8 @@ output.
   translation:     --prompt (a source sentence) --beam_size (1: greedy) --length_penalty
   RAG generator:   --prompt (a question) --retriever (dense | bm25 | none) --top_k (passages)
   image families:  --num_samples --labels (all | 3 | 1,7) --out (PNG path; default
-                   DIR/samples/sample.png), and for diffusion --sampler --steps --eta --guidance
+                   DIR/samples/sample.png), and for diffusion --sampler --steps --eta --guidance,
+                   for the GAN --truncation
   text2image:      --prompt (captions separated by ';') --num_samples (per prompt) --out
                    --sampler --steps --eta --guidance
 """
@@ -44,6 +45,8 @@ flags.DEFINE_string('sampler', None, 'Diffusion: reverse sampler name (e.g. ddpm
 flags.DEFINE_integer('steps', None, 'Diffusion: number of reverse steps.')
 flags.DEFINE_float('eta', None, 'Diffusion (DDIM): noise scale in [0, 1]; 0 is deterministic.')
 flags.DEFINE_float('guidance', None, 'Diffusion: classifier-free guidance scale w.')
+flags.DEFINE_float('truncation', None, 'GAN: the truncation trick (Brock et al. 2019): latents '
+                   'drawn from N(0, I) truncated to [-t, t] per coordinate (default: none).')
 flags.DEFINE_integer('beam_size', None, 'Translation: beam width (1: greedy search).')
 flags.DEFINE_float('length_penalty', None, 'Translation: GNMT length penalty alpha >= 0 of beam '
                    'search (0: raw log probability).')
@@ -51,7 +54,7 @@ flags.DEFINE_string('retriever', None, 'RAG generator: dense, bm25 or none (clos
                     'default the run\'s.')
 
 FAMILY_FLAGS = ('num_samples', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
-                'labels', 'out', 'sampler', 'steps', 'eta', 'guidance', 'beam_size',
+                'labels', 'out', 'sampler', 'steps', 'eta', 'guidance', 'truncation', 'beam_size',
                 'length_penalty', 'retriever')
 
 

@@ -26,6 +26,7 @@ from train.errors import UserError
 class GANFamily(images_lib.ImageFamily):
 
   name = 'gan'
+  sample_flags = images_lib.ImageFamily.sample_flags + ('truncation',)
 
   def __init__(self, config):
     super().__init__(config)
@@ -111,17 +112,35 @@ class GANFamily(images_lib.ImageFamily):
     return loss_d + loss_g, {'loss_d': loss_d, 'loss_g': loss_g, **metrics}
 
   # ---- sampling ----
-  def generate_images(self, models, rng, num, labels=None, **options) -> np.ndarray:
-    """Generator samples (the EMA generator where the run kept one), uint8 [num, H, W, C]."""
+  def check_sample_options(self, options):
+    t = options.get('truncation')
+    if t is not None and not t > 0:
+      raise UserError(f'--truncation={t}: must be > 0 (latent coordinates kept in [-t, t])')
+    return options
+
+  def generate_images(self, models, rng, num, labels=None, truncation=None,
+                      **options) -> np.ndarray:
+    """Generator samples (the EMA generator where the run kept one), uint8 [num, H, W, C];
+    `truncation` t: latents from N(0, I) truncated to [-t, t] per coordinate (None: untruncated)."""
     if labels is None:
       labels = self.default_labels(num)
     return images_lib.to_uint8(_generate(models['generator'], rng, num,
-                                         None if labels is None else jnp.asarray(labels)))
+                                         None if labels is None else jnp.asarray(labels),
+                                         None if truncation is None else float(truncation)))
 
 
-def _fake(generator: gan_lib.Generator, key: jax.Array, num: int, labels) -> jax.Array:
-  """[num, H, W, C] generator samples of z ~ N(0, I)."""
-  return generator(jax.random.normal(key, (num, generator.z_dim)), labels)
+def latents(key: jax.Array, num: int, z_dim: int, truncation: float | None = None) -> jax.Array:
+  """[num, z_dim] z ~ N(0, I); with `truncation` t, each coordinate from the standard normal
+  conditioned on |z_i| <= t (BigGAN's truncation trick, Brock et al. 2019, section 3.1)."""
+  if truncation is None:
+    return jax.random.normal(key, (num, z_dim))
+  return jax.random.truncated_normal(key, -truncation, truncation, (num, z_dim))
 
 
-_generate = nnx.jit(_fake, static_argnums=2)
+def _fake(generator: gan_lib.Generator, key: jax.Array, num: int, labels,
+          truncation: float | None = None) -> jax.Array:
+  """[num, H, W, C] generator samples of `latents(key, num, z_dim, truncation)`."""
+  return generator(latents(key, num, generator.z_dim, truncation), labels)
+
+
+_generate = nnx.jit(_fake, static_argnums=(2, 4))
