@@ -6,15 +6,22 @@ non-saturating loss with an R1 penalty (gamma 1) on real images; Adam lr 2e-4, b
 players; batch 64, 16k steps (17 epochs); samples from an EMA (0.999) of the generator.
   Command:  python -m train --config=experiments/configs/gan_mnist.py --workdir=/tmp/gan_mnist
             python -m train.evaluate --workdir=/tmp/gan_mnist --classifier=workdirs/classifier_mnist
-  Hardware: 2-core CPU (this project's CI machine), shared (load average 6-10 during the run).
-  Runtime:  about 33 min wall (30 min of logged step time, 90-160 ms/step).
+  Hardware: 2-core CPU (this project's CI machine), AMD Zen 4 host (cpu family 25), quiet.
+  Runtime:  39.7 min wall, 3893 s user + 22 s system CPU (`/usr/bin/time -v`; 140-155 ms/step).
   Result:   at step 16000 (10k EMA samples, the MNIST classifier's features): Frechet distance
-            33.2 (real train vs test: 0.83), precision 0.415, recall 0.797, 65.4% of samples
-            classified with confidence > 0.9, all 10 classes covered (evenness 0.989). The
-            share was still rising (44% at 4k steps, 55% at 6.5k, 62% at 12k): this small,
-            batch-norm-free DCGAN does not reach the 80% goal in this budget. A 1024-unit
-            dense layer at the generator's input (InfoGAN's MNIST generator, without its batch
-            norm) mode-collapsed by step 2000.
+            35.5 (real train vs test: 0.81), precision 0.409, recall 0.806, 64.9% of samples
+            classified with confidence > 0.9, all 10 classes covered (evenness 0.990). (An
+            earlier run on a busier host, with its own classifier run: FD 33.2, precision
+            0.415, recall 0.797, 65.4%: XLA's CPU kernels differ between hosts, so do runs.)
+            There the share was still rising (44% at 4k steps, 55% at 6.5k, 62% at 12k): this
+            small, batch-norm-free DCGAN does not reach the 80% goal in this budget. A
+            1024-unit dense layer at the generator's input (InfoGAN's MNIST generator, without
+            its batch norm) mode-collapsed by step 2000.
+            The truncation trick does not help here: `train.evaluate ... --truncation=1.0`
+            gives precision 0.651, recall 0.501, FD 61.3 and 58.8% confident (evenness 0.978);
+            --truncation=0.5 precision 0.904, recall 0.108, FD 138.5 and 43.4% confident
+            (0.923): samples from latents nearer the origin are more alike (precision up,
+            recall down) but less often confidently one digit.
 
 ARG `hinge`: the hinge loss instead of the non-saturating one.
 ARG `conditional`: class-conditional generator (label embedding concatenated to z) and
