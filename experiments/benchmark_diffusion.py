@@ -11,7 +11,7 @@ For 64 MNIST images at 28x28 (the class-conditional `ddpm_mnist.py:cond` model):
 other scale runs a doubled batch (conditional + null labels), about half the images/s.
 Sampling speed does not depend on the weights: freshly initialised params are used.
 
-  TFDS_DATA_DIR=... python -m experiments.benchmark_diffusion
+  TFDS_DATA_DIR=... python -m experiments.benchmark_diffusion [--nosample] [--chunks=3]
 
 Run it 3 times, one benchmark at a time, and report the median.
 """
@@ -38,6 +38,8 @@ _BATCH = flags.DEFINE_integer('batch', 64, 'Images per train step and per sample
 _STEPS = flags.DEFINE_integer('train_steps', 5, 'Train steps per timed chunk.')
 _CHUNKS = flags.DEFINE_integer('chunks', 3, 'Timed train chunks (the median is reported).')
 _GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale of sampling.')
+_SAMPLE = flags.DEFINE_bool('sample', True, 'Also time DDIM-50 and DDPM-1000 sampling '
+                            '(--nosample: the train step alone).')
 
 
 def cost_flops(compiled) -> float:
@@ -102,12 +104,14 @@ def main(argv):
   family.setup_data(0, 1)
   peak = metrics_lib.matmul_peak_flops(jax.devices()[:1])
   train, models = bench_train(config, family, peak)
-  ddim = bench_sample(family, models, 'ddim', 50, peak)
-  ddpm = bench_sample(family, models, 'ddpm', config.diffusion.num_steps, peak)
   print(f'matmul peak (f32, 1 device) {peak / 1e9:.1f} GFLOP/s')
   print(f'train: batch {config.batch_size}, {train["ms_per_step"]:.0f} ms/step | '
         f'{train["images_per_s"]:.1f} images/s | {train["gflops_per_step"]:.2f} GFLOP/step '
         f'(XLA) | MFU {100 * train["mfu"]:.1f}% | compile {train["compile_s"]:.0f}s')
+  if not _SAMPLE.value:
+    return
+  ddim = bench_sample(family, models, 'ddim', 50, peak)
+  ddpm = bench_sample(family, models, 'ddpm', config.diffusion.num_steps, peak)
   for name, r in (('DDIM-50', ddim), ('DDPM-1000', ddpm)):
     print(f'{name}: {_BATCH.value} images in {r["seconds"]:.2f}s | {r["images_per_s"]:.2f} '
           f'images/s | MFU {100 * r["mfu"]:.1f}% | compile {r["compile_s"]:.0f}s')
