@@ -7,12 +7,12 @@ players; batch 64, 16k steps (17 epochs); samples from an EMA (0.999) of the gen
   Command:  python -m train --config=experiments/configs/gan_mnist.py --workdir=/tmp/gan_mnist
             python -m train.evaluate --workdir=/tmp/gan_mnist --classifier=workdirs/classifier_mnist
   Hardware: 2-core CPU (this project's CI machine), AMD Zen 4 host (cpu family 25), quiet.
-  Runtime:  39.7 min wall, 3893 s user + 22 s system CPU (`/usr/bin/time -v`; 140-155 ms/step).
+  Runtime:  39.7 min wall, 3893 s user + 22 s system CPU (`/usr/bin/time -v`; 128-169 ms/step).
   Result:   at step 16000 (10k EMA samples, the MNIST classifier's features): Frechet distance
             35.5 (real train vs test: 0.81), precision 0.409, recall 0.806, 64.9% of samples
             classified with confidence > 0.9, all 10 classes covered (evenness 0.990). (An
             earlier run on a busier host, with its own classifier run: FD 33.2, precision
-            0.415, recall 0.797, 65.4%: XLA's CPU kernels differ between hosts, so do runs.)
+            0.415, recall 0.797, 65.4%: runs on different hosts need not agree to the digit.)
             There the share was still rising (44% at 4k steps, 55% at 6.5k, 62% at 12k): this
             small, batch-norm-free DCGAN does not reach the 80% goal in this budget. A
             1024-unit dense layer at the generator's input (InfoGAN's MNIST generator, without
