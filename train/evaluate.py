@@ -59,6 +59,7 @@ from absl import flags
 from flax import nnx
 
 from models import inception as inception_lib
+from models import rngs as rngs_lib
 from train import cli
 from train import data as data_lib
 from train import image_metrics
@@ -175,7 +176,7 @@ class InceptionFeatures:
       raise UserError(f'--inception_weights={weights}: no such file')
     self.weights = weights
     # Built abstractly: every array comes from the file (an eager init takes a minute on CPU).
-    model = nnx.eval_shape(lambda: inception_lib.InceptionV3(rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: inception_lib.InceptionV3(rngs=rngs_lib.rngs(0)))
     try:
       graphdef, state = nnx.split(inception_lib.load_torch_npz(model, weights))
     except ValueError as e:

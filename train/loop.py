@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from models import rngs as rngs_lib
 from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import families
@@ -173,7 +174,7 @@ class StateBuilder:
     self.pruning.check(self.abstract['params'], self.optimizers)
 
   def _init(self, key: jax.Array) -> dict[str, Any]:
-    models = self.family.make_models(nnx.Rngs(key))
+    models = self.family.make_models(rngs_lib.rngs(key))
     # LoRA adapters draw from their own key: the base params are those of a run without them.
     # Only trained networks get them (a frozen teacher or reference stays as its run has it).
     tune.apply_lora({n: m for n, m in models.items() if n in self.optimizers}, self.config,

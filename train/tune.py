@@ -36,6 +36,7 @@ from flax import nnx
 
 from models import lora as lora_lib
 from models import quantize as quantize_lib
+from models import rngs as rngs_lib
 from train import sharding as sharding_lib
 from train import storage
 from train.errors import UserError
@@ -72,7 +73,7 @@ def apply_lora(models: dict[str, nnx.Module], config: ml_collections.ConfigDict,
     re.compile(lora.targets)
   except re.error as e:
     raise UserError(f'config.lora.targets={lora.targets!r}: bad regex ({e})') from None
-  rngs = nnx.Rngs(key)
+  rngs = rngs_lib.rngs(key)
   wrapped, linears = [], []
   for name, model in models.items():
     linears += lora_lib.linear_paths(model, name)
