@@ -9,7 +9,9 @@ The run shares one persistent JAX compilation cache (a temporary directory, dele
 between its xdist workers and the processes the command-line tests start: many tests compile
 the same tiny programs (a run and its resume, a train run and `train.sample`), and a process
 that finds a program in the cache reads it back instead of compiling it again. A
-JAX_COMPILATION_CACHE_DIR already in the environment is used as is and kept.
+JAX_COMPILATION_CACHE_DIR already in the environment is used as is and kept. The same goes for
+GENLAB_CACHE_DIR (`train.data.load_images`): MNIST is decoded once for the whole run, not once
+in every worker and command-line process that reads it (~10 s each on a 2-core host).
 
 The command-line tests' processes also start with `train.cli.MALLOC_TUNABLES` in
 GLIBC_TUNABLES, so they run with the malloc settings every entry point sets for itself without
@@ -49,6 +51,11 @@ if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
+_OWN_IMAGE_CACHE = None
+if not os.environ.get('GENLAB_CACHE_DIR'):
+  _OWN_IMAGE_CACHE = tempfile.mkdtemp(prefix='genlab-tests-image-cache-')
+  os.environ['GENLAB_CACHE_DIR'] = _OWN_IMAGE_CACHE
+
 if 'glibc.malloc.mmap_threshold' not in os.environ.get('GLIBC_TUNABLES', ''):
   os.environ['GLIBC_TUNABLES'] = ':'.join(
       filter(None, [os.environ.get('GLIBC_TUNABLES'), MALLOC_TUNABLES]))
@@ -71,8 +78,9 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
   del config
-  if _OWN_COMPILATION_CACHE:
-    shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
+  for own in (_OWN_COMPILATION_CACHE, _OWN_IMAGE_CACHE):
+    if own:
+      shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -85,6 +85,57 @@ def test_load_mnist():
     data_lib.load_images('tiny_shakespeare')
 
 
+@pytest.mark.skipif(not os.environ.get('TFDS_DATA_DIR'), reason='needs TFDS_DATA_DIR with mnist')
+def test_decoded_images_are_read_back_from_the_cache_dir(tmp_path, monkeypatch):
+  decoded = data_lib.load_images('mnist')   # this process's copy
+  monkeypatch.setenv(data_lib.CACHE_DIR_VARIABLE, str(tmp_path))
+  monkeypatch.setattr(data_lib, '_IMAGE_CACHE', {})
+  path = data_lib._decoded_cache_file('mnist', tfds.builder('mnist').data_dir)
+  assert os.path.dirname(path) == str(tmp_path)
+  data_lib._write_decoded(path, decoded)
+
+  def no_decoding(encoded):
+    raise AssertionError('decoded a PNG although the cache holds the dataset')
+  monkeypatch.setattr(data_lib, '_decode_png', no_decoding)
+  cached = data_lib.load_images('mnist')
+  assert sorted(cached) == sorted(decoded) == ['test', 'train']
+  assert cached.class_names == decoded.class_names
+  for split in cached:
+    for ours, theirs in zip(cached[split], decoded[split]):
+      assert ours.dtype == theirs.dtype
+      np.testing.assert_array_equal(ours, theirs)
+  # The reference: TFDS's own decoding of the first test records.
+  reference = data_lib.load_source('mnist')['test']
+  np.testing.assert_array_equal(cached['test'][0][:20, ..., 0],
+                                np.stack([reference[i]['image'][..., 0] for i in range(20)]))
+
+  # An unreadable cache file is decoded again, not an error.
+  with open(path, 'wb') as f:
+    f.write(b'not an npz')
+  monkeypatch.setattr(data_lib, '_IMAGE_CACHE', {})
+  with pytest.raises(AssertionError, match='decoded a PNG'):
+    data_lib.load_images('mnist')
+
+
+def test_decoded_image_cache_follows_the_prepared_files(tmp_path, monkeypatch):
+  prepared = tmp_path / 'mnist' / '3.0.1'
+  prepared.mkdir(parents=True)
+  (prepared / 'mnist-train.array_record-00000-of-00001').write_bytes(b'x' * 10)
+  cache = tmp_path / 'cache'
+  monkeypatch.delenv(data_lib.CACHE_DIR_VARIABLE, raising=False)
+  assert data_lib._decoded_cache_file('mnist', str(prepared)) is None   # no cache asked for
+  monkeypatch.setenv(data_lib.CACHE_DIR_VARIABLE, str(cache))
+  with pytest.raises(UserError, match=f'GENLAB_CACHE_DIR={cache}: no such directory'):
+    data_lib._decoded_cache_file('mnist', str(prepared))
+  cache.mkdir()
+  first = data_lib._decoded_cache_file('mnist', str(prepared))
+  assert first == data_lib._decoded_cache_file('mnist', str(prepared))
+  assert os.path.basename(first).startswith('mnist-3.0.1-') and first.endswith('.npz')
+  (prepared / 'mnist-train.array_record-00000-of-00001').write_bytes(b'y' * 11)   # re-prepared
+  assert data_lib._decoded_cache_file('mnist', str(prepared)) != first
+  assert data_lib._decoded_cache_file('mnist', 'gs://bucket/mnist/3.0.1') is None
+
+
 def test_images_decode_like_tfds_without_its_opencv_warning(capfd):
   # Reads the test split directly (load_images caches per process, and TFDS warns only once).
   source = data_lib.load_source('mnist', decoders={'image': tfds.decode.SkipDecoding()})['test']
