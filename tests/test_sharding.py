@@ -142,6 +142,28 @@ def test_checkpoint_from_8_devices_restores_on_4_and_continues(tmp_path):
                              [full.step_losses[s] for s in (4, 5, 6)], rtol=1e-5)
 
 
+def test_replicated_arrays_are_saved_unsliced_in_one_process(tmp_path, monkeypatch):
+  # Orbax's replica-parallel saving would slice each replicated array once per device (one
+  # compiled slice each); in one process the checkpoint is written from one replica instead.
+  slices = []
+  real = jax.lax.slice_in_dim
+  monkeypatch.setattr(jax.lax, 'slice_in_dim', lambda *a, **k: slices.append(1) or real(*a, **k))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  split = jax.sharding.NamedSharding(mesh, P('data'))
+  rng = np.random.default_rng(0)
+  state = {'w': jax.device_put(rng.standard_normal((64, 32), np.float32), replicated),
+           'b': jax.device_put(rng.standard_normal((16, 4), np.float32), split)}
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  checkpointer.save(1, state, {'data_step': 1})
+  restored, meta = checkpointer.restore(1, ckpt_lib.abstract_with_shardings(
+      jax.eval_shape(lambda: state), {'w': replicated, 'b': split}))
+  checkpointer.close()
+  assert len(jax.devices()) == 8 and not slices
+  assert meta['data_step'] == 1 and restored['w'].sharding == replicated
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+
 # ---------------------------------------------------------------------------- rules and errors
 
 
