@@ -166,3 +166,30 @@ def test_truncated_latents_follow_the_truncated_normal():
   family = families.get('gan')(tiny_config())
   with pytest.raises(UserError, match='--truncation=0'):
     family.check_sample_options({'truncation': 0.0})
+
+
+def test_best_of_keeps_the_candidate_the_discriminator_scores_highest():
+  from train.families import gan as gan_family  # pylint: disable=import-outside-toplevel
+  shape, z_dim, k, num = (8, 8, 1), 16, 5, 6
+  generator = gan_lib.Generator(image_shape=shape, z_dim=z_dim, channels=4, num_classes=3,
+                                rngs=nnx.Rngs(0))
+  discriminator = gan_lib.Discriminator(image_shape=shape, channels=4, num_classes=3,
+                                        rngs=nnx.Rngs(1))
+  key, labels = jax.random.key(2), jnp.array([0, 1, 2, 2, 1, 0])
+  got = np.asarray(gan_family.discriminator_best_of(generator, discriminator, key, num, labels,
+                                                    None, k))
+  # Reference: the num * k candidates, each scored on its own, the best of each run of k.
+  z = jax.random.normal(key, (num * k, z_dim))
+  for i in range(num):
+    label = labels[i:i + 1]
+    candidates = [generator(z[j:j + 1], label) for j in range(i * k, i * k + k)]
+    scores = [float(discriminator(c, label)[0]) for c in candidates]
+    assert len(set(scores)) == k   # a real choice
+    np.testing.assert_allclose(got[i], candidates[int(np.argmax(scores))][0], atol=1e-5)
+  # k = 1 is plain sampling.
+  np.testing.assert_array_equal(
+      gan_family.discriminator_best_of(generator, discriminator, key, num, labels, None, 1),
+      gan_family._fake(generator, key, num, labels))  # pylint: disable=protected-access
+  family = families.get('gan')(tiny_config())
+  with pytest.raises(UserError, match='--best_of=0: must be >= 1'):
+    family.check_sample_options({'best_of': 0})

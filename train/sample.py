@@ -8,7 +8,7 @@ output.
   RAG generator:   --prompt (a question) --retriever (dense | bm25 | none) --top_k (passages)
   image families:  --num_samples --labels (all | 3 | 1,7) --out (PNG path; default
                    DIR/samples/sample.png), and for diffusion --sampler --steps --eta --guidance,
-                   for the GAN --truncation
+                   for the GAN --truncation --best_of
   text2image:      --prompt (captions separated by ';') --num_samples (per prompt) --out
                    --sampler --steps --eta --guidance
 """
@@ -47,6 +47,8 @@ flags.DEFINE_float('eta', None, 'Diffusion (DDIM): noise scale in [0, 1]; 0 is d
 flags.DEFINE_float('guidance', None, 'Diffusion: classifier-free guidance scale w.')
 flags.DEFINE_float('truncation', None, 'GAN: the truncation trick (Brock et al. 2019): latents '
                    'drawn from N(0, I) truncated to [-t, t] per coordinate (default: none).')
+flags.DEFINE_integer('best_of', None, 'GAN: each image is the one of this many generator '
+                     'samples that the discriminator scores highest (default 1: no selection).')
 flags.DEFINE_integer('beam_size', None, 'Translation: beam width (1: greedy search).')
 flags.DEFINE_float('length_penalty', None, 'Translation: GNMT length penalty alpha >= 0 of beam '
                    'search (0: raw log probability).')
@@ -54,8 +56,8 @@ flags.DEFINE_string('retriever', None, 'RAG generator: dense, bm25 or none (clos
                     'default the run\'s.')
 
 FAMILY_FLAGS = ('num_samples', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
-                'labels', 'out', 'sampler', 'steps', 'eta', 'guidance', 'truncation', 'beam_size',
-                'length_penalty', 'retriever')
+                'labels', 'out', 'sampler', 'steps', 'eta', 'guidance', 'truncation', 'best_of',
+                'beam_size', 'length_penalty', 'retriever')
 
 
 def family_options(family) -> dict:

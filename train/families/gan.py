@@ -9,6 +9,12 @@ config.loss: 'non_saturating' | 'hinge'; config.r1_gamma: weight of the R1 penal
 gamma/2 E||grad_x D(x)||^2 on real images (0: off); config.model: z_dim, g_channels,
 d_channels, g_refine, d_refine (extra 3x3 convs), g_norm (none|pixel); config.conditional:
 class-conditional generator and projection discriminator.
+
+Sampling (`train.sample`, `train.evaluate`): --truncation (the truncation trick) and --best_of K:
+each image is the one of K generator samples (same label) that the discriminator scores highest,
+a deterministic form of discriminator rejection sampling (Azadi et al. 2019, "Discriminator
+Rejection Sampling"): the discriminator is the run's own (its EMA where the run kept one), so
+it costs K generator and discriminator passes per image and no training.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from train.errors import UserError
 class GANFamily(images_lib.ImageFamily):
 
   name = 'gan'
-  sample_flags = images_lib.ImageFamily.sample_flags + ('truncation',)
+  sample_flags = images_lib.ImageFamily.sample_flags + ('truncation', 'best_of')
 
   def __init__(self, config):
     super().__init__(config)
@@ -116,17 +122,28 @@ class GANFamily(images_lib.ImageFamily):
     t = options.get('truncation')
     if t is not None and not t > 0:
       raise UserError(f'--truncation={t}: must be > 0 (latent coordinates kept in [-t, t])')
+    k = options.get('best_of')
+    if k is not None and k < 1:
+      raise UserError(f'--best_of={k}: must be >= 1 (generator samples per image; 1: no '
+                      'selection)')
     return options
 
-  def generate_images(self, models, rng, num, labels=None, truncation=None,
+  def generate_images(self, models, rng, num, labels=None, truncation=None, best_of=None,
                       **options) -> np.ndarray:
     """Generator samples (the EMA generator where the run kept one), uint8 [num, H, W, C];
-    `truncation` t: latents from N(0, I) truncated to [-t, t] per coordinate (None: untruncated)."""
+    `truncation` t: latents from N(0, I) truncated to [-t, t] per coordinate (None: untruncated);
+    `best_of` K > 1: each image the discriminator's highest-scored of K samples
+    (`discriminator_best_of`)."""
     if labels is None:
       labels = self.default_labels(num)
-    return images_lib.to_uint8(_generate(models['generator'], rng, num,
-                                         None if labels is None else jnp.asarray(labels),
-                                         None if truncation is None else float(truncation)))
+    labels = None if labels is None else jnp.asarray(labels)
+    truncation = None if truncation is None else float(truncation)
+    if best_of is not None and best_of > 1:
+      images = _generate_best_of(models['generator'], models['discriminator'], rng, num, labels,
+                                 truncation, int(best_of))
+    else:
+      images = _generate(models['generator'], rng, num, labels, truncation)
+    return images_lib.to_uint8(images)
 
 
 def latents(key: jax.Array, num: int, z_dim: int, truncation: float | None = None) -> jax.Array:
@@ -144,3 +161,19 @@ def _fake(generator: gan_lib.Generator, key: jax.Array, num: int, labels,
 
 
 _generate = nnx.jit(_fake, static_argnums=(2, 4))
+
+
+def discriminator_best_of(generator: gan_lib.Generator, discriminator: gan_lib.Discriminator,
+                          key: jax.Array, num: int, labels, truncation: float | None,
+                          k: int) -> jax.Array:
+  """[num, H, W, C]: image i is the one of the generator samples k*i .. k*i+k-1 of
+  `_fake(generator, key, num * k, labels repeated k times, truncation)` with the highest
+  discriminator logit. k = 1 is `_fake(generator, key, num, labels, truncation)`."""
+  repeated = None if labels is None else jnp.repeat(labels, k)
+  candidates = _fake(generator, key, num * k, repeated, truncation)
+  scores = discriminator(candidates, repeated).reshape(num, k)
+  candidates = candidates.reshape((num, k) + candidates.shape[1:])
+  return candidates[jnp.arange(num), jnp.argmax(scores, axis=1)]
+
+
+_generate_best_of = nnx.jit(discriminator_best_of, static_argnums=(3, 5, 6))
