@@ -8,7 +8,7 @@ for the MNIST UNet of `experiments/configs/ddpm_mnist.py` that is seconds per tr
 command traces an init twice: `jax.eval_shape`, then the jitted init). `rngs()` below avoids it.
 
 `rngs(key)` is `nnx.Rngs(key)` whose streams count with a plain `set_value`: the same keys in the
-same order (tests/test_layers.py checks params, eagerly and under jit, against `nnx.Rngs`).
+same order (tests/test_rngs.py checks params, eagerly and under jit, against `nnx.Rngs`).
 """
 
 from __future__ import annotations

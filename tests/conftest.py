@@ -25,6 +25,13 @@ takes about a third less CPU (the whole suite with -n 2: ~2,400 -> 1,601 s of us
 test_diffusion's train/resume/sample test alone: 156 -> 97 s).
 Every equality a test asserts holds between programs compiled the same way; set the variable
 to 0 to run the suite with the optimizations users get.
+
+Under pytest-xdist (setup.cfg adds `--dist loadgroup`), the tests that share a module- or
+session-scoped fixture of this suite (e.g. a small training run that several tests read) are
+marked with one `xdist_group`, so they run on one worker and the fixture is made once, not
+once per worker that happens to get one of its tests; every other test is dealt out one at a
+time. pytest 9.2 broke xdist's grouping (pytest-xdist issue #1386: the marks are silently
+ignored), hence the `pytest<9.2` of setup.cfg's test extra.
 """
 
 import os
@@ -81,6 +88,35 @@ def pytest_unconfigure(config):
   for own in (_OWN_COMPILATION_CACHE, _OWN_IMAGE_CACHE):
     if own:
       shutil.rmtree(own, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (with --dist loadgroup)
+def pytest_collection_modifyitems(config, items):
+  """One xdist_group per set of tests linked by the module- or session-scoped fixtures of this
+  suite that they use (connected components: a test using two such fixtures joins their sets)."""
+  del config
+  parent = {}
+
+  def root(key):
+    while parent.setdefault(key, key) != key:
+      key = parent[key]
+    return key
+
+  linked = []
+  for item in items:
+    info = getattr(item, '_fixtureinfo', None)
+    keys = []
+    for name, definitions in (info.name2fixturedefs.items() if info else ()):
+      definition = definitions[-1]
+      if definition.baseid and definition.scope in ('module', 'session'):  # ours, not pytest's
+        owner = item.module.__name__ if definition.scope == 'module' else definition.baseid
+        keys.append(f'{owner}.{name}')
+    for key in keys[1:]:
+      parent[root(key)] = root(keys[0])
+    linked.append((item, keys))
+  for item, keys in linked:
+    if keys:
+      item.add_marker(pytest.mark.xdist_group(root(keys[0])))
 
 
 @pytest.fixture(scope='session')
