@@ -142,7 +142,7 @@ def test_checkpoint_from_8_devices_restores_on_4_and_continues(tmp_path):
                              [full.step_losses[s] for s in (4, 5, 6)], rtol=1e-5)
 
 
-def test_replicated_arrays_are_saved_unsliced_in_one_process(tmp_path, monkeypatch):
+def test_replicated_arrays_are_saved_unsliced_in_one_process(tmp_path, monkeypatch, caplog):
   # Orbax's replica-parallel saving would slice each replicated array once per device (one
   # compiled slice each); in one process the checkpoint is written from one replica instead.
   slices = []
@@ -154,7 +154,10 @@ def test_replicated_arrays_are_saved_unsliced_in_one_process(tmp_path, monkeypat
   rng = np.random.default_rng(0)
   state = {'w': jax.device_put(rng.standard_normal((64, 32), np.float32), replicated),
            'b': jax.device_put(rng.standard_normal((16, 4), np.float32), split)}
-  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  monkeypatch.setattr(ckpt_lib, '_replica_parallel', None)   # as in a new process
+  with caplog.at_level('WARNING'):
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  assert not [r for r in caplog.records if 'overriding' in r.getMessage()]  # nothing to the user
   checkpointer.save(1, state, {'data_step': 1})
   restored, meta = checkpointer.restore(1, ckpt_lib.abstract_with_shardings(
       jax.eval_shape(lambda: state), {'w': replicated, 'b': split}))

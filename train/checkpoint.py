@@ -26,17 +26,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint._src.metadata import array_metadata_store as ocp_array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry as ocp_registry
 
 from train import storage
 from train.errors import UserError
 
 
+_replica_parallel = None  # what the registered jax.Array handler does (None: Orbax's default)
+
+
 def _register_array_handler() -> None:
-  """jax.Array's Orbax handler as Orbax registers it, replica-parallel only across processes."""
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(
-          array_metadata_store=ocp_array_metadata_store.Store(),
-          use_replica_parallel=jax.process_count() > 1), override=True)
+  """jax.Array's Orbax handler as Orbax registers it, replica-parallel only across processes
+  (registered once per process, without Orbax's warning about replacing its default)."""
+  global _replica_parallel
+  wanted = jax.process_count() > 1
+  if _replica_parallel is not wanted:
+    ocp_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            array_metadata_store=ocp_array_metadata_store.Store(), use_replica_parallel=wanted),
+        override=True, ignore_warnings=True)
+    _replica_parallel = wanted
 
 
 class Checkpointer:
