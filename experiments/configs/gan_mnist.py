@@ -22,6 +22,16 @@ players; batch 64, 16k steps (17 epochs); samples from an EMA (0.999) of the gen
             --truncation=0.5 precision 0.904, recall 0.108, FD 138.5 and 43.4% confident
             (0.923): samples from latents nearer the origin are more alike (precision up,
             recall down) but less often confidently one digit.
+            Discriminator-ranked selection does reach the share, at sampling time:
+            `train.evaluate ... --best_of=K` keeps, for each image, the one of K generator
+            samples the run's discriminator scores highest. Measured on an Intel Xeon host
+            (cpu family 6), where the default command (trained in three resumed segments)
+            gave the earlier run's figures to the digit (K=1: FD 33.2, precision 0.415,
+            recall 0.797, 65.4%, evenness 0.989): K=4: FD 22.7, precision 0.399, recall
+            0.795, 76.5% confident, evenness 0.979; K=10: FD 22.2, precision 0.400, recall
+            0.781, **80.9% confident**, 10/10 classes, evenness 0.970 (10k images in 56 s
+            against 30 s for K=1, the evaluation included). The generator's own samples stay
+            at 65%: selection costs K generator and discriminator passes per image.
 
 ARG `hinge`: the hinge loss instead of the non-saturating one.
 ARG `conditional`: class-conditional generator (label embedding concatenated to z) and
