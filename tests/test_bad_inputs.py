@@ -85,6 +85,17 @@ def test_get_config_must_return_a_config_dict(tmp_path):
   one_line(e, 'returned a NoneType, not an ml_collections.ConfigDict')
 
 
+@pytest.mark.parametrize('arg, fragment', [
+    ('long,tiny', 'long and tiny together'),
+    ('cond,longer', "unknown ARG ['longer']"),
+])
+def test_config_args_that_contradict_or_do_not_exist(arg, fragment):
+  path = os.path.join(ROOT, 'experiments/configs/ddpm_mnist.py')
+  with pytest.raises(UserError) as e:
+    config_lib.load(f'{path}:{arg}')
+  one_line(e, f'rejects argument {arg!r}', fragment)
+
+
 def test_none_only_for_optional_keys():
   config = gpt_shakespeare.get_config('tiny')
   with pytest.raises(UserError) as e:
