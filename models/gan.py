@@ -8,6 +8,10 @@ No batch norm: it would couple the examples of a batch and leave running statist
 EMA weights; the R1 penalty (Mescheder et al. 2018) stabilises training instead.
 Class-conditional: the generator concatenates a label embedding to z; the discriminator adds the
 projection term <embed(y), features> (Miyato & Koyama 2018).
+Latent codes (InfoGAN, Chen et al. 2016): an unconditional generator can take a categorical code
+c in [0, codes) the same way (an embedding concatenated to z), and the discriminator then has a
+second head, Q: logits over the codes from the same features, with which training maximises a
+lower bound on the mutual information between c and G(z, c) (`info_loss`). No labels are used.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ def pixel_norm(x: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 class Generator(nnx.Module):
   """`refine`: extra 3x3 convs (ReLU) at the H/4 and H/2 resolutions (depth where it is cheap);
-  `norm`: 'none' or 'pixel' (pixel norm after every hidden ReLU)."""
+  `norm`: 'none' or 'pixel' (pixel norm after every hidden ReLU); `num_classes`: the class labels
+  of a conditional generator, or the number of InfoGAN codes (the generator treats both alike)."""
 
   def __init__(self, *, image_shape: tuple[int, int, int], z_dim: int = 64, channels: int = 32,
                num_classes: int = 0, refine: int = 0, norm: str = 'none', dtype=jnp.float32,
@@ -77,7 +82,9 @@ class Discriminator(nnx.Module):
   """`refine`: extra 3x3 convs (2c, LeakyReLU) at the H/4 resolution before the dense layer."""
 
   def __init__(self, *, image_shape: tuple[int, int, int], channels: int = 32,
-               num_classes: int = 0, refine: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+               num_classes: int = 0, refine: int = 0, codes: int = 0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    """`codes` > 0: InfoGAN's Q head, logits over that many latent codes (`with_code_logits`)."""
     h, w, c = image_shape
     kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.conv1 = nnx.Conv(c, channels, (4, 4), strides=2, **kw)
@@ -87,18 +94,33 @@ class Discriminator(nnx.Module):
     features = -(-h // 4) * -(-w // 4) * 2 * channels
     self.fc = nnx.Linear(features, 1, **kw)
     self.embed = nnx.Embed(num_classes, features, **kw) if num_classes else None
+    self.q = nnx.Linear(features, codes, **kw) if codes else None
 
-  def __call__(self, x: jax.Array, labels: jax.Array | None = None) -> jax.Array:
-    """[batch, H, W, C] images in [-1, 1] -> [batch] logits (high: real)."""
+  def _features(self, x: jax.Array) -> jax.Array:
     h = jax.nn.leaky_relu(self.conv1(x), 0.2)
     h = jax.nn.leaky_relu(self.conv2(h), 0.2)
     for layer in self.refine:
       h = jax.nn.leaky_relu(layer(h), 0.2)
-    h = h.reshape(x.shape[0], -1)
+    return h.reshape(x.shape[0], -1)
+
+  def _logits(self, h: jax.Array, labels: jax.Array | None) -> jax.Array:
     logits = self.fc(h)[:, 0].astype(jnp.float32)
     if self.embed is not None:
       logits += jnp.sum(self.embed(labels) * h, axis=-1, dtype=jnp.float32)
     return logits
+
+  def __call__(self, x: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """[batch, H, W, C] images in [-1, 1] -> [batch] logits (high: real)."""
+    return self._logits(self._features(x), labels)
+
+  def with_code_logits(self, x: jax.Array,
+                       labels: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(the [batch] real/fake logits of `__call__`, Q's [batch, codes] code logits), from one
+    pass through the shared features."""
+    if self.q is None:
+      raise ValueError('this discriminator has no Q head (codes=0)')
+    h = self._features(x)
+    return self._logits(h, labels), self.q(h).astype(jnp.float32)
 
 
 def discriminator_loss(kind: str, real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
@@ -119,6 +141,14 @@ def generator_loss(kind: str, fake_logits: jax.Array) -> jax.Array:
   if kind == 'hinge':
     return -fake_logits.mean()
   raise ValueError(f'unknown GAN loss {kind!r} (known: {LOSSES})')
+
+
+def info_loss(code_logits: jax.Array, codes: jax.Array) -> jax.Array:
+  """InfoGAN's L_I for a uniform categorical code (Chen et al. 2016, eq. 5) as a loss: the mean
+  cross-entropy -log Q(c | G(z, c)). log(codes) minus it is the lower bound on the mutual
+  information I(c; G(z, c)) (H(c) = log(codes)), which reaches its maximum, log(codes), when the
+  loss is 0."""
+  return optax.softmax_cross_entropy_with_integer_labels(code_logits, codes).mean()
 
 
 def r1_penalty(discriminator, real: jax.Array, labels: jax.Array | None = None) -> jax.Array:

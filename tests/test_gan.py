@@ -2,6 +2,7 @@
 half changes, and that the generator trains against the updated discriminator), training through
 the shared loop (resume, data parallel, samples) and bad input."""
 
+import json
 import os
 
 import jax
@@ -73,7 +74,7 @@ def test_pixel_norm_and_the_optional_refining_convs():
     families.get('gan')(tiny_config(**{'model.g_norm': 'batch'}))
 
 
-@pytest.mark.parametrize('arg', ['tiny', 'conditional,hinge,tiny'])
+@pytest.mark.parametrize('arg', ['tiny', 'conditional,hinge,tiny', 'info,tiny'])
 def test_step_updates_discriminator_then_generator_against_the_updated_discriminator(arg):
   config = tiny_config(arg, **SGD)
   family = families.get('gan')(config)
@@ -94,6 +95,8 @@ def test_step_updates_discriminator_then_generator_against_the_updated_discrimin
   after_d = jax.device_get(ctx.state['params'])
   assert any(changed(after_d['discriminator'], state['params']['discriminator']))
   assert not any(changed(after_d['generator'], state['params']['generator']))
+  if config.info_codes:   # InfoGAN: the discriminator's step trains the Q head
+    assert all(changed(after_d['discriminator']['q'], state['params']['discriminator']['q']))
 
   family.generator_update(ctx, batch, key_g)
   after_g = jax.device_get(ctx.state['params'])
@@ -144,12 +147,64 @@ def test_data_parallel_equals_single_device(tmp_path):
                jax.device_get(dp.state['params']), jax.device_get(single.state['params']))
 
 
+def test_info_loss_and_the_q_head():
+  rng = np.random.default_rng(0)
+  logits, codes = rng.normal(size=(6, 4)).astype(np.float32), np.array([0, 3, 1, 1, 2, 0])
+  # -log softmax(logits)[code], averaged: written out with numpy.
+  log_q = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(gan_lib.info_loss(jnp.asarray(logits), jnp.asarray(codes)),
+                             -log_q[np.arange(6), codes].mean(), rtol=1e-6)
+  # A Q that knows nothing (uniform) scores log K: the mutual-information bound is 0.
+  np.testing.assert_allclose(gan_lib.info_loss(jnp.zeros((3, 10)), jnp.arange(3)), np.log(10),
+                             rtol=1e-6)
+  shape, c = (8, 8, 1), 4
+  d = gan_lib.Discriminator(image_shape=shape, channels=c, codes=5, rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.uniform(-1, 1, (3, *shape)).astype(np.float32))
+  logits, code_logits = d.with_code_logits(x)
+  np.testing.assert_array_equal(logits, d(x))
+  # Q reads the same features as the real/fake head: the two convs, flattened, then a dense layer.
+  h = jax.nn.leaky_relu(d.conv2(jax.nn.leaky_relu(d.conv1(x), 0.2)), 0.2).reshape(3, -1)
+  np.testing.assert_allclose(code_logits, h @ d.q.kernel[...] + d.q.bias[...], rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match='no Q head'):
+    gan_lib.Discriminator(image_shape=shape, channels=c, rngs=nnx.Rngs(0)).with_code_logits(x)
+  # Unconditional sampling draws the codes uniformly.
+  from train.families import gan as gan_family  # pylint: disable=import-outside-toplevel
+  g = gan_lib.Generator(image_shape=shape, z_dim=4, channels=c, num_classes=5, rngs=nnx.Rngs(0))
+  codes = gan_family._codes  # pylint: disable=protected-access
+  drawn = np.asarray(codes(g, jax.random.key(0), 50_000))
+  np.testing.assert_allclose(np.bincount(drawn, minlength=5) / 50_000, [0.2] * 5, atol=0.01)
+
+
+@needs_tfds
+def test_infogan_makes_its_codes_recognisable(tmp_path):
+  """Within 60 steps on MNIST the info loss falls well below log 10 (Q recognises the code of a
+  sample); with info_weight 0 nothing trains Q and it stays at log 10."""
+  def final_info(weight):
+    config = tiny_config('info,tiny', **{'total_steps': 60, 'log_every': 20,
+                                         'optimizer.lr': 2e-3, 'optimizer_d.lr': 2e-3,
+                                         'info_weight': weight})
+    workdir = str(tmp_path / str(weight))
+    loop.train(config, workdir, devices=jax.devices()[:1])
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      rows = [json.loads(line) for line in f]
+    return [r['info'] for r in rows if 'info' in r][-1]
+  assert final_info(1.0) < 2.0 < np.log(10) - 0.2
+  assert abs(final_info(0.0) - np.log(10)) < 0.1
+
+
 def test_bad_inputs_are_one_line(tmp_path):
   assert_one_line_error(run('train', f'--config={CONFIG}:tiny', f'--workdir={tmp_path}',
                             '--config.loss=wasserstein'),
                         "config.loss='wasserstein'", 'unknown GAN loss', 'hinge')
   with pytest.raises(UserError, match='r1_gamma'):
     families.get('gan')(tiny_config(r1_gamma=-1.0))
+  with pytest.raises(UserError, match=r'config.info_codes=1: must be 0 \(off\) or >= 2'):
+    families.get('gan')(tiny_config(info_codes=1))
+  with pytest.raises(UserError, match='info_codes=10 with config.conditional=True'):
+    families.get('gan')(tiny_config('conditional,tiny', info_codes=10))
+  with pytest.raises(ValueError, match='ARG conditional and info together'):
+    gan_mnist.get_config('conditional,info')
 
 
 def test_truncated_latents_follow_the_truncated_normal():

@@ -8,7 +8,12 @@ With `ema_decay` > 0 the loop keeps EMA weights, and samples come from the gener
 config.loss: 'non_saturating' | 'hinge'; config.r1_gamma: weight of the R1 penalty
 gamma/2 E||grad_x D(x)||^2 on real images (0: off); config.model: z_dim, g_channels,
 d_channels, g_refine, d_refine (extra 3x3 convs), g_norm (none|pixel); config.conditional:
-class-conditional generator and projection discriminator.
+class-conditional generator and projection discriminator; config.info_codes K > 0 (unconditional
+only): InfoGAN (Chen et al. 2016): the generator also takes a categorical code c ~ U{0..K-1}, the
+discriminator gets a Q head predicting c from G(z, c), and both steps add config.info_weight
+(lambda; 1 in the paper for categorical codes) times the cross-entropy -log Q(c | G(z, c)): the
+discriminator's step trains Q on its (fixed) samples, the generator's step trains G to make c
+recognisable. The run uses no labels; sampling draws c uniformly with z.
 
 Sampling (`train.sample`, `train.evaluate`): --truncation (the truncation trick) and --best_of K:
 each image is the one of K generator samples (same label) that the discriminator scores highest,
@@ -44,6 +49,15 @@ class GANFamily(images_lib.ImageFamily):
                       f'{", ".join(gan_lib.NORMS)})')
     if config.get('r1_gamma', 0.0) < 0:
       raise UserError(f'config.r1_gamma={config.r1_gamma}: must be >= 0')
+    self.codes = int(config.get('info_codes', 0))
+    if self.codes < 0 or self.codes == 1:
+      raise UserError(f'config.info_codes={self.codes}: must be 0 (off) or >= 2 (categories of '
+                      'the InfoGAN code)')
+    if self.codes and self.conditional:
+      raise UserError(f'config.info_codes={self.codes} with config.conditional=True: InfoGAN codes '
+                      'are for an unconditional GAN (a conditional one is told its labels)')
+    if not config.get('info_weight', 1.0) >= 0:
+      raise UserError(f'config.info_weight={config.info_weight}: must be >= 0')
 
   def setup_data(self, process_index: int, process_count: int) -> None:
     super().setup_data(process_index, process_count)
@@ -56,14 +70,15 @@ class GANFamily(images_lib.ImageFamily):
     dtype = images_lib.activation_dtype(self.config)
     # .get: runs written before these keys existed still load (their networks had none).
     return {'generator': gan_lib.Generator(image_shape=self.image_shape, z_dim=m.z_dim,
-                                           channels=m.g_channels, num_classes=self.num_classes,
+                                           channels=m.g_channels,
+                                           num_classes=self.num_classes or self.codes,
                                            refine=m.get('g_refine', 0),
                                            norm=m.get('g_norm', 'none'), dtype=dtype, rngs=rngs),
             'discriminator': gan_lib.Discriminator(image_shape=self.image_shape,
                                                    channels=m.d_channels,
                                                    num_classes=self.num_classes,
-                                                   refine=m.get('d_refine', 0), dtype=dtype,
-                                                   rngs=rngs)}
+                                                   refine=m.get('d_refine', 0),
+                                                   codes=self.codes, dtype=dtype, rngs=rngs)}
 
   def optimizers(self, make_tx):
     return {'discriminator': make_tx(self.config.optimizer_d),
@@ -73,13 +88,30 @@ class GANFamily(images_lib.ImageFamily):
   def _labels(self, batch):
     return batch['label'] if self.conditional else None
 
+  def _info(self, d, fake, codes, metrics):
+    """InfoGAN: (D's logits on `fake`, info_weight x Q's info loss for `codes`); metrics `info`
+    and `code_accuracy` (how often Q's argmax is the code) go into `metrics`."""
+    logits, code_logits = d.with_code_logits(fake)
+    info = gan_lib.info_loss(code_logits, codes)
+    metrics['info'] = info
+    metrics['code_accuracy'] = jnp.mean(jnp.argmax(code_logits, -1) == codes)
+    return logits, self.config.get('info_weight', 1.0) * info
+
   def _d_loss(self, models, batch, key):
     d, labels = models['discriminator'], self._labels(batch)
     real = images_lib.to_float(batch['image'])
-    fake = jax.lax.stop_gradient(_fake(models['generator'], key, real.shape[0], labels))
-    real_logits, fake_logits = d(real, labels), d(fake, labels)
-    loss = gan_lib.discriminator_loss(self.config.loss, real_logits, fake_logits)
-    metrics = {'d_real': jnp.mean(real_logits), 'd_fake': jnp.mean(fake_logits)}
+    metrics = {}
+    if self.codes:
+      codes = _codes(models['generator'], key, real.shape[0])
+      fake = jax.lax.stop_gradient(_fake(models['generator'], key, real.shape[0], codes))
+      fake_logits, info = self._info(d, fake, codes, metrics)
+      real_logits = d(real)
+      loss = gan_lib.discriminator_loss(self.config.loss, real_logits, fake_logits) + info
+    else:
+      fake = jax.lax.stop_gradient(_fake(models['generator'], key, real.shape[0], labels))
+      real_logits, fake_logits = d(real, labels), d(fake, labels)
+      loss = gan_lib.discriminator_loss(self.config.loss, real_logits, fake_logits)
+    metrics.update(d_real=jnp.mean(real_logits), d_fake=jnp.mean(fake_logits))
     gamma = self.config.get('r1_gamma', 0.0)
     if gamma:
       r1 = jnp.mean(gan_lib.r1_penalty(d, real, labels))
@@ -88,10 +120,17 @@ class GANFamily(images_lib.ImageFamily):
     return loss, metrics
 
   def _g_loss(self, models, batch, key):
-    labels = self._labels(batch)
-    fake = _fake(models['generator'], key, batch['image'].shape[0], labels)
-    logits = models['discriminator'](fake, labels)
-    return gan_lib.generator_loss(self.config.loss, logits), {}
+    labels, num = self._labels(batch), batch['image'].shape[0]
+    if not self.codes:
+      fake = _fake(models['generator'], key, num, labels)
+      logits = models['discriminator'](fake, labels)
+      return gan_lib.generator_loss(self.config.loss, logits), {}
+    codes = _codes(models['generator'], key, num)
+    metrics = {}
+    logits, info = self._info(models['discriminator'], _fake(models['generator'], key, num, codes),
+                              codes, metrics)
+    return (gan_lib.generator_loss(self.config.loss, logits) + info,
+            {f'g_{k}': v for k, v in metrics.items()})
 
   def discriminator_update(self, ctx, batch, key):
     """The first half of a step: one optimizer step of the discriminator; G is held fixed."""
@@ -100,8 +139,8 @@ class GANFamily(images_lib.ImageFamily):
 
   def generator_update(self, ctx, batch, key):
     """The second half: one optimizer step of the generator against the current D."""
-    loss, _, grads = ctx.value_and_grad(self._g_loss, 'generator', batch, key)
-    return {'loss_g': loss, **ctx.apply_gradients('generator', grads)}
+    loss, metrics, grads = ctx.value_and_grad(self._g_loss, 'generator', batch, key)
+    return {'loss_g': loss, **metrics, **ctx.apply_gradients('generator', grads)}
 
   def train_step(self, ctx, batch, rng):
     key_d, key_g = jax.random.split(rng)
@@ -114,8 +153,8 @@ class GANFamily(images_lib.ImageFamily):
     """Both players' losses on a batch (evaluation); the step trains them in turn."""
     key = jax.random.fold_in(rng, 0)
     loss_d, metrics = self._d_loss(models, batch, key)
-    loss_g, _ = self._g_loss(models, batch, key)
-    return loss_d + loss_g, {'loss_d': loss_d, 'loss_g': loss_g, **metrics}
+    loss_g, g_metrics = self._g_loss(models, batch, key)
+    return loss_d + loss_g, {'loss_d': loss_d, 'loss_g': loss_g, **metrics, **g_metrics}
 
   # ---- sampling ----
   def check_sample_options(self, options):
@@ -154,9 +193,18 @@ def latents(key: jax.Array, num: int, z_dim: int, truncation: float | None = Non
   return jax.random.truncated_normal(key, -truncation, truncation, (num, z_dim))
 
 
+def _codes(generator: gan_lib.Generator, key: jax.Array, num: int) -> jax.Array:
+  """[num] InfoGAN codes, uniform over the generator's `num_classes`, drawn from `key`."""
+  return jax.random.randint(jax.random.fold_in(key, 1), (num,), 0, generator.num_classes)
+
+
 def _fake(generator: gan_lib.Generator, key: jax.Array, num: int, labels,
           truncation: float | None = None) -> jax.Array:
-  """[num, H, W, C] generator samples of `latents(key, num, z_dim, truncation)`."""
+  """[num, H, W, C] generator samples of `latents(key, num, z_dim, truncation)`; a generator
+  that takes labels or codes (`num_classes` > 0) called with `labels` None draws its codes with
+  `_codes(generator, key, num)` (InfoGAN; the conditional family always passes labels)."""
+  if labels is None and generator.num_classes:
+    labels = _codes(generator, key, num)
   return generator(latents(key, num, generator.z_dim, truncation), labels)
 
 
