@@ -118,8 +118,9 @@ def test_step_updates_discriminator_then_generator_against_the_updated_discrimin
 
 
 @needs_tfds
-def test_trains_on_mnist_resumes_exactly_and_samples_from_the_ema_generator(tmp_path):
-  config = lambda **o: tiny_config(**{'log_every': 5, **o})
+@pytest.mark.parametrize('arg', ['tiny', 'info,tiny'])
+def test_trains_on_mnist_resumes_exactly_and_samples_from_the_ema_generator(tmp_path, arg):
+  config = lambda **o: tiny_config(arg, **{'log_every': 5, **o})
   full = loop.train(config(), str(tmp_path / 'full'), devices=jax.devices()[:1])
   state = jax.device_get(full.state)
   assert set(state['opt']) == {'generator', 'discriminator'}
@@ -136,9 +137,10 @@ def test_trains_on_mnist_resumes_exactly_and_samples_from_the_ema_generator(tmp_
 
 
 @needs_tfds
-def test_data_parallel_equals_single_device(tmp_path):
+@pytest.mark.parametrize('arg', ['tiny', 'info,tiny'])
+def test_data_parallel_equals_single_device(tmp_path, arg):
   assert jax.device_count() == 8
-  config = lambda: tiny_config(**SGD, total_steps=3, log_every=1)
+  config = lambda: tiny_config(arg, **SGD, total_steps=3, log_every=1)
   single = loop.train(config(), str(tmp_path / 'single'), devices=jax.devices()[:1])
   dp = loop.train(config(), str(tmp_path / 'dp'))
   losses = lambda r: [r.step_losses[s] for s in (1, 2, 3)]
