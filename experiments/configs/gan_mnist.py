@@ -46,7 +46,8 @@ ARG `info`: InfoGAN (Chen et al. 2016) on the same networks, still unconditional
             evaluations below (`/usr/bin/time -v`).
   Runtime:  64.7 min wall in three segments (16k, then resumed with --config.total_steps=24000,
             then 32000; the schedule is constant, so this is the single 32k-step command's run):
-            34.7 + 15.4 + 14.6 min wall, 6186 s user + 25 s system CPU (100-140 ms/step);
+            34.7 + 15.4 + 14.6 min wall, 6186 s user + 25 s system CPU (logged 90-211
+            ms/step, 96-137 in 80% of the logs; the slowest while small tests ran beside it);
             each evaluation ~25 s wall.
   Result:   step 32000, 10k EMA samples: **81.3% classified with confidence > 0.9**, all 10
             classes (evenness 0.986), Frechet distance 13.7 (real train vs test: 0.81),
