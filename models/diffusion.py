@@ -121,6 +121,7 @@ class GaussianDiffusion:
     self.posterior_coef_xt = f32((1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar))
     self.model_variance = f32(model_var)
     self.model_log_variance = f32(np.log(np.append(post_var[1], model_var[1:])))
+    self.snr = f32(abar / (1.0 - abar))   # signal-to-noise ratio abar / (1 - abar) of x_t
 
   @classmethod
   def from_config(cls, schedule: str, num_steps: int, prediction: str, variance: str):
@@ -188,14 +189,28 @@ class GaussianDiffusion:
     return mean, self._at(self.model_variance, t, x_t), self._at(self.model_log_variance, t, x_t), x0
 
   # ---- training ----
-  def training_losses(self, denoise_fn: DenoiseFn, x0, rng) -> jax.Array:
-    """The simple loss: per-example [B] mean squared error of the network output against its
-    target (eps, x0 or v) at a uniform random t, unweighted (DDPM eq. 14)."""
+  def loss_weight(self, t: jax.Array, min_snr_gamma: float) -> jax.Array:
+    """Min-SNR-gamma weights [B] of the per-example loss at t (Hang et al. 2023, "Efficient
+    Diffusion Training via Min-SNR Weighting Strategy", arXiv:2303.09556): the loss in x0 space
+    weighted by min(SNR_t, gamma), written for the target the network predicts (eps:
+    min(SNR, gamma) / SNR; x0: min(SNR, gamma); v: min(SNR, gamma) / (SNR + 1))."""
+    snr = self.snr[t]
+    clipped = jnp.minimum(snr, min_snr_gamma)
+    return {'eps': clipped / snr, 'x0': clipped, 'v': clipped / (snr + 1.0)}[self.prediction]
+
+  def training_losses(self, denoise_fn: DenoiseFn, x0, rng, *,
+                      min_snr_gamma: float = 0.0) -> jax.Array:
+    """Per-example [B] mean squared error of the network output against its target (eps, x0
+    or v) at a uniform random t: the simple loss (DDPM eq. 14) when `min_snr_gamma` is 0,
+    otherwise weighted by `loss_weight`."""
     t_key, noise_key = jax.random.split(rng)
     t = jax.random.randint(t_key, (x0.shape[0],), 0, self.num_steps)
     noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
     out = denoise_fn(self.q_sample(x0, t, noise), t)
-    return _mean_flat((out.astype(jnp.float32) - self.target(x0, noise, t)) ** 2)
+    loss = _mean_flat((out.astype(jnp.float32) - self.target(x0, noise, t)) ** 2)
+    if min_snr_gamma:
+      loss = loss * self.loss_weight(t, min_snr_gamma)
+    return loss
 
   # ---- variational bound (DDPM eq. 5), bits per dimension ----
   def prior_bpd(self, x0) -> jax.Array:

@@ -116,6 +116,40 @@ def test_x0_eps_v_conversions_are_exact_inverses(prediction):
   close(got_eps, eps)
 
 
+@pytest.mark.parametrize('prediction', D.PREDICTIONS)
+@pytest.mark.parametrize('gamma', [0.0, 5.0])
+def test_min_snr_loss_is_the_x0_error_weighted_by_the_clipped_snr(prediction, gamma):
+  # Hang et al. 2023, eq. 5-7: whatever the network predicts, the Min-SNR-gamma loss is the
+  # squared error of the implied x0 weighted by min(SNR_t, gamma); gamma 0 is the simple loss.
+  # Reference: DDPM's linear betas and SNR = abar / (1 - abar) in numpy float64.
+  betas = np.linspace(1e-4, 0.02, 1000)
+  abar = np.cumprod(1.0 - betas)
+  snr = abar / (1.0 - abar)
+  d = D.GaussianDiffusion(D.linear_beta_schedule(1000), prediction=prediction)
+  x0 = np.asarray(jax.random.uniform(jax.random.key(1), (64, 4, 4, 1), minval=-1, maxval=1))
+  seen = {}
+
+  def network(x_t, t):   # any x0 guess (here 0.7 x_t), expressed as the prediction's target
+    xt, tt = np.asarray(x_t, np.float64), np.asarray(t)
+    seen.update(t=tt)
+    a = abar[tt].reshape(-1, 1, 1, 1)
+    x0_hat = 0.7 * xt
+    eps_hat = (xt - np.sqrt(a) * x0_hat) / np.sqrt(1 - a)
+    out = {'x0': x0_hat, 'eps': eps_hat,
+           'v': np.sqrt(a) * eps_hat - np.sqrt(1 - a) * x0_hat}[prediction]
+    seen.update(x0_error=((x0_hat - x0) ** 2).mean(axis=(1, 2, 3)))
+    return jnp.asarray(out, jnp.float32)
+
+  got = np.asarray(d.training_losses(network, jnp.asarray(x0), jax.random.key(2),
+                                     min_snr_gamma=gamma))
+  t = seen['t']
+  assert len(set(t.tolist())) > 30 and t.min() < 150   # many t, some with SNR above gamma
+  # The simple loss weighs the x0 error by SNR (eps), 1 (x0) or SNR + 1 (v).
+  weight = (np.minimum(snr[t], gamma) if gamma else
+            {'eps': snr[t], 'x0': np.ones_like(t), 'v': snr[t] + 1}[prediction])
+  np.testing.assert_allclose(got, weight * seen['x0_error'], rtol=2e-3)
+
+
 def test_ddim_eta0_is_deterministic_and_inverts():
   d = SCHEDULES['cosine']
   denoise = gaussian_data_denoiser(d, 0.3, 0.5)
@@ -348,6 +382,10 @@ def test_model_value_errors_reach_the_command_line_as_user_errors():
   config = ddpm_mnist.get_config('tiny')
   config.diffusion.schedule = 'cubic'
   with pytest.raises(UserError, match="config.diffusion.schedule='cubic'"):
+    DiffusionFamily(config)
+  config = ddpm_mnist.get_config('tiny')
+  config.diffusion.min_snr_gamma = -1.0
+  with pytest.raises(UserError, match='config.diffusion.min_snr_gamma=-1.0: must be >= 0'):
     DiffusionFamily(config)
   family = DiffusionFamily(ddpm_mnist.get_config('tiny'))
   family.load_metadata({'image_shape': [28, 28, 1], 'class_names': [str(i) for i in range(10)]})

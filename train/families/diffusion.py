@@ -1,7 +1,9 @@
 """The diffusion family: a DDPM-style UNet on an image dataset, trained by the shared loop.
 
 Training minimises the simple loss (models/diffusion.py) of the prediction type in
-`config.diffusion.prediction`; a class-conditional model sees its labels replaced by the null
+`config.diffusion.prediction`, or with `config.diffusion.min_snr_gamma` > 0 that loss weighted by
+Min-SNR-gamma (`GaussianDiffusion.loss_weight`; the eval loss stays the simple one, so curves
+compare across weightings); a class-conditional model sees its labels replaced by the null
 class with probability `config.diffusion.label_dropout`, which trains the unconditional model
 that classifier-free guidance needs. The loop keeps the EMA of the params (config.ema_decay) and
 evaluates and samples with it.
@@ -59,7 +61,8 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 class DiffusionFamily(images_lib.ImageFamily):
   """config.model: channels, channel_mult, num_res_blocks, attention_resolutions, dropout,
   groups, dtype. config.diffusion: schedule (linear|cosine), num_steps (T), prediction
-  (eps|x0|v), variance (beta_tilde|beta), label_dropout (p of the null class in training).
+  (eps|x0|v), variance (beta_tilde|beta), label_dropout (p of the null class in training),
+  min_snr_gamma (0: the simple loss; gamma > 0: Min-SNR-gamma loss weights).
   config.sampling: sampler, ddim_steps, ddim_eta, guidance, clip (x0 to [-1, 1]), batch (images per
   jitted sampler call), vlb_images, vlb_exact_steps. config.conditional: class-conditional or
   not."""
@@ -77,6 +80,10 @@ class DiffusionFamily(images_lib.ImageFamily):
           d.schedule, d.num_steps, d.prediction, d.variance)
     except ValueError as e:
       raise UserError(f'config.diffusion.{e}') from None
+    self.min_snr_gamma = float(d.get('min_snr_gamma', 0.0))   # runs written before the key: 0
+    if not self.min_snr_gamma >= 0.0:
+      raise UserError(f'config.diffusion.min_snr_gamma={self.min_snr_gamma}: must be >= 0 '
+                      '(0: the simple loss)')
     p = d[self.condition_dropout_key]
     if not 0.0 <= p < 1.0:
       raise UserError(f'config.diffusion.{self.condition_dropout_key}={p}: must be in [0, 1)')
@@ -118,7 +125,9 @@ class DiffusionFamily(images_lib.ImageFamily):
       null = jnp.broadcast_to(jnp.asarray(self.null_condition(), cond.dtype), cond.shape)
       cond = jnp.where(drop.reshape((-1,) + (1,) * (cond.ndim - 1)), null, cond)
     denoise = self._denoiser(models['model'], cond, dropout_key if train else None)
-    return self.diffusion.training_losses(denoise, x0, loss_key).mean(), {}
+    losses = self.diffusion.training_losses(denoise, x0, loss_key,
+                                            min_snr_gamma=self.min_snr_gamma if train else 0.0)
+    return losses.mean(), {}
 
   def vlb_exact_steps(self) -> int:
     """Bound terms the estimates sum exactly (runs written before the key existed: 0)."""
