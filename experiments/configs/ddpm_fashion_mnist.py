@@ -11,6 +11,8 @@ ARG `cond`: class-conditional with classifier-free guidance (labels dropped with
 
 Default (no ARG): unconditional. ARG `tiny` / `cond,tiny`: the smoke run of ddpm_mnist.py.
 ARG `long` (e.g. `cond,long`): 6000 steps instead of 3600, as in ddpm_mnist.py (not measured here).
+ARG `snr` (e.g. `cond,snr`): Min-SNR-5 loss weights and no dropout, as in ddpm_mnist.py (not
+measured here).
 
 Data: TFDS `fashion_mnist` from --config.data.data_dir or $TFDS_DATA_DIR. When it is not prepared
 there, it is prepared without TensorFlow on first use from --config.data.raw_dir (the four IDX

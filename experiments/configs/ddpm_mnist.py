@@ -46,8 +46,8 @@ below meets it in under one.
               --steps=50 --guidance=2 --likelihood_examples=0
   Runtime:  115 min wall (`/usr/bin/time -v`, other load not recorded, AMD EPYC family 25
             model 1 (Zen 3) host, an older family than the Zen 4 hosts of the runs above),
-            136.5 min user + 28.2 min system CPU, 0.85-1.27 s/step logged (median 1.06). Each evaluation below:
-            7.5-8.5 min wall, 500-565 s user + 66-72 s system CPU.
+            136.5 min user + 28.2 min system CPU, 0.85-1.27 s/step logged (median 1.06). Each
+            evaluation below: 7.5-8.5 min wall, 500-565 s user + 66-72 s system CPU.
   Result:   eval_ema/loss 0.0380 at step 6000 (0.0396 at step 3000). 1000 DDIM-50 samples per
             guidance, balanced labels, scored by a classifier_mnist.py run on the same host
             (test accuracy 99.23%):
@@ -70,7 +70,7 @@ ARG `snr` / `cond,snr`: the 3600-step config with Min-SNR-5 loss weights
               --classifier=workdirs/classifier_mnist --num_samples=1000 --sampler=ddim \
               --steps=50 --guidance=2 --likelihood_examples=0
   Runtime:  54.2 min wall (`/usr/bin/time -v`, AMD EPYC family 25 model 1 (Zen 3) host, the
-            same host type as `long` above, quiet but for a few seconds of unit tests), 66.2 min
+            same host type as `long` above, quiet but for under a minute of unit tests), 66.2 min
             user + 13.5 min system CPU, 0.68-0.92 s/step logged. Each evaluation below: 6.7-7.1
             min wall, 446-474 s user + 61-64 s system CPU.
   Result:   eval_ema/loss 0.0430 (the simple loss, which this run does not minimise: Min-SNR
