@@ -87,7 +87,8 @@ ARG `snr` / `cond,snr`: the 3600-step config with Min-SNR-5 loss weights
             At 2400 steps (the same command with --config.total_steps=2400
             --config.optimizer.decay_steps=2400; 37.1 min wall, 45.4 min user + 9.1 min system
             CPU, same host, quiet): guidance 3, 94.6% as requested, Frechet 16.8, precision
-            0.740, recall 0.800 (the plain `cond` at 2400 steps, above: 75.2%, Frechet 23.1).
+            0.740, recall 0.800 (the plain `cond` at 2400 steps, above, an older run on a Zen 4
+            host: 75.2%, Frechet 23.1).
 
 Default (no ARG): the same model, unconditional (labels unused; --guidance is an error).
   Command:  python -m train --config=experiments/configs/ddpm_mnist.py --workdir=/tmp/ddpm_uncond
