@@ -199,10 +199,16 @@ def sinusoidal_positions(positions: jax.Array, dim: int) -> jax.Array:
       positions.shape + (dim,))
 
 
+def embedding_table(wte: nnx.Embed) -> jax.Array:
+  """wte's table `[vocab, D]`, with its LoRA update where it has one (`models.lora.LoRAEmbed`)."""
+  table = getattr(wte, 'table', None)
+  return table() if callable(table) else wte.embedding[...]
+
+
 def tied_logits(h: jax.Array, wte: nnx.Embed) -> jax.Array:
   """h `[n, embed]` -> float32 logits `[n, vocab]` = h @ wte.T (the output layer is the input
   embedding), without materialising the transpose."""
-  table = wte.embedding[...].astype(h.dtype)
+  table = embedding_table(wte).astype(h.dtype)
   return lax.dot_general(h, table, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 

@@ -7,12 +7,22 @@ not change and a base checkpoint loads into them), plus Flax's own `nnx.LoRA` ad
 output is y = x W + b + (alpha / rank) x A B (the paper's section 4.1 scaling); B starts at zero,
 so the adapted model starts as exactly the base model. `merge_lora` folds the adapters back:
 W <- W + (alpha / rank) A B, giving plain `nnx.Linear`s with the base model's param tree.
+
+An `nnx.Embed` that `targets` matches (e.g. a GPT's token table, 'model/wte') becomes a
+`LoRAEmbed`: its table E `[vocab, D]` reads as E + (alpha / rank) A B with A `[vocab, rank]`
+and B `[rank, D]`, in the lookup and, where the model ties its output layer to the table
+(`models.layers.tied_logits`), in the logits too. As in the `peft` library's embedding LoRA,
+A (one rank-sized row per token) starts at zero and B is random, so here the zero factor is A;
+B is drawn from N(0, 1 / D) (peft: N(0, 1)), so each of its rows has about unit norm and the
+update's size does not grow with the width. Its rank can differ from the Linears' (`embed_rank`): a table has far more rows
+than a projection, so the same rank costs far more params.
 """
 
 from __future__ import annotations
 
 import re
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -52,6 +62,48 @@ class LoRALinear(nnx.Linear):
     return linear
 
 
+class LoRAEmbed(nnx.Embed):
+  """An `nnx.Embed` that adopts a base Embed's table and adds a scaled low-rank update A B."""
+
+  def __init__(self, base: nnx.Embed, *, rank: int, alpha: float, rngs: nnx.Rngs):
+    if not 1 <= rank <= min(base.num_embeddings, base.features):
+      raise ValueError(f'LoRA rank {rank} must be in [1, min(rows, features) = '
+                       f'{min(base.num_embeddings, base.features)}] for an Embed '
+                       f'{base.num_embeddings} x {base.features}')
+    for name, value in vars(base).items():
+      if not name.startswith('_'):
+        setattr(self, name, value)
+    self.scale = float(alpha) / rank
+    self.lora = nnx.LoRA(base.num_embeddings, rank, base.features, dtype=base.dtype,
+                         param_dtype=base.param_dtype, a_initializer=nnx.initializers.zeros,
+                         b_initializer=nnx.initializers.normal(base.features ** -0.5),
+                         rngs=rngs)
+
+  def delta(self) -> jax.Array:
+    """scale * A B `[vocab, D]`, float32."""
+    return self.scale * (self.lora.lora_a[...].astype(jnp.float32)
+                         @ self.lora.lora_b[...].astype(jnp.float32))
+
+  def table(self) -> jax.Array:
+    """The adapted table E + scale * A B, in the param dtype."""
+    embedding = self.embedding[...]
+    return (embedding.astype(jnp.float32) + self.delta()).astype(embedding.dtype)
+
+  def __call__(self, inputs, out_sharding=None):
+    """inputs `[...]` int -> `[..., D]`: E[inputs] + scale * A[inputs] B (no `[vocab, D]` made)."""
+    out = super().__call__(inputs, out_sharding=out_sharding)
+    rows = jnp.take(self.lora.lora_a[...], inputs, axis=0).astype(jnp.float32)
+    update = self.scale * (rows @ self.lora.lora_b[...].astype(jnp.float32))
+    return out + update.astype(out.dtype)
+
+  def merged(self) -> nnx.Embed:
+    """A plain Embed whose table is E + scale * A B."""
+    embed = nnx.Embed(self.num_embeddings, self.features, dtype=self.dtype,
+                      param_dtype=self.param_dtype, rngs=nnx.Rngs(0))
+    embed.embedding = nnx.Param(self.table())
+    return embed
+
+
 def replace_submodule(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
   """Sets the submodule at `path` (attribute names and list indices, as `iter_modules` gives)."""
   parent = model
@@ -69,30 +121,40 @@ def module_path(path: tuple, prefix: str = '') -> str:
 
 
 def apply_lora(model: nnx.Module, *, targets: str, rank: int, alpha: float, rngs: nnx.Rngs,
-               prefix: str = '') -> list[str]:
-  """Wraps every `nnx.Linear` whose '/'-joined path (under `prefix`) `re.search`es `targets`
-  in a `LoRALinear`, in place; returns the wrapped paths (possibly none).
+               prefix: str = '', embed_rank: int = 0) -> list[str]:
+  """Wraps every `nnx.Linear` (in a `LoRALinear`) and `nnx.Embed` (in a `LoRAEmbed`) whose
+  '/'-joined path (under `prefix`) `re.search`es `targets`, in place; returns the wrapped paths
+  (possibly none). Embeds get rank `embed_rank` (0: `rank`) and alpha scaled to keep
+  alpha / rank.
 
   Raises:
     ValueError: a rank outside [1, min(in, out)] of a target.
   """
   pattern = re.compile(targets)
   chosen = [(path, m) for path, m in nnx.iter_modules(model)
-            if type(m) is nnx.Linear and path and pattern.search(module_path(path, prefix))]
-  for path, linear in chosen:
-    replace_submodule(model, path, LoRALinear(linear, rank=rank, alpha=alpha, rngs=rngs))
+            if type(m) in (nnx.Linear, nnx.Embed) and path
+            and pattern.search(module_path(path, prefix))]
+  embed_rank = embed_rank or rank
+  for path, layer in chosen:
+    if type(layer) is nnx.Embed:
+      new = LoRAEmbed(layer, rank=embed_rank, alpha=alpha * embed_rank / rank, rngs=rngs)
+    else:
+      new = LoRALinear(layer, rank=rank, alpha=alpha, rngs=rngs)
+    replace_submodule(model, path, new)
   return [module_path(path, prefix) for path, _ in chosen]
 
 
 def linear_paths(model: nnx.Module, prefix: str = '') -> list[str]:
-  """The paths of the model's plain `nnx.Linear` modules (what `targets` can match)."""
+  """The paths of the model's plain `nnx.Linear` and `nnx.Embed` modules (what `targets` can
+  match)."""
   return [module_path(path, prefix) for path, m in nnx.iter_modules(model)
-          if type(m) is nnx.Linear and path]
+          if type(m) in (nnx.Linear, nnx.Embed) and path]
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-  """Replaces every `LoRALinear` by its `merged()` Linear, in place; returns the model."""
+  """Replaces every `LoRALinear` / `LoRAEmbed` by its `merged()` plain module, in place;
+  returns the model."""
   for path, m in list(nnx.iter_modules(model)):
-    if isinstance(m, LoRALinear):
+    if isinstance(m, (LoRALinear, LoRAEmbed)):
       replace_submodule(model, path, m.merged())
   return model

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments.configs import gpt_shakespeare
 from models import gpt
+from models import layers
 from models import lora as lora_lib
 from tests import toy_families
 from tests.test_sharding import gpt_config as sharding_gpt_config
@@ -105,10 +106,47 @@ def test_lora_linear_and_merge_against_numpy():
   assert np.abs(adapted).max() > 0.1
 
 
+def test_lora_embedding_against_numpy_and_merge():
+  # The token table of a GPT whose output layer is tied to it: E -> E + (alpha / rank) A B,
+  # in the lookup and in the logits. Reference: numpy's float64 forward of the tied head.
+  model = tiny_gpt()
+  base = np.asarray(model(tokens()))
+  wrapped = lora_lib.apply_lora(model, targets=r'(wte|attn/qkv)$', rank=4, alpha=8.0,
+                                rngs=nnx.Rngs(1), embed_rank=2)
+  assert wrapped == ['blocks/0/attn/qkv', 'blocks/1/attn/qkv', 'wte']
+  lora = model.wte.lora
+  assert (lora.lora_a.shape, lora.lora_b.shape) == ((23, 2), (2, 16))
+  assert model.wte.scale == 2.0  # alpha / rank kept at the embedding's own rank: 4 / 2
+  assert isinstance(lora.lora_a, nnx.LoRAParam) and not np.any(lora.lora_a[...])
+  np.testing.assert_array_equal(np.asarray(model(tokens())), base)  # A = 0: the base exactly
+  lora.lora_a[...] = jax.random.normal(jax.random.key(3), lora.lora_a.shape)
+  e, a, bb = (np.asarray(x, np.float64) for x in (
+      model.wte.embedding[...], lora.lora_a[...], lora.lora_b[...]))
+  table = e + 2.0 * a @ bb
+  ids = np.asarray(tokens())
+  np.testing.assert_allclose(np.asarray(model.wte(tokens())), table[ids], rtol=1e-5, atol=1e-5)
+  h = np.asarray(jax.random.normal(jax.random.key(4), (5, 16)), np.float64)
+  np.testing.assert_allclose(np.asarray(layers.tied_logits(jnp.asarray(h, jnp.float32),
+                                                           model.wte)),
+                             h @ table.T, rtol=1e-4, atol=1e-4)
+  adapted = np.asarray(model(tokens()))
+  assert np.abs(adapted - base).max() > 0.1
+  lora_lib.merge_lora(model)
+  assert type(model.wte) is nnx.Embed
+  assert jax.tree.structure(nnx.state(model, nnx.Param)) == jax.tree.structure(
+      nnx.state(tiny_gpt(), nnx.Param))
+  np.testing.assert_allclose(np.asarray(model.wte.embedding[...]), table, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(model(tokens())), adapted, rtol=1e-4, atol=1e-4)
+
+
 def test_lora_rank_out_of_range():
   for rank in (0, 17):
     with pytest.raises(ValueError, match=f'LoRA rank {rank} must be in'):
       lora_lib.apply_lora(tiny_gpt(), targets=TARGETS, rank=rank, alpha=1.0, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match=r'LoRA rank 17 must be in \[1, min\(rows, features\) = '
+                     r'16\] for an Embed 23 x 16'):
+    lora_lib.apply_lora(tiny_gpt(), targets='wte$', rank=2, alpha=1.0, rngs=nnx.Rngs(1),
+                        embed_rank=17)
 
 
 # ------------------------------------------------------------------------ frozen params
@@ -262,7 +300,8 @@ def test_base_metadata_must_state_this_runs_facts_alike():
     ({'trainable': 'nothing'}, r"config.trainable='nothing': matches no parameter"),
     ({'trainable': 'lora'}, r'set config.lora.rank >= 1'),
     ({'lora.rank': 2, 'lora.targets': 'l[12]$'}, r'config.lora.rank=2: LoRA rank 2 must be in \[1, min\(in, out\) = 1\]'),
-    ({'lora.rank': 1, 'lora.targets': 'qkv'}, r"matches no nnx.Linear module \(their paths: "
+    ({'lora.rank': 1, 'lora.embed_rank': -1}, r'config.lora.embed_rank=-1: must be >= 0'),
+    ({'lora.rank': 1, 'lora.targets': 'qkv'}, r"matches no nnx.Linear or nnx.Embed module \(their paths: "
      r'model/l1, model/l2\)'),
 ])
 def test_bad_inputs_are_one_line_user_errors(tmp_path, overrides, message):
@@ -293,14 +332,18 @@ def test_gpt_lora_from_base_then_export_merged(tmp_path):
   base = loop.train(config(), str(tmp_path / 'base'), devices=one)
   run = str(tmp_path / 'lora')
   tuned = loop.train(config(**{'init_from': str(tmp_path / 'base'), 'lora.rank': 2,
-                               'lora.alpha': 4.0, 'trainable': 'lora',
+                               'lora.alpha': 4.0, 'trainable': 'lora', 'lora.embed_rank': 1,
+                               'lora.targets': TARGETS[:-2] + '|wte)$',
                                'optimizer.lr': 0.05, 'optimizer.warmup_steps': 0}), run,
                      devices=one)
   before, after = leaves_by_path(base.state['params']), leaves_by_path(tuned.state['params'])
   for path, value in before.items():
     assert after[path].tobytes() == value.tobytes(), path
-  assert sum('lora' in p for p in after) == 2 * 4 * 2  # A and B x 4 Linears x 2 blocks
-  assert np.abs(after['model/blocks/1/mlp/fc/lora/lora_b/value']).max() > 0
+  # A and B x (4 Linears x 2 blocks + the token table)
+  assert sum('lora' in p for p in after) == 2 * (4 * 2 + 1)
+  assert after['model/wte/lora/lora_a/value'].shape[1] == 1
+  for path in ('blocks/1/mlp/fc/lora/lora_b', 'wte/lora/lora_a'):  # the zero factors trained
+    assert np.abs(after[f'model/{path}/value']).max() > 0, path
   # Its checkpoint holds the adapters, not the GPT. The reference: the same run directory with
   # a checkpoint of the whole final state; sampling and evaluating both must agree exactly.
   assert all('/lora/' in p for p in saved_array_paths(os.path.join(run, 'checkpoints', '2'))

@@ -1,7 +1,8 @@
 """Fine-tuning as loop features, for every family: LoRA surgery, trainable params, init_from.
 
-* `apply_lora`: `config.lora` (rank > 0) wraps the matching `nnx.Linear`s of freshly built
-  networks in `models.lora.LoRALinear` (base param paths unchanged, adapters added).
+* `apply_lora`: `config.lora` (rank > 0) wraps the matching `nnx.Linear`s (`nnx.Embed`s) of
+  freshly built networks in `models.lora.LoRALinear` (`LoRAEmbed`) (base param paths unchanged,
+  adapters added).
 * `apply_quantization`: `config.quantize` (mode 'int8_weights' or 'int8'; qat) quantizes the
   Linear and Conv layers of freshly built networks with qwix (`models.quantize`): int8 params
   (post-training, written by `python -m train.quantize`), or fake quantization in training
@@ -73,17 +74,23 @@ def apply_lora(models: dict[str, nnx.Module], config: ml_collections.ConfigDict,
     re.compile(lora.targets)
   except re.error as e:
     raise UserError(f'config.lora.targets={lora.targets!r}: bad regex ({e})') from None
+  embed_rank = int(lora.get('embed_rank', 0) or 0)
+  if embed_rank < 0:
+    raise UserError(f'config.lora.embed_rank={embed_rank}: must be >= 0 (0: lora.rank)')
   rngs = rngs_lib.rngs(key)
   wrapped, linears = [], []
   for name, model in models.items():
     linears += lora_lib.linear_paths(model, name)
     try:
       wrapped += lora_lib.apply_lora(model, targets=lora.targets, rank=rank,
-                                     alpha=float(lora.alpha), rngs=rngs, prefix=name)
+                                     alpha=float(lora.alpha), rngs=rngs, prefix=name,
+                                     embed_rank=embed_rank)
     except ValueError as e:
-      raise UserError(f'config.lora.rank={rank}: {e}') from None
+      ranks = f'rank={rank}' + (f', embed_rank={embed_rank}' if embed_rank else '')
+      raise UserError(f'config.lora.{ranks}: {e}') from None
   if not wrapped:
-    raise UserError(f'config.lora.targets={lora.targets!r}: matches no nnx.Linear module '
+    raise UserError(f'config.lora.targets={lora.targets!r}: matches no nnx.Linear or '
+                    'nnx.Embed module '
                     f'(their paths: {", ".join(linears[:4]) or "none"}'
                     f'{", ..." if len(linears) > 4 else ""})')
   return models
