@@ -150,6 +150,46 @@ def test_export_round_trip_is_exact(hf_dir, imported, tmp_path):
     np.testing.assert_array_equal(second[name], x, err_msg=name)
 
 
+@needs_data
+def test_a_lora_run_exports_its_adapters(tmp_path):
+  """A LoRA run (adapters on every Linear and on the tied token table) exports as the tuned
+  model: transformers' logits are those of the genlab run with its adapters."""
+  from experiments.configs import gpt_shakespeare  # pylint: disable=import-outside-toplevel
+
+  def config(**overrides):
+    c = gpt_shakespeare.get_config('tiny')
+    c.update_from_flattened_dict({'total_steps': 2, 'log_every': 1, 'eval_every': 0,
+                                  'checkpoint_every': 0, 'sample_tokens': 4, **overrides})
+    return c
+
+  one = jax.devices()[:1]
+  loop.train(config(), str(tmp_path / 'base'), devices=one)
+  run = str(tmp_path / 'lora')
+  loop.train(config(**{'init_from': str(tmp_path / 'base'), 'lora.rank': 2, 'lora.embed_rank': 1,
+                       'lora.targets': r'(attn/(qkv|proj)|mlp/(fc|proj)|wte)$',
+                       'trainable': 'lora', 'optimizer.lr': 0.05,
+                       'optimizer.warmup_steps': 0}), run, devices=one)
+  family, models, _ = run_loader.load_models(run)
+  _, base_models, _ = run_loader.load_models(str(tmp_path / 'base'))
+  out = str(tmp_path / 'hf')
+  export_hf.export_gpt2(run, out)
+  hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+  ids = np.random.default_rng(3).integers(0, family.tokenizer.vocab_size, (2, 32))
+  with torch.no_grad():
+    want = hf(torch.tensor(ids)).logits.numpy()
+  tuned = np.asarray(models['model'](jnp.asarray(ids, jnp.int32)))
+  base = np.asarray(base_models['model'](jnp.asarray(ids, jnp.int32)))
+  assert np.abs(tuned - base).max() > 1e-2  # the adapters trained: the base would not do
+  np.testing.assert_allclose(want, tuned, atol=1e-4, rtol=0)
+  # A prompt-tuned run cannot be written as GPT-2: refused, not exported without its prompt.
+  prompt = str(tmp_path / 'prompt')
+  loop.train(config(**{'init_from': str(tmp_path / 'base'), 'model.prompt_tokens': 2,
+                       'trainable': 'prompt', 'total_steps': 1}), prompt, devices=one)
+  with pytest.raises(UserError, match=r'a prompt-tuned run \(config.model.prompt_tokens=2\)'):
+    export_hf.export_gpt2(prompt, str(tmp_path / 'hf_prompt'))
+  assert not os.path.exists(str(tmp_path / 'hf_prompt'))
+
+
 def test_a_genlab_gpt_with_exact_gelu_exports(tmp_path):
   """genlab's own GPT (exact GELU, its init) as GPT-2 files: transformers' logits are genlab's."""
   model = gpt_lib.GPT(vocab_size=70, block_size=16, num_layers=2, num_heads=4, embed_dim=32,

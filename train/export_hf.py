@@ -4,7 +4,9 @@ Writes HF_DIR/model.safetensors and HF_DIR/config.json (a GPT2Config) that trans
 `GPT2LMHeadModel.from_pretrained(HF_DIR)` loads, and the run's tokenizer.json when it has one
 (subword or pretrained tokenizers; a character-level run has none). The weights are those
 `train.sample` uses (EMA where the run keeps it) of the latest checkpoint. Every genlab GPT maps:
-its exact GELU is transformers' "gelu", GPT-2's tanh approximation its "gelu_new".
+its exact GELU is transformers' "gelu", GPT-2's tanh approximation its "gelu_new". A LoRA
+run's adapters are folded into the weights first (`models.lora.merge_lora`), so GPT-2 computes
+the tuned model, not its base.
 Needs `safetensors` only (numpy), not torch.
 """
 
@@ -18,6 +20,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from models import lora as lora_lib
 from train import cli
 from train import hf_gpt2
 from train import run_loader
@@ -33,8 +36,11 @@ def export_gpt2(workdir: str, out: str) -> str:
     raise UserError(f'--workdir={workdir}: a {family.name!r} run; only gpt runs export to GPT-2')
   if os.path.exists(os.path.join(out, hf_gpt2.WEIGHTS_FILE)):
     raise UserError(f'--out={out}: already holds {hf_gpt2.WEIGHTS_FILE}; use a new directory')
-  model = models['model']
   m = family.config.model
+  if int(m.get('prompt_tokens', 0) or 0):
+    raise UserError(f'--workdir={workdir}: a prompt-tuned run (config.model.prompt_tokens='
+                    f'{m.prompt_tokens}); GPT-2 has no place for its learned prompt vectors')
+  model = lora_lib.merge_lora(models['model'])
   settings = dict(block_size=model.block_size, num_layers=model.num_layers,
                   num_heads=model.num_heads, embed_dim=model.embed_dim,
                   vocab_size=model.vocab_size, activation=m.get('activation', 'gelu'),
