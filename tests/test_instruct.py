@@ -1,9 +1,11 @@
 """Instruction tuning: the tasks' data, the response-only loss, and tuned runs from a base GPT
 (full, LoRA and prompt tuning) that train, score and keep their frozen params."""
 
+import gzip
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -15,6 +17,7 @@ from train import loop
 from train import run_loader
 from train import text as text_lib
 from train.errors import UserError
+from train.families import gpt as gpt_family
 from train.families import gpt_instruct as family_lib
 
 RAW = os.environ.get('GENLAB_RAW_DATA', '')
@@ -32,6 +35,24 @@ def tokenizer():
 
 
 # ------------------------------------------------------------------------------------ data
+
+
+@needs_data
+def test_parallel_source_pairs_each_sentence_with_its_translation():
+  def lines(name):
+    with gzip.open(os.path.join(RAW, 'multi30k', name), 'rt', encoding='utf-8') as f:
+      return f.read().splitlines()
+
+  data = ml_collections.ConfigDict({'raw_dir': RAW})
+  docs = gpt_family.source_documents('multi30k:de-en', data)
+  en, de = lines('val.en.gz'), lines('val.de.gz')
+  assert docs['validation'] == [f'{g}\n{e}' for g, e in zip(de, en)] and len(de) > 1000
+  assert len(docs['train']) == len(lines('train.en.gz'))
+  config = gpt_base.get_config('parallel')
+  assert config.data.sources == ('multi30k:en-de', 'multi30k:de-en', 'tiny_shakespeare')
+  assert config.model == gpt_base.get_config().model  # the same model, another corpus
+  with pytest.raises(UserError, match="language 'fr'"):
+    gpt_family.source_documents('multi30k:en-fr', data)
 
 
 def test_template_must_hold_every_slot_and_end_with_the_response():

@@ -15,6 +15,14 @@ by [EOS] and the stream cut into random windows of 128 tokens. Instruction fine-
             (samples/step_0001600.txt) are sentence-shaped English or German with garbled
             content, e.g. "Ein Baseballspieler mit rotem Hut spielt Stästange vor."
 
+ARG `parallel`: the same model and steps on a bilingual corpus: every Multi30k train pair as
+one document in each direction (English, newline, German; and German, newline, English) instead
+of the two languages' sentences apart, plus Tiny Shakespeare. A base that has seen translations
+but never the instruction template, as a web-crawled foundation model has. One run (AMD Zen 3
+host, 2 cores, beside ~3 min of unit tests): 14.3 min wall, 1020 s user + 436 s system CPU;
+validation perplexity 37.4 at step 1600 (over pair documents: not comparable with the 50.2
+above). What it changes for fine-tuning (gpt_instruct.py's docstring): en->de BLEU 22.4 (full)
+and 11.5 (lora4), against 19.0 and 5.9 from the default base; the gap stays.
 ARG `tiny`: a smoke run (2 layers, width 32, 96 positions, vocab 1000, 20 steps).
 """
 
@@ -29,7 +37,9 @@ def get_config(arg: str | None = None):
   c.data.tokenizer = 'subword'
   c.data.vocab_size = 6000
   c.sample_tokens = 64
-  if arg is None:
+  if arg == 'parallel':
+    c.data.sources = ('multi30k:en-de', 'multi30k:de-en', 'tiny_shakespeare')
+  if arg in (None, 'parallel'):
     c.total_steps = c.optimizer.decay_steps = 1600
     c.batch_size = 24
     c.eval_every = 400
@@ -41,5 +51,5 @@ def get_config(arg: str | None = None):
     c.data.vocab_size = 1000
     c.model.block_size = 96
   else:
-    raise ValueError(f'unknown ARG {arg!r} (use tiny)')
+    raise ValueError(f'unknown ARG {arg!r} (use parallel or tiny)')
   return c

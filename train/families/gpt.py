@@ -39,10 +39,17 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 def source_documents(source: str, data: Any) -> dict[str, list[str]]:
   """'train' and 'validation' documents of one source of a data mix.
 
-  'multi30k:LANG': one document per sentence. A TFDS text dataset name (tiny_shakespeare): its
-  text cut at blank lines (for Shakespeare: one speech per document).
+  'multi30k:LANG': one document per sentence. 'multi30k:SRC-TGT' (e.g. en-de): one document per
+  sentence pair, the SRC sentence, a newline, its TGT translation (parallel text, as a web
+  crawl holds some). A TFDS text dataset name (tiny_shakespeare): its text cut at blank lines
+  (for Shakespeare: one speech per document).
   """
   name, _, language = source.partition(':')
+  if name == 'multi30k' and '-' in language:
+    src, _, tgt = language.partition('-')
+    pairs = {split: text_lib.load_multi30k_pairs(data.get('raw_dir'), raw, src, tgt)
+             for split, raw in (('train', 'train'), ('validation', 'val'))}
+    return {split: [f'{s}\n{t}' for s, t in zip(*pair)] for split, pair in pairs.items()}
   if name == 'multi30k':
     return {split: text_lib.load_multi30k(data.get('raw_dir'), raw, language or 'en')
             for split, raw in (('train', 'train'), ('validation', 'val'))}
