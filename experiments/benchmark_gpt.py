@@ -50,15 +50,15 @@ class SyntheticGPT(GPTFamily):
 
   def __init__(self, config, vocab_size):
     super().__init__(config)
-    self._vocab_size = vocab_size
+    self.synthetic_vocab = vocab_size
 
   def setup_data(self, process_index, process_count):
-    self.tokenizer = type('Vocab', (), {'vocab_size': self._vocab_size})()
+    self.tokenizer = type('Vocab', (), {'vocab_size': self.synthetic_vocab})()
 
   def train_batch(self, step):
     rng = np.random.default_rng(step)
     shape = (self.config.batch_size, self.config.model.block_size)
-    tokens = rng.integers(0, self._vocab_size, shape, dtype=np.int32)
+    tokens = rng.integers(0, self.synthetic_vocab, shape, dtype=np.int32)
     return {'inputs': tokens, 'targets': tokens}
 
 
