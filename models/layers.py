@@ -182,7 +182,7 @@ def init_kv_cache(batch: int, length: int, num_heads: int, head_dim: int,
 def embed_tokens(wte: nnx.Embed, wpe: nnx.Embed, tokens: jax.Array,
                  positions: jax.Array) -> jax.Array:
   """Token + position embedding: tokens `[...]`, positions broadcastable -> `[..., embed]`."""
-  table = wpe.embedding[...]
+  table = embedding_table(wpe)
   if wpe.dtype is not None:
     table = table.astype(wpe.dtype)
   return wte(tokens) + table[positions]

@@ -14,8 +14,9 @@ and B `[rank, D]`, in the lookup and, where the model ties its output layer to t
 (`models.layers.tied_logits`), in the logits too. As in the `peft` library's embedding LoRA,
 A (one rank-sized row per token) starts at zero and B is random, so here the zero factor is A;
 B is drawn from N(0, 1 / D) (peft: N(0, 1)), so each of its rows has about unit norm and the
-update's size does not grow with the width. Its rank can differ from the Linears' (`embed_rank`): a table has far more rows
-than a projection, so the same rank costs far more params.
+update's size does not grow with the width. Its rank can differ from the Linears'
+(`embed_rank`): a table has far more rows than a projection, so the same rank costs far more
+params. Modules read a table through `models.layers.embedding_table`, which sees the update.
 """
 
 from __future__ import annotations

@@ -111,9 +111,9 @@ def test_lora_embedding_against_numpy_and_merge():
   # in the lookup and in the logits. Reference: numpy's float64 forward of the tied head.
   model = tiny_gpt()
   base = np.asarray(model(tokens()))
-  wrapped = lora_lib.apply_lora(model, targets=r'(wte|attn/qkv)$', rank=4, alpha=8.0,
+  wrapped = lora_lib.apply_lora(model, targets=r'(wte|wpe|attn/qkv)$', rank=4, alpha=8.0,
                                 rngs=nnx.Rngs(1), embed_rank=2)
-  assert wrapped == ['blocks/0/attn/qkv', 'blocks/1/attn/qkv', 'wte']
+  assert wrapped == ['blocks/0/attn/qkv', 'blocks/1/attn/qkv', 'wpe', 'wte']
   lora = model.wte.lora
   assert (lora.lora_a.shape, lora.lora_b.shape) == ((23, 2), (2, 16))
   assert model.wte.scale == 2.0  # alpha / rank kept at the embedding's own rank: 4 / 2
@@ -129,10 +129,13 @@ def test_lora_embedding_against_numpy_and_merge():
   np.testing.assert_allclose(np.asarray(layers.tied_logits(jnp.asarray(h, jnp.float32),
                                                            model.wte)),
                              h @ table.T, rtol=1e-4, atol=1e-4)
+  with_wte = np.asarray(model(tokens()))
+  # The position table too (the model reads it by index, not by lookup): merged must agree.
+  model.wpe.lora.lora_a[...] = jax.random.normal(jax.random.key(6), model.wpe.lora.lora_a.shape)
   adapted = np.asarray(model(tokens()))
-  assert np.abs(adapted - base).max() > 0.1
+  assert np.abs(adapted - with_wte).max() > 0.1 and np.abs(with_wte - base).max() > 0.1
   lora_lib.merge_lora(model)
-  assert type(model.wte) is nnx.Embed
+  assert type(model.wte) is nnx.Embed and type(model.wpe) is nnx.Embed
   assert jax.tree.structure(nnx.state(model, nnx.Param)) == jax.tree.structure(
       nnx.state(tiny_gpt(), nnx.Param))
   np.testing.assert_allclose(np.asarray(model.wte.embedding[...]), table, rtol=1e-5, atol=1e-5)
