@@ -100,6 +100,29 @@ def test_gae_against_its_definition_and_response_rows_by_hand():
   np.testing.assert_array_equal(rows['weights'], [[0, 0, 1, 1, 0, 0]])
 
 
+def test_leave_one_out_scores_and_the_rewards_they_enter():
+  score = np.array([1.0, 4.0, -2.0, 0.5, 0.5, 3.5])
+  # k = 3: each score minus the mean of the other two of its prompt, by hand.
+  want = [1 - (4 - 2) / 2, 4 - (1 - 2) / 2, -2 - (1 + 4) / 2, 0.5 - 2, 0.5 - 2, 3.5 - 0.5]
+  np.testing.assert_allclose(rlhf_lib.leave_one_out(jnp.asarray(score), 3), want, rtol=1e-6)
+  np.testing.assert_array_equal(rlhf_lib.leave_one_out(jnp.asarray(score), 1), score)
+  # A per-prompt constant (what a Bradley-Terry reward model leaves undefined) drops out.
+  shifted = score + np.repeat([10.0, -7.0], 3)
+  np.testing.assert_allclose(rlhf_lib.leave_one_out(jnp.asarray(shifted), 3), want, rtol=1e-5)
+  # In the per-token rewards: the response's last token carries the centred score.
+  family = rlhf_family(group_size=2, beta=0.5)
+  w = np.zeros((4, 5), np.float32)
+  w[:, 1:4] = 1
+  rng = np.random.default_rng(0)
+  ro = {'weights': jnp.asarray(w), 'old_logp': jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+        'ref_logp': jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+        'values': jnp.zeros((4, 5)), 'score': jnp.asarray([1.0, 3.0, 0.0, -1.0])}
+  rewards = np.asarray(family.advantages(ro)[0])
+  kl_part = -0.5 * (np.asarray(ro['old_logp']) - np.asarray(ro['ref_logp'])) * w
+  np.testing.assert_allclose(rewards[:, 3] - kl_part[:, 3], [-2.0, 2.0, 1.0, -1.0], rtol=1e-5)
+  np.testing.assert_allclose(rewards[:, :3], kl_part[:, :3], rtol=1e-6)
+
+
 def rlhf_family(**rlhf):
   c = rlhf_gpt.get_config('tiny')
   c.update_from_flattened_dict({'preferences.path': 'unused', 'rlhf.reference': 'unused',
@@ -178,10 +201,25 @@ def test_rlhf_run_equals_on_8_devices_and_resumes_exactly(sft, reward_run):
 
 
 @needs_multi30k
+def test_grouped_batches_answer_each_prompt_k_times(sft, reward_run):
+  sft_dir, pairs_dir, _ = sft
+  family = rlhf_lib.RLHFFamily(rlhf_config(sft_dir, pairs_dir, reward_run,
+                                           **{'rlhf.group_size': 4}))
+  family.setup_data(0, 1)
+  batch = family.train_batch(3)
+  prompts = batch['prompts'].reshape(2, 4, -1)
+  assert (prompts == prompts[:, :1]).all() and not (prompts[0] == prompts[1]).all()
+  # Distinct global rows, so each answer draws from its own key (rollout_keys).
+  np.testing.assert_array_equal(batch['rows'], np.arange(8))
+
+
+@needs_multi30k
 def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
   sft_dir, pairs_dir, root = sft
   fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.beta': -0.1}),
                     r'config.rlhf.beta=-0.1: must be > 0')
+  fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.group_size': 3}),
+                    r'config.rlhf.group_size=3: must be >= 1 and divide config.batch_size=8')
   fails_in_one_line(rlhf_config(sft_dir, pairs_dir, str(root / 'none')),
                     r'config.rlhf.reward=.*none: no checkpoint', str(root / 'bad_rlhf'))
   other = run_with_another_tokenizer(sft_dir, str(root / 'other_tokenizer_rlhf'))

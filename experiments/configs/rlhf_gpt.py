@@ -31,7 +31,8 @@ def get_config(arg: str | None = None):
   c = reward_gpt.get_config(arg)
   c.family = 'rlhf'
   c.rlhf = dict(reward='', reference='', beta=0.1, clip=0.2, ppo_epochs=2, gae_lambda=0.95,
-                vf_coef=0.5, temperature=1.0, max_new_tokens=48, prompt_len=60)
+                vf_coef=0.5, temperature=1.0, max_new_tokens=48, prompt_len=60,
+                group_size=1)
   c.batch_size = 16
   c.total_steps = c.optimizer.decay_steps = 100
   c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=4)

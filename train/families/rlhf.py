@@ -19,7 +19,12 @@ needs no other hook, and the loop is not forked):
   3. Per-token rewards (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
      Preferences"; Ouyang et al. 2022): r_t = -beta * (log pi(y_t) - log ref(y_t)) on every
      response token, plus the reward model's score on the last one; beta = config.rlhf.beta > 0
-     (fixed). Advantages by GAE (Schulman et al. 2016) with gamma = 1 and
+     (fixed). With config.rlhf.group_size = k > 1 each prompt is answered k times in the batch
+     and the score in r_t is replaced by its leave-one-out difference, score - (mean of the
+     other k - 1 scores of the same prompt) (the REINFORCE leave-one-out baseline of Ahmadian
+     et al. 2024, "Back to Basics"): a Bradley-Terry reward model's scores are defined up to a
+     per-prompt constant, which this removes before the value head has to learn it.
+     Advantages by GAE (Schulman et al. 2016) with gamma = 1 and
      lambda = config.rlhf.gae_lambda over the response tokens, whitened over the batch; returns
      = advantages (before whitening) + values.
   4. config.rlhf.ppo_epochs optimizer updates on the whole rollout batch, each minimising
@@ -140,6 +145,16 @@ def response_rows(prompts: jax.Array, lengths: jax.Array, responses: jax.Array, 
           'weights': keep[:, 1:].astype(jnp.float32)}
 
 
+def leave_one_out(score: jax.Array, group_size: int) -> jax.Array:
+  """score `[n]` (n = prompts x group_size, each prompt's answers adjacent) minus, for each,
+  the mean of the other answers to its prompt; group_size 1: the scores unchanged."""
+  if group_size == 1:
+    return score
+  groups = score.reshape(-1, group_size)
+  others = (jnp.sum(groups, axis=1, keepdims=True) - groups) / (group_size - 1)
+  return (groups - others).reshape(score.shape)
+
+
 def rollout_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
   """One sampling key per global batch row: a row's response depends on (key, its index)
   only, not on how the batch is split over devices or processes."""
@@ -150,8 +165,9 @@ def rollout_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
 class RLHFFamily(pairs.PairsFamily):
   """config.rlhf: reward and reference (RUN_DIR[:STEP]), beta (> 0), clip, ppo_epochs,
   gae_lambda, vf_coef, temperature, max_new_tokens, prompt_len (the prompts' padded width;
-  longer prompts are dropped; prompt_len + max_new_tokens <= model.block_size). Training
-  prompts are the pairs file's train split, evaluation prompts its validation split."""
+  longer prompts are dropped; prompt_len + max_new_tokens <= model.block_size), group_size
+  (answers per train prompt, dividing batch_size; 1: one each, no leave-one-out baseline).
+  Training prompts are the pairs file's train split, evaluation prompts its validation split."""
 
   name = 'rlhf'
 
@@ -176,6 +192,11 @@ class RLHFFamily(pairs.PairsFamily):
       raise UserError(f'config.rlhf: clip={r.clip} must be in (0, 1), ppo_epochs='
                       f'{r.ppo_epochs} >= 1, gae_lambda={r.gae_lambda} in [0, 1] and '
                       f'temperature={r.temperature} > 0')
+
+    self.group_size = int(r.get('group_size', 1) or 1)
+    if self.group_size < 1 or config.batch_size % self.group_size:
+      raise UserError(f'config.rlhf.group_size={r.group_size}: must be >= 1 and divide '
+                      f'config.batch_size={config.batch_size}')
 
   def networks_from_runs(self):
     return {'reference': (str(self.config.rlhf.reference), 'model', 'config.rlhf.reference'),
@@ -230,7 +251,8 @@ class RLHFFamily(pairs.PairsFamily):
 
   def train_batch(self, step: int):
     rng = np.random.default_rng([self.config.seed, step])
-    picks = rng.integers(0, len(self._prompts), self.config.batch_size)
+    picks = rng.integers(0, len(self._prompts), self.config.batch_size // self.group_size)
+    picks = np.repeat(picks, self.group_size)   # each prompt's answers in adjacent rows
     return self._prompt_batch(self._prompts, picks)
 
   def eval_batches(self):
@@ -269,7 +291,8 @@ class RLHFFamily(pairs.PairsFamily):
     """(per-token rewards, whitened advantages, returns), each `[n, S-1]`."""
     w = ro['weights']
     last = jax.nn.one_hot(reward_lib.last_response_index(w), w.shape[1]) * w
-    rewards = -self.beta * (ro['old_logp'] - ro['ref_logp']) * w + ro['score'][:, None] * last
+    score = leave_one_out(ro['score'], self.group_size)
+    rewards = -self.beta * (ro['old_logp'] - ro['ref_logp']) * w + score[:, None] * last
     adv = gae(rewards, ro['values'], w, float(self.config.rlhf.gae_lambda))
     return rewards, whiten(adv, w), (adv + ro['values']) * w
 
