@@ -19,6 +19,10 @@ to 1e-5), 100 steps of 16 rollouts.
             model's score is highest (0.995 vs SFT's 0.309) and the judge's chrF falls below
             SFT's: reward hacking. 4.3-4.8 min wall per run (233-245 s user + 23-25 s system
             CPU, beside one other training run). The commands and the table are there.
+  Pilot:    --config.rlhf.group_size=4 (4 answers to each of 4 prompts per step, the reward
+            model's score centred by the leave-one-out mean of the others) at beta 0.05,
+            against group_size 1 on the same freshly rebuilt chain (experiments/README.md,
+            "RLHF with PPO"): win rate 54.8% +- 1.6 against 55.4% +- 1.7; no gain.
 The model section must equal the SFT run's.
 
 ARG `tiny`: gpt_instruct.py:tiny's model, 4 steps of 8 rollouts of 8 tokens (tests).
