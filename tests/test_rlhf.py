@@ -218,8 +218,10 @@ def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
   sft_dir, pairs_dir, root = sft
   fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.beta': -0.1}),
                     r'config.rlhf.beta=-0.1: must be > 0')
-  fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.group_size': 3}),
-                    r'config.rlhf.group_size=3: must be >= 1 and divide config.batch_size=8')
+  for group in (0, 3):
+    fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.group_size': group}),
+                      rf'config.rlhf.group_size={group}: must be >= 1 and divide '
+                      r'config.batch_size=8')
   fails_in_one_line(rlhf_config(sft_dir, pairs_dir, str(root / 'none')),
                     r'config.rlhf.reward=.*none: no checkpoint', str(root / 'bad_rlhf'))
   other = run_with_another_tokenizer(sft_dir, str(root / 'other_tokenizer_rlhf'))

@@ -192,8 +192,8 @@ class RLHFFamily(pairs.PairsFamily):
       raise UserError(f'config.rlhf: clip={r.clip} must be in (0, 1), ppo_epochs='
                       f'{r.ppo_epochs} >= 1, gae_lambda={r.gae_lambda} in [0, 1] and '
                       f'temperature={r.temperature} > 0')
-
-    self.group_size = int(r.get('group_size', 1) or 1)
+    group = r.get('group_size')   # runs written before the key: one answer per prompt
+    self.group_size = 1 if group is None else int(group)
     if self.group_size < 1 or config.batch_size % self.group_size:
       raise UserError(f'config.rlhf.group_size={r.group_size}: must be >= 1 and divide '
                       f'config.batch_size={config.batch_size}')
