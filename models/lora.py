@@ -28,6 +28,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def _adopt(module: nnx.Module, base: nnx.Module) -> None:
+  """Gives `module` the base's Variables and settings (no new weight is drawn)."""
+  for name, value in vars(base).items():
+    if not name.startswith('_'):
+      setattr(module, name, value)
+
+
 class LoRALinear(nnx.Linear):
   """An `nnx.Linear` that adopts a base Linear's Variables and adds a scaled `nnx.LoRA`."""
 
@@ -36,10 +43,7 @@ class LoRALinear(nnx.Linear):
       raise ValueError(f'LoRA rank {rank} must be in [1, min(in, out) = '
                        f'{min(base.in_features, base.out_features)}] for a Linear '
                        f'{base.in_features} -> {base.out_features}')
-    # Take over the base's kernel, bias and settings as they are (no new kernel is drawn).
-    for name, value in vars(base).items():
-      if not name.startswith('_'):
-        setattr(self, name, value)
+    _adopt(self, base)   # the base's kernel, bias and settings as they are
     self.scale = float(alpha) / rank
     self.lora = nnx.LoRA(base.in_features, rank, base.out_features, dtype=base.dtype,
                          param_dtype=base.param_dtype, rngs=rngs)
@@ -71,9 +75,7 @@ class LoRAEmbed(nnx.Embed):
       raise ValueError(f'LoRA rank {rank} must be in [1, min(rows, features) = '
                        f'{min(base.num_embeddings, base.features)}] for an Embed '
                        f'{base.num_embeddings} x {base.features}')
-    for name, value in vars(base).items():
-      if not name.startswith('_'):
-        setattr(self, name, value)
+    _adopt(self, base)   # the base's table and settings as they are
     self.scale = float(alpha) / rank
     self.lora = nnx.LoRA(base.num_embeddings, rank, base.features, dtype=base.dtype,
                          param_dtype=base.param_dtype, a_initializer=nnx.initializers.zeros,
