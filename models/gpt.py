@@ -112,7 +112,8 @@ class GPT(nnx.Module):
                        + (f' less {p} prompt vectors' if p else ''))
     x = layers.embed_tokens(self.wte, self.wpe, tokens, p + jnp.arange(seq)[None, :])
     if p:
-      soft = self.prompt[...].astype(x.dtype) + layers.embedding_table(self.wpe)[:p].astype(x.dtype)
+      positions = layers.embedding_table(self.wpe)[:p].astype(x.dtype)
+      soft = self.prompt[...].astype(x.dtype) + positions
       x = jnp.concatenate([jnp.broadcast_to(soft, (batch, p, self.embed_dim)), x], axis=1)
     return x.reshape(batch * (p + seq), self.embed_dim)
 

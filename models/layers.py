@@ -199,10 +199,11 @@ def sinusoidal_positions(positions: jax.Array, dim: int) -> jax.Array:
       positions.shape + (dim,))
 
 
-def embedding_table(wte: nnx.Embed) -> jax.Array:
-  """wte's table `[vocab, D]`, with its LoRA update where it has one (`models.lora.LoRAEmbed`)."""
-  table = getattr(wte, 'table', None)
-  return table() if callable(table) else wte.embedding[...]
+def embedding_table(embed: nnx.Embed) -> jax.Array:
+  """An Embed's table `[rows, D]`, with its LoRA update where it has one
+  (`models.lora.LoRAEmbed`): every read of a table by index goes through here."""
+  table = getattr(embed, 'table', None)
+  return table() if callable(table) else embed.embedding[...]
 
 
 def tied_logits(h: jax.Array, wte: nnx.Embed) -> jax.Array:
