@@ -121,5 +121,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.tune_host_malloc()  # as the train/sample/evaluate commands do
+  cli.tune_host()  # as the train/sample/evaluate commands do
   app.run(main)

@@ -178,5 +178,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.tune_host_malloc()  # as the train command does
+  cli.tune_host()  # as the train command does
   app.run(main)

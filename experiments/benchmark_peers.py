@@ -379,7 +379,8 @@ def main(argv):
   jax_peak = metrics_lib.matmul_peak_flops(jax.devices()[:1])
   torch_peak = torch_matmul_peak(torch)
   print(f'host: {host_cpu()}; jax {jax.__version__}, torch {torch.__version__} '
-        f'({torch.get_num_threads()} threads); median of {_ROUNDS.value} alternating rounds')
+        f'({torch.get_num_threads()} threads); median of {_ROUNDS.value} alternating rounds; '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   print(f'f32 1024^3 matmul peak: jax {jax_peak / 1e9:.0f} GFLOP/s, '
         f'torch {torch_peak / 1e9:.0f} GFLOP/s\n')
   print('| what | peer | genlab speed / peer speed | detail |')
@@ -389,5 +390,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.tune_host_malloc()  # as the train/sample/evaluate commands do
+  cli.tune_host()  # as the train/sample/evaluate commands do
   app.run(main)

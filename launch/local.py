@@ -39,7 +39,8 @@ def free_port() -> int:
 def child_env(devices: int) -> dict[str, str]:
   flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '', os.environ.get('XLA_FLAGS', ''))
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1',
-          'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count={devices}'.strip()}
+          'XLA_FLAGS': ' '.join(
+              [*flags.split(), f'--xla_force_host_platform_device_count={devices}'])}
 
 
 def _stream(proc: subprocess.Popen, prefix: str, lock: threading.Lock) -> None:

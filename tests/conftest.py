@@ -40,11 +40,12 @@ import tempfile
 
 import pytest
 
-from train.cli import MALLOC_TUNABLES
+from train.cli import MALLOC_TUNABLES, tune_xla_cpu
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+tune_xla_cpu()  # XLA's CPU flag, as every entry point adds it (train.cli.run)
 
 # The directory this process created (the controller, or a run without xdist); workers and
 # subprocesses inherit the variable and share it. Set before JAX is imported: JAX reads these

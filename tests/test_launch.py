@@ -21,7 +21,9 @@ PY = sys.executable
 # ------------------------------------------------------------------------------ launch/local.py
 
 
-def test_local_prefixes_output_and_passes_process_flags(capfd):
+def test_local_prefixes_output_and_passes_process_flags(capfd, monkeypatch):
+  # The caller's other XLA flags are kept; its device count is replaced.
+  monkeypatch.setenv('XLA_FLAGS', '--xla_some_flag=1 --xla_force_host_platform_device_count=8')
   code = ('import os, sys; print(sys.argv[1:]); '
           'print(os.environ["XLA_FLAGS"], os.environ["JAX_PLATFORMS"])')
   assert local.launch([PY, '-c', code], num_processes=2, devices_per_process=3, timeout=60,
@@ -30,7 +32,7 @@ def test_local_prefixes_output_and_passes_process_flags(capfd):
   for i in (0, 1):
     assert (f"[p{i}] ['--coordinator_address=127.0.0.1:12345', '--num_processes=2', "
             f"'--process_id={i}']") in out
-    assert f'[p{i}] --xla_force_host_platform_device_count=3 cpu' in out
+    assert f'[p{i}] --xla_some_flag=1 --xla_force_host_platform_device_count=3 cpu' in out
 
 
 def test_local_stops_everyone_when_one_fails(capfd):

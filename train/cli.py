@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 import os
 import platform
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -45,14 +47,58 @@ def tune_host_malloc() -> None:
     pass  # run on with glibc's defaults
 
 
+# XLA:CPU in jaxlib 0.10 hands convolutions, as well as dots, to YNNPACK (XLA's
+# `xla_cpu_experimental_ynn_fusion_type` flag). For a convolution's weight gradient (a
+# convolution whose window spans the whole image) that path is slow: on a 2-core Zen 3 CPU, a
+# 3x3 conv at batch 64, 28x28, 32 -> 32 channels took 77-172 ms for dW through YNNPACK and
+# 13-14 ms through XLA's own (Eigen) convolution, forward 15-22 vs 7-11 ms. Keeping YNNPACK
+# for dots alone took `python -m experiments.benchmark_peers --only=unet,ddim` from 0.52x to
+# 0.87x diffusers on the UNet train step and from 0.57x to 1.02x on DDIM-50 (one run each,
+# back to back, same host); experiments/README.md has the repeated figures. The flag is known
+# to jaxlib 0.8.3 to 0.10.x (checked in their wheels); other versions are left alone (an
+# unknown flag in XLA_FLAGS aborts the process).
+XLA_CPU_FLAG = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
+_XLA_CPU_JAXLIB = ((0, 8, 3), (0, 11))
+
+
+def tune_xla_cpu() -> bool:
+  """Adds `XLA_CPU_FLAG` to XLA_FLAGS, before JAX starts its backends; True if it did.
+
+  Nothing happens with GENLAB_XLA_TUNING=0, when XLA_FLAGS already names the flag (the
+  user's choice wins), for a jaxlib outside the versions known to have it, or once JAX's
+  backends are running (XLA reads XLA_FLAGS when they start). Other backends ignore it.
+  """
+  if (os.environ.get('GENLAB_XLA_TUNING') == '0'
+      or 'xla_cpu_experimental_ynn_fusion_type' in os.environ.get('XLA_FLAGS', '')):
+    return False
+  try:
+    version = tuple(int(x) for x in re.findall(r'\d+', metadata.version('jaxlib'))[:3])
+  except metadata.PackageNotFoundError:
+    return False
+  if not _XLA_CPU_JAXLIB[0] <= version < _XLA_CPU_JAXLIB[1]:
+    return False
+  if 'jax' in sys.modules:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    if xla_bridge.backends_are_initialized():
+      return False
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {XLA_CPU_FLAG}'.strip()
+  return True
+
+
+def tune_host() -> None:
+  """What every entry point does first: `tune_xla_cpu`, then `tune_host_malloc`."""
+  tune_xla_cpu()
+  tune_host_malloc()
+
+
 def run(main: Callable[[Sequence[str]], None], *, config_overrides: bool = False) -> None:
   """`absl.app.run(main)`, but user errors print one line and exit 1, with no traceback.
 
   With `config_overrides`, `--config.KEY=VALUE` arguments are taken out of argv before absl
   parses it and handed to `main` as `train.cli.OVERRIDES`. The process first re-executes
-  itself with tuned glibc malloc settings (`tune_host_malloc`).
+  itself with tuned glibc malloc settings, after adding XLA's CPU flag (`tune_host`).
   """
-  tune_host_malloc()
+  tune_host()
   def parse(argv):
     global OVERRIDES
     try:
