@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import layers
+from models import upsample
 
 _zeros = nnx.initializers.zeros
 
@@ -235,6 +236,5 @@ class UNet(nnx.Module):
         h = attn(h)
       h = cross(cross_attn, h)
       if up is not None:
-        b, hh, ww, c = h.shape
-        h = up(jax.image.resize(h, (b, 2 * hh, 2 * ww, c), 'nearest'))
+        h = up(upsample.upsample_nearest(h))
     return self.conv_out(nnx.silu(self.norm_out(h))).astype(jnp.float32)

@@ -1,4 +1,5 @@
-"""Learned 2x upsampling by sub-pixel convolution (Shi et al. 2016), the generators' building block.
+"""Learned 2x upsampling by sub-pixel convolution (Shi et al. 2016), the generators' building block,
+and nearest-neighbour upsampling (the UNet's).
 
 A 3x3 convolution to 4 * C channels at the low resolution, then depth-to-space: the same family
 of functions as a 4x4 stride-2 transposed convolution (up to kernel size), but its gradient is
@@ -18,6 +19,17 @@ def depth_to_space(x: jax.Array, factor: int = 2) -> jax.Array:
   b, h, w, c = x.shape
   x = x.reshape(b, h, w, factor, factor, c // factor**2)
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * factor, w * factor, c // factor**2)
+
+
+def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
+  """[batch, H, W, C] -> [batch, f*H, f*W, C], each pixel repeated f x f times.
+
+  `jax.image.resize(..., 'nearest')` gives the same values through a gather, whose gradient (a
+  scatter) took 6.3 ms against 0.9 ms for this broadcast's on XLA:CPU (64x14x14x64, Zen 3).
+  """
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+  return x.reshape(b, h * factor, w * factor, c)
 
 
 class UpConv(nnx.Module):

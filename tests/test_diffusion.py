@@ -18,6 +18,7 @@ from scipy import stats
 from experiments.configs import ddpm_mnist
 from models import diffusion as D
 from models import unet as unet_lib
+from models import upsample
 from train import loop
 from train import run_loader
 from train.errors import UserError
@@ -36,6 +37,16 @@ def gaussian_data_denoiser(diffusion, mu, s):
     a = diffusion.alphas_cumprod[t].reshape((-1,) + (1,) * (x.ndim - 1))
     return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mu) / (a * s * s + 1 - a)
   return denoise
+
+
+def test_nearest_upsampling_repeats_pixels_and_its_gradient_sums_each_block():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+  g = rng.normal(size=(2, 6, 8, 5)).astype(np.float32)
+  y, vjp = jax.vjp(upsample.upsample_nearest, jnp.asarray(x))
+  np.testing.assert_array_equal(y, np.repeat(np.repeat(x, 2, axis=1), 2, axis=2))
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], g.reshape(2, 3, 2, 4, 2, 5).sum((2, 4)),
+                             rtol=1e-6)
 
 
 def test_schedules():
