@@ -47,17 +47,17 @@ def tune_host_malloc() -> None:
     pass  # run on with glibc's defaults
 
 
-# XLA:CPU in jaxlib 0.10 hands convolutions, as well as dots, to YNNPACK (XLA's
-# `xla_cpu_experimental_ynn_fusion_type` flag). For a convolution's weight gradient (a
-# convolution whose window spans the whole image) that path is slow: on a 2-core Zen 3 CPU, a
-# 3x3 conv at batch 64, 28x28, 32 -> 32 channels took 77-172 ms for dW through YNNPACK and
-# 13-14 ms through XLA's own (Eigen) convolution, forward 15-22 vs 7-11 ms. Keeping YNNPACK
-# for dots alone took `python -m experiments.benchmark_peers --only=unet,ddim` from 0.52x to
-# 0.87x diffusers on the UNet train step and from 0.57x to 1.02x on DDIM-50 (one run each,
-# back to back, same host); experiments/README.md has the repeated figures. The flag is known
-# to jaxlib 0.8.3 to 0.10.x (checked in their wheels); other versions are left alone (an
-# unknown flag in XLA_FLAGS aborts the process).
-XLA_CPU_FLAG = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
+# XLA:CPU in jaxlib 0.10 hands dots, reductions and convolutions to YNNPACK (XLA's
+# `xla_cpu_experimental_ynn_fusion_type` flag). YNNPACK's convolutions are slow here, their
+# weight gradients (convolutions whose window spans the image) above all: on a 2-core Zen 3 CPU
+# the UNet's 3x3 convolution at batch 64, 28x28, 48 -> 32 channels took 59-100 ms for dW
+# through YNNPACK and 16 ms through XLA's own (Eigen) convolution (`python -m
+# experiments.benchmark_ops`, with and without GENLAB_XLA_TUNING=0). This flag keeps YNNPACK
+# for dots and reductions only; experiments/README.md ("Speed against PyTorch") has what it
+# does to the UNet and DDIM against diffusers. The flag and both values are known to jaxlib
+# 0.8.3 to 0.10.x (checked in their wheels); other versions are left alone (an unknown flag in
+# XLA_FLAGS aborts the process).
+XLA_CPU_FLAG = '--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce'
 _XLA_CPU_JAXLIB = ((0, 8, 3), (0, 11))
 
 
