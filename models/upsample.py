@@ -1,5 +1,5 @@
-"""Learned 2x upsampling by sub-pixel convolution (Shi et al. 2016), the generators' building block,
-and nearest-neighbour upsampling (the UNet's).
+"""2x upsampling: learned, by sub-pixel convolution (Shi et al. 2016), the generators' building
+block; and nearest-neighbour, the UNet's.
 
 A 3x3 convolution to 4 * C channels at the low resolution, then depth-to-space: the same family
 of functions as a 4x4 stride-2 transposed convolution (up to kernel size), but its gradient is
@@ -25,7 +25,8 @@ def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
   """[batch, H, W, C] -> [batch, f*H, f*W, C], each pixel repeated f x f times.
 
   `jax.image.resize(..., 'nearest')` gives the same values through a gather, whose gradient (a
-  scatter) took 6.3 ms against 0.9 ms for this broadcast's on XLA:CPU (64x14x14x64, Zen 3).
+  scatter) took 6.2-7.9 ms against 0.9-2.2 ms for this broadcast's on XLA:CPU (64x14x14x64,
+  Zen 3; `python -m experiments.benchmark_ops`).
   """
   b, h, w, c = x.shape
   x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))

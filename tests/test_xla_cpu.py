@@ -39,7 +39,8 @@ def main(argv):
   compiled = f.lower(x, w).compile()
   y, dx, dw = compiled(x, w)
   text = compiled.as_text()
-  ynn = re.findall(r'calls=(%[^,]+), backend_config=[{]"fusion_config":[{]"kind":"__ynn_fusion', text)
+  ynn = re.findall(r'calls=(%[^,]+), backend_config=[{]"fusion_config":'
+                   r'[{]"kind":"__ynn_fusion', text)
   bodies = {block.strip().split(' ', 1)[0]: block for block in text.split('\\n\\n')}
   print(json.dumps({'xla_flags': os.environ.get('XLA_FLAGS', ''),
                     'ynn_conv': any(' convolution(' in bodies.get(n, '') for n in ynn),

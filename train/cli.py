@@ -50,14 +50,14 @@ def tune_host_malloc() -> None:
 # XLA:CPU in jaxlib 0.10 hands dots, reductions and convolutions to YNNPACK (XLA's
 # `xla_cpu_experimental_ynn_fusion_type` flag). YNNPACK's convolutions are slow here, their
 # weight gradients (convolutions whose window spans the image) above all: on a 2-core Zen 3 CPU
-# the UNet's 3x3 convolution at batch 64, 28x28, 48 -> 32 channels took 59-100 ms for dW
-# through YNNPACK and 16 ms through XLA's own (Eigen) convolution (`python -m
+# the UNet's 3x3 convolution at batch 64, 28x28, 48 -> 32 channels took 58-203 ms for dW
+# through YNNPACK and 16-21 ms through XLA's own (Eigen) convolution (`python -m
 # experiments.benchmark_ops`, with and without GENLAB_XLA_TUNING=0). This flag keeps YNNPACK
-# for dots and reductions only; experiments/README.md ("Speed against PyTorch") has what it
-# does to the UNet and DDIM against diffusers. The flag and both values are known to jaxlib
-# 0.8.3 to 0.10.x (checked in their wheels); other versions are left alone (an unknown flag in
-# XLA_FLAGS aborts the process).
-XLA_CPU_FLAG = '--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce'
+# for dots only: with its reductions kept too, DDIM sampling lost ~15% against diffusers.
+# experiments/README.md ("Speed against PyTorch") has what the flag does to the UNet and DDIM
+# against diffusers. The flag is known to jaxlib 0.8.3 to 0.10.x (checked in their wheels);
+# other versions are left alone (an unknown flag in XLA_FLAGS aborts the process).
+XLA_CPU_FLAG = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
 _XLA_CPU_JAXLIB = ((0, 8, 3), (0, 11))
 
 
@@ -79,7 +79,7 @@ def tune_xla_cpu() -> bool:
     return False
   if 'jax' in sys.modules:
     from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-    if xla_bridge.backends_are_initialized():
+    if getattr(xla_bridge, 'backends_are_initialized', lambda: False)():
       return False
   os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {XLA_CPU_FLAG}'.strip()
   return True

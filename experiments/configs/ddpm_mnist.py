@@ -5,6 +5,10 @@ dropout 0.1 (0.69M params, 26 GFLOP per train step); cosine schedule over T = 10
 prediction, simple loss; AdamW lr 1e-3 (100 warmup steps, cosine to 1e-5), batch 64, 3600 steps
 (3.8 epochs), EMA 0.998.
 
+The runtimes below were measured while XLA ran convolutions through YNNPACK, before the genlab
+commands turned that off (README "XLA:CPU convolutions"); the train step is ~1.5x faster since
+on a Zen 3 host (experiments/README.md, "Speed against PyTorch"). They are not re-measured.
+
 ARG `cond`: class-conditional with classifier-free guidance (labels dropped to the null class
 with p = 0.1): the quality config.
   Command:  python -m train --config=experiments/configs/ddpm_mnist.py:cond --workdir=/tmp/ddpm_cond
