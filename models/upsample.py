@@ -25,7 +25,7 @@ def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
   """[batch, H, W, C] -> [batch, f*H, f*W, C], each pixel repeated f x f times.
 
   `jax.image.resize(..., 'nearest')` gives the same values through a gather, whose gradient (a
-  scatter) took 6.2-7.9 ms against 0.9-2.2 ms for this broadcast's on XLA:CPU (64x14x14x64,
+  scatter) took 6.2-7.0 ms against 0.9-2.2 ms for this broadcast's on XLA:CPU (64x14x14x64,
   Zen 3; `python -m experiments.benchmark_ops`).
   """
   b, h, w, c = x.shape
