@@ -10,6 +10,10 @@ over --rounds rounds.
     global-norm clipping), both compiled with `torch.compile` (as nanoGPT's `--compile=True`:
     the model compiled, the optimizer step eager) and eager. Same random tokens; FLOPs from
     nanoGPT's formula 6N + 12 L T d per token.
+  * gpt_bf16 (only when asked for: `--only=gpt_bf16`): the same in mixed precision, bfloat16
+    compute with float32 params and optimizer (genlab's `model.dtype='bfloat16'`, PyTorch's
+    `torch.autocast('cpu', torch.bfloat16)`); meant for CPUs with AVX512-BF16 (the host line
+    says whether this one has it), where both peaks in bf16 are printed too.
   * unet: genlab's diffusion train step on `ddpm_mnist.py:cond` (eps loss, label dropout, AdamW,
     clip, EMA) against diffusers' `UNet2DModel` configured to the same architecture
     (`diffusers_unet`: the same widths, blocks, attention, time and class embeddings; the table
@@ -22,6 +26,7 @@ the host's CPU family are printed with the table.
 
   pip install -e '.[peers]'    # torch (CPU) and diffusers: never in the core install
   TFDS_DATA_DIR=... python -m experiments.benchmark_peers [--rounds=3] [--only=gpt,unet,ddim]
+  TFDS_DATA_DIR=... python -m experiments.benchmark_peers --only=gpt_bf16
 
 Run one benchmark at a time (nothing else heavy on the machine).
 """
@@ -65,10 +70,16 @@ def host_cpu() -> str:
         fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  family = fields.get('cpu family', '?')
-  zen = {'25': 'Zen 3/Zen 4', '26': 'Zen 5'}.get(family, '')
-  return (f'{fields.get("model name", platform.processor() or "?")}, cpu family {family}'
-          f'{f" ({zen})" if zen else ""}, {os.cpu_count()} logical cores')
+  family, model = fields.get('cpu family', '?'), fields.get('model', '?')
+  zen = ''
+  if family == '25' and model.isdigit():   # AMD's family 19h: Zen 4 at these model numbers
+    zen = 'Zen 4' if int(model) in {*range(0x10, 0x20), *range(0x60, 0x80),
+                                    *range(0xa0, 0xb0)} else 'Zen 3'
+  elif family == '26':
+    zen = 'Zen 5'
+  bf16 = ', avx512_bf16' if 'avx512_bf16' in fields.get('flags', '').split() else ''
+  return (f'{fields.get("model name", platform.processor() or "?")}, cpu family {family} '
+          f'model {model}{f" ({zen})" if zen else ""}{bf16}, {os.cpu_count()} logical cores')
 
 
 def alternate(runners: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
@@ -179,8 +190,8 @@ def diffusers_unet(config, num_classes: int):
       flip_sin_to_cos=True, freq_shift=0)
 
 
-def torch_matmul_peak(torch, size=1024, repeats=5) -> float:
-  a, b = torch.ones(size, size), torch.ones(size, size)
+def torch_matmul_peak(torch, size=1024, repeats=5, dtype=None) -> float:
+  a, b = torch.ones(size, size, dtype=dtype), torch.ones(size, size, dtype=dtype)
   a @ b
   best = math.inf
   for _ in range(repeats):
@@ -222,8 +233,13 @@ def _cost_flops(compiled) -> float:
 # ---------------------------------------------------------------------------------------------
 # Rows.
 # ---------------------------------------------------------------------------------------------
-def gpt_row(torch) -> list[tuple[str, str, float, str]]:
+def gpt_row(torch, bf16: bool = False) -> list[tuple[str, str, float, str]]:
+  """The GPT rows; bf16: both compute in bfloat16 with float32 params and optimizer (genlab's
+  `model.dtype='bfloat16'`, PyTorch's `torch.autocast('cpu', torch.bfloat16)` around the
+  forward and loss)."""
   config = gpt_shakespeare.get_config()
+  if bf16:
+    config.model.dtype = 'bfloat16'
   family = SyntheticGPT(config, vocab_size=65)
   family.setup_data(0, 1)
   n = _GPT_STEPS.value
@@ -246,7 +262,8 @@ def gpt_row(torch) -> list[tuple[str, str, float, str]]:
 
     def one(i):
       x, y = data[i % len(data)]
-      loss = forward(x, y)
+      with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        loss = forward(x, y)
       opt.zero_grad(set_to_none=True)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip)
@@ -263,7 +280,8 @@ def gpt_row(torch) -> list[tuple[str, str, float, str]]:
   flops_note = f'{flops / 1e9:.3f} GFLOP/step both (6N + 12LTd)'
   for peer in ('torch.compile', 'torch eager'):
     if peer in t:
-      rows.append((f'GPT train step, batch {config.batch_size} x {m.block_size}',
+      rows.append((f'GPT train step{", bf16 compute" if bf16 else ""}, batch '
+                   f'{config.batch_size} x {m.block_size}',
                    f'{peer} GPT', t[peer] / t['genlab'],
                    f'{1e3 * t["genlab"]:.1f} vs {1e3 * t[peer]:.1f} ms; {flops_note}'))
   return rows
@@ -368,12 +386,14 @@ def main(argv):
     raise SystemExit("benchmark_peers needs PyTorch and diffusers: pip install -e '.[peers]'")
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   which = set(_ONLY.value)
-  unknown = which - {'gpt', 'unet', 'ddim'}
+  unknown = which - {'gpt', 'gpt_bf16', 'unet', 'ddim'}
   if unknown:
-    raise SystemExit(f'--only: unknown {sorted(unknown)} (known: gpt, unet, ddim)')
+    raise SystemExit(f'--only: unknown {sorted(unknown)} (known: gpt, gpt_bf16, unet, ddim)')
   rows = []
   if 'gpt' in which:
     rows += gpt_row(torch)
+  if 'gpt_bf16' in which:
+    rows += gpt_row(torch, bf16=True)
   if which & {'unet', 'ddim'}:
     rows += unet_rows(torch, which)
   jax_peak = metrics_lib.matmul_peak_flops(jax.devices()[:1])
@@ -382,7 +402,13 @@ def main(argv):
         f'({torch.get_num_threads()} threads); median of {_ROUNDS.value} alternating rounds; '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   print(f'f32 1024^3 matmul peak: jax {jax_peak / 1e9:.0f} GFLOP/s, '
-        f'torch {torch_peak / 1e9:.0f} GFLOP/s\n')
+        f'torch {torch_peak / 1e9:.0f} GFLOP/s')
+  if 'gpt_bf16' in which:
+    jax_bf16 = metrics_lib.matmul_peak_flops(jax.devices()[:1], dtype=jnp.bfloat16)
+    torch_bf16 = torch_matmul_peak(torch, dtype=torch.bfloat16)
+    print(f'bf16 1024^3 matmul peak: jax {jax_bf16 / 1e9:.0f} GFLOP/s, '
+          f'torch {torch_bf16 / 1e9:.0f} GFLOP/s')
+  print()
   print('| what | peer | genlab speed / peer speed | detail |')
   print('|---|---|---|---|')
   for what, peer, ratio, detail in rows:
