@@ -21,7 +21,8 @@ numbers). Columns: win rate against SFT under the hidden judge (the judge's prob
 preferring the model's response over SFT's on the same prompt, sigmoid of the chrF difference
 over the pairs' judge temperature, averaged over prompts: a tie is 0.5; +- its standard error,
 the per-prompt probabilities' standard deviation / sqrt(prompts)), chrF and BLEU against the
-reference translations (sacreBLEU, corpus level), the reward model's mean score, the KL to
+reference translations (sacreBLEU, corpus level), the reward model's mean score (with
+--reward=RUN1,RUN2,... an ensemble's: the mean of its members' scores), the KL to
 the reference (SFT) model (the exact KL of each response position's next-token distributions,
 summed over the response, mean over prompts) and the mean response length. Writes
 OUT/alignment.md (the table), OUT/alignment.json and OUT/alignment.png (reward-model score and
@@ -55,7 +56,8 @@ from train.families import rlhf as rlhf_lib
 
 _PAIRS = flags.DEFINE_string('pairs', None, 'The pairs directory (python -m train.preferences).')
 _SFT = flags.DEFINE_string('sft', None, 'The SFT run (gpt_instruct): the baseline and reference.')
-_REWARD = flags.DEFINE_string('reward', None, 'A reward-family run (the reward-model score).')
+_REWARD = flags.DEFINE_string('reward', None, 'A reward-family run (the reward-model score), '
+                              'or several comma-separated (an ensemble: their mean score).')
 _DPO = flags.DEFINE_string('dpo', None, 'A DPO run (optional).')
 _PPO_SMALL = flags.DEFINE_string('ppo_small', None, 'An RLHF run with a small beta (optional).')
 _PPO_LARGE = flags.DEFINE_string('ppo_large', None, 'An RLHF run with a large beta (optional).')
@@ -89,10 +91,10 @@ def _load(workdir: str, flag: str):
 
 
 @nnx.jit(static_argnames=('max_new_tokens', 'temperature', 'eos_id'))
-def _respond_and_score(model, reference, reward, prompts, lengths, rows, key, *,
+def _respond_and_score(model, reference, rewards, prompts, lengths, rows, key, *,
                        max_new_tokens: int, temperature: float, eos_id: int):
-  """Samples responses and scores them: rows (inputs, targets, weights), the reward model's
-  score `[n]` and the summed KL to the reference `[n]`."""
+  """Samples responses and scores them: rows (inputs, targets, weights), the reward models'
+  mean score `[n]` (`rewards`: a tuple of them) and the summed KL to the reference `[n]`."""
   keys = rlhf_lib.rollout_keys(key, rows)
   if temperature > 0:
     responses = gpt_lib.sample_continue(model, prompts, lengths, keys,
@@ -101,12 +103,12 @@ def _respond_and_score(model, reference, reward, prompts, lengths, rows, key, *,
     responses = gpt_lib.greedy_continue(model, prompts, lengths, max_new_tokens=max_new_tokens)
   out = rlhf_lib.response_rows(prompts, lengths, responses, eos_id)
   w = out['weights']
-  score = reward.score(out['inputs'], reward_lib.last_response_index(w))
+  score = rlhf_lib.ensemble_score(rewards, out['inputs'], reward_lib.last_response_index(w))
   kl = jnp.sum(rlhf_lib.token_kl(model(out['inputs']), reference(out['inputs'])) * w, axis=1)
   return out, score, kl
 
 
-def evaluate_model(model, reference, reward, tokenizer, records, key) -> dict:
+def evaluate_model(model, reference, rewards, tokenizer, records, key) -> dict:
   """Responses to `records`' prompts and their scores (per prompt: text, chrF, score, kl)."""
   width = _PROMPT_LEN.value
   texts, scores, kls, lengths_out = [], [], [], []
@@ -118,7 +120,7 @@ def evaluate_model(model, reference, reward, tokenizer, records, key) -> dict:
     lengths = np.array([len(r['prompt_ids']) for r in chunk], np.int32)
     rows = np.arange(k, k + len(chunk), dtype=np.int32)
     out, score, kl = _respond_and_score(
-        model, reference, reward, prompts, lengths, rows, key,
+        model, reference, rewards, prompts, lengths, rows, key,
         max_new_tokens=_max_new_tokens(), temperature=_temperature(), eos_id=text_lib.EOS_ID)
     targets, weights = np.asarray(out['targets']), np.asarray(out['weights'])
     for row, w in zip(targets, weights):
@@ -153,7 +155,9 @@ def main(argv):
   if manifest.get('tokenizer_sha256') != preferences.sha256(tokenizer.to_str()):
     raise UserError(f'--pairs={_PAIRS.value}: its pairs were tokenized by another tokenizer '
                     f'than --sft={_SFT.value}\'s')
-  _, reward, reward_step = _load(_REWARD.value, 'reward')
+  loaded = [(spec, _load(spec, 'reward')) for spec in rlhf_lib.reward_runs(_REWARD.value)]
+  rewards = tuple(model for _, (_, model, _) in loaded)
+  reward_runs = ','.join(f'{spec}:{step}' for spec, (_, _, step) in loaded)
   runs = [('SFT', _SFT.value, 'sft', None), ('DPO', _DPO.value, 'dpo', 'dpo'),
           ('PPO small beta', _PPO_SMALL.value, 'ppo_small', 'rlhf'),
           ('PPO large beta', _PPO_LARGE.value, 'ppo_large', 'rlhf')]
@@ -174,7 +178,7 @@ def main(argv):
         raise UserError(f'--{flag}={workdir}: its tokenizer differs from --sft={_SFT.value}\'s')
     metrics_lib.print_line(f'{label}: {workdir} (step {step}) answering {len(records)} '
                            'test prompts')
-    result = evaluate_model(model, sft_model, reward, tokenizer, records, key)
+    result = evaluate_model(model, sft_model, rewards, tokenizer, records, key)
     if baseline is None:
       baseline = result
     wins = [preferences.preference_probability(a, b, judge_t)
@@ -194,7 +198,7 @@ def main(argv):
         'tokens': float(np.mean(result['tokens'])),
         'examples': [{'input': r['input'], 'reference': r['reference'], 'response': t}
                      for r, t in zip(records[:3], result['texts'][:3])]})
-  report = {'pairs': storage.absolute(_PAIRS.value), 'reward': f'{_REWARD.value}:{reward_step}',
+  report = {'pairs': storage.absolute(_PAIRS.value), 'reward': reward_runs,
             'test_prompts': len(records), 'temperature': _temperature(),
             'max_new_tokens': _max_new_tokens(), 'seed': flags.FLAGS.seed,
             'judge_temperature': judge_t, 'rows': rows,

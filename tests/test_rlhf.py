@@ -155,6 +155,28 @@ def test_rollouts_are_reproducible_from_their_key_row_by_row():
   assert isinstance(models['model'], gpt.GPT)
 
 
+def test_a_reward_ensemble_scores_the_mean_of_its_members():
+  family = rlhf_family(reward='r0, r1:7,r2', max_new_tokens=5, prompt_len=6)
+  names = ['reward', 'reward_1', 'reward_2']
+  assert {k: v[0] for k, v in family.networks_from_runs().items() if k != 'reference'} == \
+      dict(zip(names, ['r0', 'r1:7', 'r2']))
+  models = {'model': tiny_gpt(scalar_head.ScalarHeadGPT), 'reference': tiny_gpt(seed=1)}
+  for k, name in enumerate(names):
+    models[name] = tiny_gpt(scalar_head.ScalarHeadGPT, seed=2 + k)
+    models[name].value_head.kernel[...] = jax.random.normal(jax.random.key(5 + k), (16, 1))
+  batch = {'prompts': jnp.array([[1, 2, 3, 4, 0, 0], [5, 6, 0, 0, 0, 0]]),
+           'lengths': jnp.array([4, 2]), 'rows': jnp.arange(2)}
+  ro = nnx.jit(family.rollout)(models, batch, jax.random.key(0))
+  # Each member's values at the response's last scored position (found here with numpy),
+  # averaged in float64.
+  w = np.asarray(ro['weights'])
+  last = [int(np.nonzero(row)[0][-1]) for row in w]
+  per_member = [np.asarray(nnx.jit(lambda m, x: m.values(x))(models[name], ro['inputs']),
+                           np.float64)[np.arange(2), last] for name in names]
+  assert np.ptp([m[0] for m in per_member]) > 1e-3   # the members disagree
+  np.testing.assert_allclose(ro['score'], np.mean(per_member, axis=0), rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------- runs on a tiny SFT
 
 
@@ -201,6 +223,18 @@ def test_rlhf_run_equals_on_8_devices_and_resumes_exactly(sft, reward_run):
 
 
 @needs_multi30k
+def test_an_ensemble_of_one_reward_run_twice_trains_as_that_run_alone(sft, reward_run):
+  sft_dir, pairs_dir, root = sft
+  config = lambda reward: rlhf_config(sft_dir, pairs_dir, reward, total_steps=2, log_every=1,
+                                      checkpoint_every=0)
+  alone = loop.train(config(reward_run), str(root / 'rlhf_alone'), devices=jax.devices()[:1])
+  twice = loop.train(config(f'{reward_run},{reward_run}'), str(root / 'rlhf_twice'),
+                     devices=jax.devices()[:1])
+  np.testing.assert_allclose([twice.step_losses[s] for s in (1, 2)],
+                             [alone.step_losses[s] for s in (1, 2)], rtol=1e-5, atol=1e-7)
+
+
+@needs_multi30k
 def test_grouped_batches_answer_each_prompt_k_times(sft, reward_run):
   sft_dir, pairs_dir, _ = sft
   family = rlhf_lib.RLHFFamily(rlhf_config(sft_dir, pairs_dir, reward_run,
@@ -224,6 +258,9 @@ def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
                       r'config.batch_size=8')
   fails_in_one_line(rlhf_config(sft_dir, pairs_dir, str(root / 'none')),
                     r'config.rlhf.reward=.*none: no checkpoint', str(root / 'bad_rlhf'))
+  # An ensemble's member without checkpoints is named alone.
+  fails_in_one_line(rlhf_config(sft_dir, pairs_dir, f'{reward_run},{root / "none"}'),
+                    r'config.rlhf.reward=[^,]*none: no checkpoint', str(root / 'bad_rlhf2'))
   other = run_with_another_tokenizer(sft_dir, str(root / 'other_tokenizer_rlhf'))
   fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.reference': other}),
                     r'config.rlhf.reference=.*other_tokenizer_rlhf: its tokenizer differs')

@@ -3,8 +3,13 @@
 Networks: 'model', the policy (`models.scalar_head.ScalarHeadGPT`: the SFT run's GPT from
 config.init_from plus a value head, trained), 'reference', a frozen GPT from
 config.rlhf.reference (usually the SFT run), and 'reward', a frozen reward model (a run of the
-`reward` family, config.rlhf.reward). Both frozen networks come through the loop's
+`reward` family, config.rlhf.reward). The frozen networks come through the loop's
 `networks_from_runs`: no optimizer, loaded at a fresh start, recorded in every checkpoint.
+config.rlhf.reward may name several reward runs, comma-separated (networks 'reward',
+'reward_1', 'reward_2', ...): an ensemble, whose score is the mean of its members' scores
+(the "mean optimisation" of Coste et al. 2024, "Reward Model Ensembles Help Mitigate
+Overoptimization"); members trained alike on the same pairs (e.g. other seeds) share their
+offset and scale, so their scores average as they are.
 
 One loop step is one PPO iteration, all inside the family's jitted `train_step` (the protocol
 needs no other hook, and the loop is not forked):
@@ -15,7 +20,8 @@ needs no other hook, and the loop is not forked):
      responses.
   2. Scoring, without gradients: the policy's token log-probabilities and values, the
      reference's log-probabilities, and the reward model's score of each prompt + response
-     (read, as in reward training, at the position whose input is the response's last token).
+     (read, as in reward training, at the position whose input is the response's last token;
+     an ensemble's mean).
   3. Per-token rewards (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
      Preferences"; Ouyang et al. 2022): r_t = -beta * (log pi(y_t) - log ref(y_t)) on every
      response token, plus the reward model's score on the last one; beta = config.rlhf.beta > 0
@@ -155,15 +161,32 @@ def leave_one_out(score: jax.Array, group_size: int) -> jax.Array:
   return (groups - others).reshape(score.shape)
 
 
+def reward_runs(spec) -> list[str]:
+  """config.rlhf.reward's runs: 'RUN_DIR[:STEP]', or several of them comma-separated."""
+  return [part.strip() for part in str(spec or '').split(',') if part.strip()]
+
+
+def reward_networks(count: int) -> list[str]:
+  """The names of an ensemble's reward networks: 'reward', then 'reward_1', 'reward_2', ..."""
+  return ['reward'] + [f'reward_{k}' for k in range(1, count)]
+
+
 def rollout_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
   """One sampling key per global batch row: a row's response depends on (key, its index)
   only, not on how the batch is split over devices or processes."""
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
 
 
+def ensemble_score(reward_models, inputs: jax.Array, index: jax.Array) -> jax.Array:
+  """The mean of the reward models' scores (`ScalarHeadGPT.score` at `index`) `[n]`."""
+  scores = [m.score(inputs, index) for m in reward_models]
+  return sum(scores[1:], scores[0]) / len(scores)
+
+
 # ------------------------------------------------------------------------------- the family
 class RLHFFamily(pairs.PairsFamily):
-  """config.rlhf: reward and reference (RUN_DIR[:STEP]), beta (> 0), clip, ppo_epochs,
+  """config.rlhf: reward (RUN_DIR[:STEP], or several comma-separated: an ensemble) and
+  reference (RUN_DIR[:STEP]), beta (> 0), clip, ppo_epochs,
   gae_lambda, vf_coef, temperature, max_new_tokens, prompt_len (the prompts' padded width;
   longer prompts are dropped; prompt_len + max_new_tokens <= model.block_size), group_size
   (answers per train prompt, dividing batch_size; 1: one each, no leave-one-out baseline).
@@ -178,9 +201,12 @@ class RLHFFamily(pairs.PairsFamily):
     if not self.beta > 0:
       raise UserError(f'config.rlhf.beta={r.beta}: must be > 0 (the strength of the KL '
                       'penalty to the reference)')
-    for key, what in (('reward', 'a reward-family run'), ('reference', 'usually the SFT run')):
-      if not str(r.get(key) or ''):
+    for key, what in (('reward', 'a reward-family run, or several comma-separated'),
+                      ('reference', 'usually the SFT run')):
+      if not str(r.get(key) or '').strip(' ,'):
         raise UserError(f'config.rlhf.{key}: empty; name the frozen {key} run ({what})')
+    runs = reward_runs(r.reward)
+    self.rewards = dict(zip(reward_networks(len(runs)), runs))   # network name -> run
     self.max_new_tokens, self.prompt_len = int(r.max_new_tokens), int(r.prompt_len)
     if self.max_new_tokens < 1 or self.prompt_len < 2 or \
         self.prompt_len + self.max_new_tokens > config.model.block_size:
@@ -200,15 +226,17 @@ class RLHFFamily(pairs.PairsFamily):
 
   def networks_from_runs(self):
     return {'reference': (str(self.config.rlhf.reference), 'model', 'config.rlhf.reference'),
-            'reward': (str(self.config.rlhf.reward), 'model', 'config.rlhf.reward')}
+            **{name: (spec, 'model', 'config.rlhf.reward')
+               for name, spec in self.rewards.items()}}
 
   # ---- data ----
   def setup_data(self, process_index: int, process_count: int) -> None:
     super().setup_data(process_index, process_count)   # tokenizer and pair-file checks
     # The loop checks each frozen run's family.json (vocabulary size) when it loads it; the
     # merges must match too, or its scores would be of other tokens.
-    for key in ('reference', 'reward'):
-      spec = str(self.config.rlhf[key])
+    frozen = [('reference', str(self.config.rlhf.reference))]
+    frozen += [('reward', spec) for spec in self.rewards.values()]
+    for key, spec in frozen:
       path = storage.join(tune.parse_init_from(spec)[0], text_lib.TOKENIZER_FILE)
       if storage.isfile(path) and text_lib.SubwordTokenizer.load(path).to_str() != \
           self.tokenizer.to_str():
@@ -263,7 +291,8 @@ class RLHFFamily(pairs.PairsFamily):
     m = self.config.model
     return {'model': self.build_gpt(m, rngs, cls=scalar_head.ScalarHeadGPT),
             'reference': self.build_gpt(m, rngs),
-            'reward': self.build_gpt(m, rngs, cls=scalar_head.ScalarHeadGPT)}
+            **{name: self.build_gpt(m, rngs, cls=scalar_head.ScalarHeadGPT)
+               for name in self.rewards}}
 
   def optimizers(self, make_tx):
     return {'model': make_tx(self.config.optimizer)}   # reference and reward stay frozen
@@ -280,8 +309,8 @@ class RLHFFamily(pairs.PairsFamily):
     rows = response_rows(batch['prompts'], batch['lengths'], responses, self._eos_id)
     logits, values = policy.logits_and_values(rows['inputs'])
     ref_logits = models['reference'](rows['inputs'])
-    score = models['reward'].score(rows['inputs'],
-                                   reward_lib.last_response_index(rows['weights']))
+    score = ensemble_score([models[name] for name in self.rewards], rows['inputs'],
+                           reward_lib.last_response_index(rows['weights']))
     out = {**rows, 'old_logp': token_log_probs(logits, rows['targets']),
            'ref_logp': token_log_probs(ref_logits, rows['targets']), 'values': values,
            'kl': token_kl(logits, ref_logits), 'entropy': token_entropy(logits), 'score': score}
