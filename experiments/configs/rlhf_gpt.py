@@ -23,6 +23,10 @@ to 1e-5), 100 steps of 16 rollouts.
             model's score centred by the leave-one-out mean of the others) at beta 0.05,
             against group_size 1 on the same freshly rebuilt chain (experiments/README.md,
             "RLHF with PPO"): win rate 54.8% +- 1.6 against 55.4% +- 1.7; no gain.
+            --config.rlhf.reward=RUN0,RUN1,RUN2 (an ensemble of three reward runs that
+            differ only in their seed, scored by the mean) at beta 0.05: 54.9% +- 1.7 against
+            57.3% +- 1.6 with RUN0 alone; at beta 0.005 no less reward hacking (47.8% vs
+            47.3%); no gain (the same section).
 The model section must equal the SFT run's.
 
 ARG `tiny`: gpt_instruct.py:tiny's model, 4 steps of 8 rollouts of 8 tokens (tests).
