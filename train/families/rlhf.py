@@ -8,8 +8,8 @@ config.rlhf.reference (usually the SFT run), and 'reward', a frozen reward model
 config.rlhf.reward may name several reward runs, comma-separated (networks 'reward',
 'reward_1', 'reward_2', ...): an ensemble, whose score is the mean of its members' scores
 (the "mean optimisation" of Coste et al. 2024, "Reward Model Ensembles Help Mitigate
-Overoptimization"); members trained alike on the same pairs (e.g. other seeds) share their
-offset and scale, so their scores average as they are.
+Overoptimization"), averaged as they are, without normalising each: members trained alike on
+the same pairs (e.g. other seeds; each head starts at zero) score on comparable scales.
 
 One loop step is one PPO iteration, all inside the family's jitted `train_step` (the protocol
 needs no other hook, and the loop is not forked):
