@@ -26,7 +26,8 @@ to 1e-5), 100 steps of 16 rollouts.
             --config.rlhf.reward=RUN0,RUN1,RUN2 (an ensemble of three reward runs that
             differ only in their seed, scored by the mean) at beta 0.05: 54.9% +- 1.7 against
             57.3% +- 1.6 with RUN0 alone; at beta 0.005 no less reward hacking (47.8% vs
-            47.3%); no gain (the same section).
+            47.3%); no gain (the same section). A reward model on 3x the pairs (24000) at beta
+            0.05: 55.9% +- 1.7; no gain either.
 The model section must equal the SFT run's.
 
 ARG `tiny`: gpt_instruct.py:tiny's model, 4 steps of 8 rollouts of 8 tokens (tests).
