@@ -12,8 +12,8 @@ over --rounds rounds.
     nanoGPT's formula 6N + 12 L T d per token.
   * gpt_bf16 (only when asked for: `--only=gpt_bf16`): the same in mixed precision, bfloat16
     compute with float32 params and optimizer (genlab's `model.dtype='bfloat16'`, PyTorch's
-    `torch.autocast('cpu', torch.bfloat16)`); meant for CPUs with AVX512-BF16 (the host line
-    says whether this one has it), where both peaks in bf16 are printed too.
+    `torch.autocast('cpu', torch.bfloat16)`), with both frameworks' bf16 matmul peaks; meant
+    for CPUs with AVX512-BF16 (the host line says whether this one has it).
   * unet: genlab's diffusion train step on `ddpm_mnist.py:cond` (eps loss, label dropout, AdamW,
     clip, EMA) against diffusers' `UNet2DModel` configured to the same architecture
     (`diffusers_unet`: the same widths, blocks, attention, time and class embeddings; the table
@@ -72,9 +72,12 @@ def host_cpu() -> str:
     pass
   family, model = fields.get('cpu family', '?'), fields.get('model', '?')
   zen = ''
-  if family == '25' and model.isdigit():   # AMD's family 19h: Zen 4 at these model numbers
-    zen = 'Zen 4' if int(model) in {*range(0x10, 0x20), *range(0x60, 0x80),
-                                    *range(0xa0, 0xb0)} else 'Zen 3'
+  if family == '25' and model.isdigit():   # AMD's family 19h: Zen 3 or Zen 4 by model number
+    number = int(model)
+    if number in {*range(0x00, 0x10), *range(0x20, 0x30), *range(0x40, 0x60)}:
+      zen = 'Zen 3'
+    elif number in {*range(0x10, 0x20), *range(0x60, 0x80), *range(0xa0, 0xb0)}:
+      zen = 'Zen 4'
   elif family == '26':
     zen = 'Zen 5'
   bf16 = ', avx512_bf16' if 'avx512_bf16' in fields.get('flags', '').split() else ''
