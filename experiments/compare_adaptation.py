@@ -3,14 +3,14 @@ r"""Adapting a pretrained GPT: full fine-tuning, LoRA and prompt tuning, single-
   GENLAB_RAW_DATA=DIR TFDS_DATA_DIR=TFDS python -m experiments.compare_adaptation \
       --out_dir=/tmp/adaptation
 
-Pretrains experiments/configs/gpt_base.py in OUT/base (unless --base names a finished run),
-then fine-tunes it with each method of experiments/configs/gpt_instruct.py (full, lora4, lora16,
-prompt20) on one task (en_de) and on the five-task mix, and scores every model, the base
-zero-shot included, on each task's test examples (sacreBLEU on Multi30k test2016; exact match
-on held-out synthetic examples) and on the LM loss over Tiny Shakespeare's validation split
-(forgetting: the base's value before, each tuned model's after). Runs that finished are reused
-(delete a run directory to redo it). Writes OUT/adaptation.md (the table), OUT/adaptation.png
-(scores and forgetting per method) and OUT/adaptation.json.
+Pretrains experiments/configs/gpt_base.py in OUT/base (unless --base names a finished run of
+it, of any ARG), then fine-tunes it with each method of experiments/configs/gpt_instruct.py
+(full, lora4, lora16, prompt20) on one task (en_de) and on the five-task mix, and scores every
+model, the base zero-shot included, on each task's test examples (sacreBLEU on Multi30k
+test2016; exact match on held-out synthetic examples) and on the LM loss over Tiny
+Shakespeare's validation split (forgetting: the base's value before, each tuned model's after).
+Runs that finished are reused (delete a run directory to redo it). Writes OUT/adaptation.md
+(the table), OUT/adaptation.png (scores and forgetting per method) and OUT/adaptation.json.
 
 Columns: trained params (and % of the base's), optimizer-state bytes (Adam moments of the
 trained params), checkpoint bytes (the final checkpoint on disk), step time (the jitted train
@@ -41,8 +41,8 @@ METHODS = ('full', 'lora4', 'lora16', 'prompt20')
 MIXES = {'single': ('en_de',), 'multi': ('en_de', 'de_en', 'reverse', 'sort', 'count')}
 
 _OUT = flags.DEFINE_string('out_dir', '/tmp/adaptation', 'Where runs and the table go.')
-_BASE = flags.DEFINE_string('base', None, 'A finished gpt_base.py run (default: OUT/base, '
-                            'trained if missing).')
+_BASE = flags.DEFINE_string('base', None, 'A finished gpt_base.py run, any ARG (default: '
+                            'OUT/base, trained if missing).')
 _METHODS = flags.DEFINE_list('methods', list(METHODS), 'gpt_instruct.py methods to run.')
 _MIXES = flags.DEFINE_list('mixes', list(MIXES), 'Task mixes: single (en_de), multi (all).')
 _STEPS = flags.DEFINE_integer('tune_steps', None, 'Fine-tuning steps (default: the config\'s).')
@@ -94,13 +94,13 @@ def main(argv):
   rows = []
   # The base, zero-shot: its own weights scored on every task.
   probe = instruct_config('full', all_tasks, base)
-  _, base_models, _ = run_loader.load_models(base)
+  _, base_models, base_step = run_loader.load_models(base)
   zero = _scores(probe, base_models['model'])
   setup = loop.setup(probe)
   base_params = loop.num_params(setup.builder.abstract['params'])
   rows.append({'method': 'base (zero-shot)', 'mix': '-', 'trained': 0,
                'opt_bytes': 0, 'ckpt_bytes': ckpt_lib.step_bytes(
-                   storage.join(base, 'checkpoints'), bc.total_steps), **zero})
+                   storage.join(base, 'checkpoints'), base_step), **zero})
   runs = []
   for mix in _MIXES.value:
     for method in _METHODS.value:
