@@ -31,7 +31,7 @@ One run (Zen 4 host, cpu family 25, 2 cores, nothing else running):
 42.2 min wall, 3259 s user + 1219 s system CPU; validation perplexity 32.5 / 23.4 / 21.0 / 20.1
 at steps 1600 / 3200 / 4800 / 6400 (train loss 2.45 against validation 3.00 at the end: it
 starts to overfit). What it changes for fine-tuning: experiments/README's second adaptation
-table (en_de BLEU: full fine-tuning 29.1, LoRA r=4 27.6, r=8 28.2).
+table (en_de BLEU: full fine-tuning 29.1, LoRA r=4 27.6).
 ARG `tiny`: a smoke run (2 layers, width 32, 96 positions, vocab 1000, 20 steps).
 """
 
