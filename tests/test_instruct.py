@@ -51,6 +51,10 @@ def test_parallel_source_pairs_each_sentence_with_its_translation():
   config = gpt_base.get_config('parallel')
   assert config.data.sources == ('multi30k:en-de', 'multi30k:de-en', 'tiny_shakespeare')
   assert config.model == gpt_base.get_config().model  # the same model, another corpus
+  long = gpt_base.get_config('parallel_long')   # the same run, 4x the steps (decay included)
+  assert long.total_steps == long.optimizer.decay_steps == 4 * config.total_steps
+  long.total_steps = long.optimizer.decay_steps = config.total_steps
+  assert long.to_dict() == config.to_dict()
   with pytest.raises(UserError, match="language 'fr'"):
     gpt_family.source_documents('multi30k:en-fr', data)
 

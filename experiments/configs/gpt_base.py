@@ -49,15 +49,13 @@ def get_config(arg: str | None = None):
   if arg in ('parallel', 'parallel_long'):
     c.data.sources = ('multi30k:en-de', 'multi30k:de-en', 'tiny_shakespeare')
   if arg in (None, 'parallel', 'parallel_long'):
-    c.total_steps = c.optimizer.decay_steps = 1600
+    c.total_steps = c.optimizer.decay_steps = 6400 if arg == 'parallel_long' else 1600
     c.batch_size = 24
     c.eval_every = 400
     c.eval_batches = 20
     c.checkpoint_every = 400
     c.optimizer.update(lr=1.5e-3, warmup_steps=100, weight_decay=0.1)
     c.model.update(block_size=128, num_layers=4, num_heads=4, embed_dim=128, dropout=0.0)
-    if arg == 'parallel_long':
-      c.total_steps = c.optimizer.decay_steps = 6400
   elif arg == 'tiny':
     c.data.vocab_size = 1000
     c.model.block_size = 96
