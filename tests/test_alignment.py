@@ -268,6 +268,32 @@ def test_reward_model_starts_at_ln2_and_reports_pairwise_accuracy(sft):
 
 
 @needs_multi30k
+def test_min_confidence_keeps_the_clear_training_pairs_only(sft):
+  sft_dir, pairs_dir, _ = sft
+  _, splits = preferences.load(pairs_dir)
+  gap = lambda r: abs(r['chrf'][0] - r['chrf'][1])
+  # A cut halfway between two of the train split's distinct chrF gaps (no pair on the border);
+  # the judge (temperature 5) is sure of a pair with probability sigmoid(gap / 5).
+  gaps = sorted({gap(r) for r in splits['train']})
+  cut = (gaps[len(gaps) // 2 - 1] + gaps[len(gaps) // 2]) / 2
+  min_confidence = 1.0 / (1.0 + math.exp(-cut / 5.0))
+  clear = [r for r in splits['train'] if gap(r) > cut]
+  assert 0 < len(clear) < len(splits['train'])
+  family = loop.setup(alignment_config(reward_gpt, sft_dir, pairs_dir, **{
+      'preferences.min_confidence': min_confidence}), jax.devices()[:1]).family
+  assert family._train.pairs.records == preferences.PairRows(clear, family.max_len).records
+  # Validation keeps every pair: the same batches as without the filter.
+  unfiltered = loop.setup(alignment_config(reward_gpt, sft_dir, pairs_dir),
+                          jax.devices()[:1]).family
+  assert len(unfiltered._train.pairs) > len(family._train.pairs)
+  jax.tree.map(np.testing.assert_array_equal, family._eval, unfiltered._eval)
+  for bad in (0.4, 1.0):
+    fails_in_one_line(alignment_config(reward_gpt, sft_dir, pairs_dir, **{
+        'preferences.min_confidence': bad}),
+        rf'config.preferences.min_confidence={bad}: must be in \[0.5, 1\)')
+
+
+@needs_multi30k
 def test_dpo_run_starts_at_ln2_equals_on_8_devices_and_resumes_exactly(sft):
   sft_dir, pairs_dir, root = sft
   config = lambda **o: alignment_config(dpo_gpt, sft_dir, pairs_dir, eval_every=0, **o)

@@ -160,6 +160,24 @@ def load(path: str, culprit: str = 'config.preferences.path'
   return manifest, splits
 
 
+def confidence(record: dict[str, Any]) -> float:
+  """How sure the judge was of the pair: max(p_first, 1 - p_first), in [0.5, 1] (a function
+  of the chrF gap alone, not of the verdict it then drew)."""
+  return max(record['p_first'], 1.0 - record['p_first'])
+
+
+def confident(records: list[dict[str, Any]], min_confidence: float,
+              culprit: str = 'config.preferences.min_confidence') -> list[dict[str, Any]]:
+  """The records whose judge's confidence is >= min_confidence (0.5 keeps every one).
+
+  Like the degree of preference human raters give ("significantly better", ..., Touvron et al.
+  2023, "Llama 2", section 3.2.1): a pair the judge could barely tell apart is close to a coin
+  flip, so a reward model can be trained on the clear ones only."""
+  if not 0.5 <= min_confidence < 1.0:
+    raise UserError(f'{culprit}={min_confidence}: must be in [0.5, 1) (0.5 keeps every pair)')
+  return [r for r in records if confidence(r) >= min_confidence]
+
+
 # ---------------------------------------------------------------------------------------------
 # Pairs as token rows.
 # ---------------------------------------------------------------------------------------------

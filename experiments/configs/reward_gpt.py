@@ -29,7 +29,9 @@ def get_config(arg: str | None = None):
   c = gpt_instruct.get_config('tiny' if arg == 'tiny' else None)
   c.family = 'reward'
   del c['method']
-  c.preferences = dict(path='')   # a directory written by `python -m train.preferences`
+  # path: a directory written by `python -m train.preferences`; min_confidence: train on the
+  # pairs the judge was at least this sure of (0.5: all; train/preferences.py's `confident`).
+  c.preferences = dict(path='', min_confidence=0.5)
   c.data.max_len = 80 if arg is None else 88
   c.total_steps = c.optimizer.decay_steps = 600
   c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=30, weight_decay=0.0)

@@ -45,7 +45,9 @@ def flatten_pairs(batch) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 class PairsFamily(gpt_family.GPTFamily):
-  """config.preferences.path: the pairs directory; config.data.max_len: tokens per row."""
+  """config.preferences.path: the pairs directory; config.preferences.min_confidence (default
+  0.5: all): train on the pairs the judge was at least this sure of (preferences.confident);
+  config.data.max_len: tokens per row."""
 
   def __init__(self, config):
     super().__init__(config)
@@ -77,14 +79,22 @@ class PairsFamily(gpt_family.GPTFamily):
       raise UserError(f'config.preferences.path={path}: its pairs were tokenized by '
                       f'{manifest.get("sft")}, whose tokenizer differs from config.init_from='
                       f'{c.init_from}\'s')
-    pairs = {s: preferences.PairRows(splits[s], self.max_len) for s in ('train', 'validation')}
+    # The filter applies to the training pairs only: validation measures every pair.
+    min_confidence = float(c.preferences.get('min_confidence', 0.5))
+    train = preferences.confident(splits['train'], min_confidence)
+    if min_confidence > 0.5:
+      metrics_lib.print_line(f'train pairs: {len(train)} of {len(splits["train"])} judged with '
+                             f'confidence >= config.preferences.min_confidence={min_confidence}')
+    pairs = {'train': preferences.PairRows(train, self.max_len),
+             'validation': preferences.PairRows(splits['validation'], self.max_len)}
     for split, rows in pairs.items():
       if rows.dropped:
         metrics_lib.print_line(f'{split} pairs: dropped {rows.dropped} of '
                                f'{len(rows) + rows.dropped} (identical responses, or longer '
                                f'than config.data.max_len={self.max_len})')
     if not len(pairs['train']):
-      raise UserError(f'config.preferences.path={path}: no usable training pair')
+      raise UserError(f'config.preferences.path={path}: no usable training pair (with '
+                      f'config.preferences.min_confidence={min_confidence})')
     self._train = preferences.PairBatches(pairs['train'], global_batch_size=c.batch_size,
                                           seed=c.seed, process_index=process_index,
                                           process_count=process_count)
