@@ -4,7 +4,9 @@ r"""Aligned models against their SFT model: DPO, and PPO with a small and a larg
       --reward=REWARD --dpo=DPO --ppo_small=PPO_S --ppo_large=PPO_L --out_dir=OUT
 
 Takes finished runs (it trains nothing; leave a flag out to skip that row, except --sft, --pairs
-and --reward; --ppo=RUN1,RUN2,... adds a row "PPO" per run, e.g. a sweep over beta). Train them
+and --reward; --ppo=RUN1,RUN2,... adds a row "PPO" per run, e.g. a sweep over beta;
+--sft_temperatures=0.8,0 adds rows of the SFT model sampled at those temperatures, 0 greedy:
+what sharpening the SFT model alone wins, with no training). Train them
 with, in order (the pairs from the SFT run first, see experiments/configs/reward_gpt.py):
   python -m train --config=experiments/configs/reward_gpt.py --workdir=REWARD \
       --config.init_from=SFT --config.preferences.path=PAIRS
@@ -65,6 +67,9 @@ _PPO = flags.DEFINE_list('ppo', [], 'More RLHF runs, comma-separated (optional):
                          'e.g. a sweep over beta.')
 _OUT = flags.DEFINE_string('out_dir', '/tmp/alignment', 'Where the table and plot go.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 60, 'Longer test prompts are left out.')
+_SFT_TEMPERATURES = flags.DEFINE_list(
+    'sft_temperatures', [], 'Rows "SFT at temperature T" (optional): the SFT model sampled at '
+    'each of these temperatures (0: greedy), e.g. 0.8,0: what sharpening alone wins.')
 _NUM_PROMPTS = flags.DEFINE_integer('num_prompts', None, 'Only the first N test prompts '
                                     '(default: all).')
 _CHUNK = 50   # prompts per scoring call (bounds the [chunk, seq, vocab] logits in memory)
@@ -108,8 +113,11 @@ def _respond_and_score(model, reference, rewards, prompts, lengths, rows, key, *
   return out, score, kl
 
 
-def evaluate_model(model, reference, rewards, tokenizer, records, key) -> dict:
-  """Responses to `records`' prompts and their scores (per prompt: text, chrF, score, kl)."""
+def evaluate_model(model, reference, rewards, tokenizer, records, key,
+                   temperature: float | None = None) -> dict:
+  """Responses to `records`' prompts and their scores (per prompt: text, chrF, score, kl), sampled
+  at `temperature` (default: --temperature)."""
+  temperature = _temperature() if temperature is None else temperature
   width = _PROMPT_LEN.value
   texts, scores, kls, lengths_out = [], [], [], []
   for k in range(0, len(records), _CHUNK):
@@ -121,7 +129,7 @@ def evaluate_model(model, reference, rewards, tokenizer, records, key) -> dict:
     rows = np.arange(k, k + len(chunk), dtype=np.int32)
     out, score, kl = _respond_and_score(
         model, reference, rewards, prompts, lengths, rows, key,
-        max_new_tokens=_max_new_tokens(), temperature=_temperature(), eos_id=text_lib.EOS_ID)
+        max_new_tokens=_max_new_tokens(), temperature=temperature, eos_id=text_lib.EOS_ID)
     targets, weights = np.asarray(out['targets']), np.asarray(out['weights'])
     for row, w in zip(targets, weights):
       ids = [int(t) for t, keep in zip(row, w) if keep and t != text_lib.EOS_ID]
@@ -158,14 +166,26 @@ def main(argv):
   loaded = [(spec, _load(spec, 'reward')) for spec in rlhf_lib.reward_runs(_REWARD.value)]
   rewards = tuple(model for _, (_, model, _) in loaded)
   reward_runs = ','.join(f'{spec}:{step}' for spec, (_, _, step) in loaded)
-  runs = [('SFT', _SFT.value, 'sft', None), ('DPO', _DPO.value, 'dpo', 'dpo'),
-          ('PPO small beta', _PPO_SMALL.value, 'ppo_small', 'rlhf'),
-          ('PPO large beta', _PPO_LARGE.value, 'ppo_large', 'rlhf')]
-  runs += [('PPO', run, 'ppo', 'rlhf') for run in _PPO.value]
+  temperatures = []
+  for value in _SFT_TEMPERATURES.value:
+    try:
+      temperatures.append(float(value))
+    except ValueError:
+      temperatures.append(-1.0)
+    if not temperatures[-1] >= 0:
+      raise UserError(f'--sft_temperatures={",".join(_SFT_TEMPERATURES.value)}: {value!r} is '
+                      'not a temperature >= 0')
+  # (label, run, flag, family, temperature): None samples at --temperature.
+  runs = [('SFT', _SFT.value, 'sft', None, None)]
+  runs += [(f'SFT at temperature {t:g}', _SFT.value, 'sft', None, t) for t in temperatures]
+  runs += [('DPO', _DPO.value, 'dpo', 'dpo', None),
+           ('PPO small beta', _PPO_SMALL.value, 'ppo_small', 'rlhf', None),
+           ('PPO large beta', _PPO_LARGE.value, 'ppo_large', 'rlhf', None)]
+  runs += [('PPO', run, 'ppo', 'rlhf', None) for run in _PPO.value]
   key = jax.random.key(flags.FLAGS.seed)
   judge_t = float(manifest.get('judge_temperature', 5.0))
   rows, baseline = [], None
-  for label, workdir, flag, family_name in runs:
+  for label, workdir, flag, family_name, temperature in runs:
     if not workdir:
       continue
     if family_name is None:
@@ -178,7 +198,7 @@ def main(argv):
         raise UserError(f'--{flag}={workdir}: its tokenizer differs from --sft={_SFT.value}\'s')
     metrics_lib.print_line(f'{label}: {workdir} (step {step}) answering {len(records)} '
                            'test prompts')
-    result = evaluate_model(model, sft_model, rewards, tokenizer, records, key)
+    result = evaluate_model(model, sft_model, rewards, tokenizer, records, key, temperature)
     if baseline is None:
       baseline = result
     wins = [preferences.preference_probability(a, b, judge_t)
@@ -188,6 +208,7 @@ def main(argv):
     rows.append({
         'model': label, 'run': f'{storage.absolute(workdir)}:{step}',
         'beta': _beta(workdir, family_name),
+        'temperature': _temperature() if temperature is None else temperature,
         'win_rate': 100.0 * float(np.mean(wins)),
         'win_rate_stderr': (100.0 * float(np.std(wins, ddof=1) / np.sqrt(len(wins)))
                             if len(wins) > 1 else 0.0),

@@ -2,8 +2,11 @@
 and RLHF runs (one device vs 8, exact resume, bad input) from the tiny SFT run and reward
 model that tests/test_alignment.py's helpers make."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,8 @@ from tests.test_alignment import run_with_another_tokenizer
 from tests.test_alignment import tiny_gpt
 from tests.test_sharding import assert_resumed_exactly
 from train import loop
+from train import preferences
+from train import run_loader
 from train import text as text_lib
 from train.families import rlhf as rlhf_lib
 
@@ -264,3 +269,37 @@ def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
   other = run_with_another_tokenizer(sft_dir, str(root / 'other_tokenizer_rlhf'))
   fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.reference': other}),
                     r'config.rlhf.reference=.*other_tokenizer_rlhf: its tokenizer differs')
+
+
+@needs_multi30k
+def test_compare_alignment_rows_of_the_sft_model_at_other_temperatures(sft, reward_run,
+                                                                        tmp_path):
+  sft_dir, pairs_dir, _ = sft
+  out = tmp_path / 'compare'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, '-m', 'experiments.compare_alignment', f'--pairs={pairs_dir}',
+       f'--sft={sft_dir}', f'--reward={reward_run}', '--sft_temperatures=1,0',
+       '--prompt_len=64', '--max_new_tokens=8', f'--out_dir={out}'],
+      cwd=root, capture_output=True, text=True, timeout=600, check=False,
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = json.loads((out / 'alignment.json').read_text(encoding='utf-8'))['rows']
+  assert [r['model'] for r in rows] == ['SFT', 'SFT at temperature 1', 'SFT at temperature 0']
+  # The same model at the same temperature draws the same responses (one key per prompt).
+  assert rows[1]['examples'] == rows[0]['examples'] and rows[1]['win_rate'] == 50.0
+  # Temperature 0 is greedy: the first prompt's response equals an argmax decode by full
+  # recompute (no KV cache), written here.
+  _, models, _ = run_loader.load_models(sft_dir)
+  tokenizer = text_lib.load_from_workdir(sft_dir)
+  _, splits = preferences.load(pairs_dir)
+  first = next(r for r in splits['test'] if len(r['prompt_ids']) <= 64)
+  ids, new = list(first['prompt_ids']), []
+  for _ in range(8):
+    token = int(np.argmax(np.asarray(models['model'](jnp.asarray([ids])))[0, -1]))
+    if token == text_lib.EOS_ID:
+      break
+    ids.append(token)
+    new.append(token)
+  assert rows[2]['examples'][0]['response'] == tokenizer.decode(new).strip()
+  assert rows[2]['temperature'] == 0.0 and rows[0]['temperature'] == 1.0
