@@ -15,6 +15,11 @@ Hyperparameters were chosen, not tuned (AdamW lr 1e-4, cosine to lr/10, 600 step
             the judge's noisy verdicts agree with the higher chrF in 76.4% of the pairs, about
             the best any model can score).
             9.1 min wall, 381 s user + 157 s system CPU, beside one other training run.
+  Pilot:    --config.preferences.min_confidence=0.7310585786300049 (sigmoid(1): train on the
+            pairs whose chrF gap is >= 5, which the judge was >= 73% sure of) on the chain of
+            the longer-trained base (experiments/README.md, "RLHF with PPO"): PPO at beta 0.05
+            against it wins 58.0% on average over three PPO seeds, against 56.1% with every
+            pair; the commands and runs are there.
 The model section must equal the SFT run's (gpt_instruct.py's).
 
 ARG `tiny`: gpt_instruct.py:tiny's model, 4 steps of 8 pairs (tests).
