@@ -147,6 +147,15 @@ def main(argv):
   for name, value in (('pairs', _PAIRS.value), ('sft', _SFT.value), ('reward', _REWARD.value)):
     if not value:
       raise UserError(f'--{name} is required')
+  temperatures = []
+  for value in _SFT_TEMPERATURES.value:
+    try:
+      temperatures.append(float(value))
+    except ValueError:
+      temperatures.append(-1.0)
+    if not temperatures[-1] >= 0:
+      raise UserError(f'--sft_temperatures={",".join(_SFT_TEMPERATURES.value)}: {value!r} is '
+                      'not a temperature >= 0')
   t0 = time.perf_counter()
   cpu0 = time.process_time()
   manifest, splits = preferences.load(_PAIRS.value, culprit='--pairs')
@@ -166,15 +175,6 @@ def main(argv):
   loaded = [(spec, _load(spec, 'reward')) for spec in rlhf_lib.reward_runs(_REWARD.value)]
   rewards = tuple(model for _, (_, model, _) in loaded)
   reward_runs = ','.join(f'{spec}:{step}' for spec, (_, _, step) in loaded)
-  temperatures = []
-  for value in _SFT_TEMPERATURES.value:
-    try:
-      temperatures.append(float(value))
-    except ValueError:
-      temperatures.append(-1.0)
-    if not temperatures[-1] >= 0:
-      raise UserError(f'--sft_temperatures={",".join(_SFT_TEMPERATURES.value)}: {value!r} is '
-                      'not a temperature >= 0')
   # (label, run, flag, family, temperature): None samples at --temperature.
   runs = [('SFT', _SFT.value, 'sft', None, None)]
   runs += [(f'SFT at temperature {t:g}', _SFT.value, 'sft', None, t) for t in temperatures]

@@ -277,12 +277,20 @@ def test_compare_alignment_rows_of_the_sft_model_at_other_temperatures(sft, rewa
   sft_dir, pairs_dir, _ = sft
   out = tmp_path / 'compare'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  done = subprocess.run(
-      [sys.executable, '-m', 'experiments.compare_alignment', f'--pairs={pairs_dir}',
-       f'--sft={sft_dir}', f'--reward={reward_run}', '--sft_temperatures=1,0',
-       '--prompt_len=64', '--max_new_tokens=8', f'--out_dir={out}'],
-      cwd=root, capture_output=True, text=True, timeout=600, check=False,
-      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+
+  def compare(temperatures):
+    return subprocess.run(
+        [sys.executable, '-m', 'experiments.compare_alignment', f'--pairs={pairs_dir}',
+         f'--sft={sft_dir}', f'--reward={reward_run}', f'--sft_temperatures={temperatures}',
+         '--prompt_len=64', '--max_new_tokens=8', f'--out_dir={out}'],
+        cwd=root, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+
+  bad = compare('0.8,hot')
+  assert bad.returncode == 1 and not out.exists()
+  assert bad.stderr.strip().splitlines()[-1].endswith(
+      "--sft_temperatures=0.8,hot: 'hot' is not a temperature >= 0"), bad.stderr[-2000:]
+  done = compare('1,0')
   assert done.returncode == 0, done.stderr[-2000:]
   rows = json.loads((out / 'alignment.json').read_text(encoding='utf-8'))['rows']
   assert [r['model'] for r in rows] == ['SFT', 'SFT at temperature 1', 'SFT at temperature 0']

@@ -39,6 +39,7 @@ from experiments.configs import reward_gpt
 def get_config(arg: str | None = None):
   c = reward_gpt.get_config(arg)
   c.family = 'rlhf'
+  del c.preferences['min_confidence']   # PPO trains on the pairs file's prompts, not its pairs
   c.rlhf = dict(reward='', reference='', beta=0.1, clip=0.2, ppo_epochs=2, gae_lambda=0.95,
                 vf_coef=0.5, temperature=1.0, max_new_tokens=48, prompt_len=60,
                 group_size=1)
