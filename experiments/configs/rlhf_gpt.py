@@ -30,11 +30,13 @@ to 1e-5), 100 steps of 16 rollouts.
             0.05: 55.9% +- 1.7; no gain either.
             On the longer-trained chain of that section (its $A and $PPO), against the
             ensemble of the two clear-pair reward models there (60.5 / 57.3 / 59.3% over PPO
-            seeds 0 / 1 / 2, mean 59.0), two more, neither better: the same with
+            seeds 0 / 1 / 2, mean 59.0), three more, none better: the same with
             --config.batch_size=32 (twice the rollouts per step; 3.3-3.5 min wall a run, alone):
             59.3 / 56.5 / 57.4% (mean 57.7); a third member (the section's reward command with
             --config.seed=2; validation accuracy 0.638 / 0.606 / 0.606): 56.4 / 55.9 / 59.3%
-            (mean 57.2). Each set judged by `python -m experiments.compare_alignment
+            (mean 57.2); --config.rlhf.gae_lambda=1.0 (each token's advantage its whole return
+            to go less its value; 1.8-3.0 min wall a run): 59.2 / 56.6 / 59.4% (mean 58.4).
+            Each set judged by `python -m experiments.compare_alignment
             --pairs=$A/pairs --sft=$A/sft --reward=$A/reward_c73 --ppo=its three runs`.
 The model section must equal the SFT run's.
 
