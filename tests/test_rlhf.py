@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -25,6 +26,7 @@ from tests.test_alignment import run_with_another_tokenizer
 from tests.test_alignment import tiny_gpt
 from tests.test_sharding import assert_resumed_exactly
 from train import loop
+from train import optim
 from train import preferences
 from train import run_loader
 from train import text as text_lib
@@ -134,6 +136,26 @@ def rlhf_family(**rlhf):
                                 'rlhf.reward': 'unused',
                                 **{f'rlhf.{k}': v for k, v in rlhf.items()}})
   return rlhf_lib.RLHFFamily(c)
+
+
+def test_value_lr_scale_multiplies_the_value_heads_updates_and_no_other():
+  rng = np.random.default_rng(0)
+  draw = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  params = {'wte': {'embedding': draw(6, 4)},
+            'value_head': {'kernel': draw(4, 1), 'bias': jnp.zeros(1)}}
+  grads = [jax.tree.map(lambda x: draw(*x.shape), params) for _ in range(3)]
+  updates = {}
+  for k in (1.0, 10.0):
+    tx = rlhf_family(value_lr_scale=k).optimizers(optim.make_optimizer)['model']
+    state, updates[k] = tx.init(params), []
+    for g in grads:   # through the warm-up: Adam's moments and the schedule move
+      u, state = tx.update(g, state, params)
+      updates[k].append(u)
+  for u1, u10 in zip(updates[1.0], updates[10.0]):
+    np.testing.assert_array_equal(u10['wte']['embedding'], u1['wte']['embedding'])
+    for name in ('kernel', 'bias'):
+      np.testing.assert_allclose(u10['value_head'][name], 10 * u1['value_head'][name], rtol=1e-6)
+  assert all(np.abs(u['value_head']['kernel']).min() > 0 for u in updates[1.0][1:])
 
 
 def test_rollouts_are_reproducible_from_their_key_row_by_row():
@@ -257,6 +279,8 @@ def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
   sft_dir, pairs_dir, root = sft
   fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.beta': -0.1}),
                     r'config.rlhf.beta=-0.1: must be > 0')
+  fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.value_lr_scale': 0.0}),
+                    r'config.rlhf.value_lr_scale=0.0: must be > 0')
   for group in (0, 3):
     fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.group_size': group}),
                       rf'config.rlhf.group_size={group}: must be >= 1 and divide '

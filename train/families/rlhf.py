@@ -40,7 +40,9 @@ needs no other hook, and the loop is not forked):
      means over response tokens, eps = config.rlhf.clip. The value head reads the policy's
      hidden states through stop_gradient (`ScalarHeadGPT.logits_and_values`): a critic on the
      policy's features that does not pull on its trunk. The optimizer's step count (and
-     schedule) advances once per update, ppo_epochs times per loop step.
+     schedule) advances once per update, ppo_epochs times per loop step; the value head's
+     updates are multiplied by config.rlhf.value_lr_scale (> 0; 1: the policy's learning rate),
+     as a critic that starts at zero may need to learn faster than the policy moves.
 Logs: reward (the reward model's mean score), kl (the exact KL(pi || ref) of each response
 position's next-token distribution, summed over the response, mean over rollouts), kl_sampled
 (sum of the log-ratios of the sampled tokens, the estimator in the reward), entropy (per
@@ -189,7 +191,8 @@ class RLHFFamily(pairs.PairsFamily):
   reference (RUN_DIR[:STEP]), beta (> 0), clip, ppo_epochs,
   gae_lambda, vf_coef, temperature, max_new_tokens, prompt_len (the prompts' padded width;
   longer prompts are dropped; prompt_len + max_new_tokens <= model.block_size), group_size
-  (answers per train prompt, dividing batch_size; 1: one each, no leave-one-out baseline).
+  (answers per train prompt, dividing batch_size; 1: one each, no leave-one-out baseline) and
+  value_lr_scale (the value head's learning rate over the policy's).
   Training prompts are the pairs file's train split, evaluation prompts its validation split."""
 
   name = 'rlhf'
@@ -218,6 +221,10 @@ class RLHFFamily(pairs.PairsFamily):
       raise UserError(f'config.rlhf: clip={r.clip} must be in (0, 1), ppo_epochs='
                       f'{r.ppo_epochs} >= 1, gae_lambda={r.gae_lambda} in [0, 1] and '
                       f'temperature={r.temperature} > 0')
+    self.value_lr_scale = float(r.get('value_lr_scale', 1.0))   # absent in older runs: 1
+    if not self.value_lr_scale > 0:
+      raise UserError(f'config.rlhf.value_lr_scale={r.value_lr_scale}: must be > 0 (the value '
+                      'head\'s learning rate over the policy\'s)')
     group = r.get('group_size')   # runs written before the key: one answer per prompt
     self.group_size = 1 if group is None else int(group)
     if self.group_size < 1 or config.batch_size % self.group_size:
@@ -295,7 +302,12 @@ class RLHFFamily(pairs.PairsFamily):
                for name in self.rewards}}
 
   def optimizers(self, make_tx):
-    return {'model': make_tx(self.config.optimizer)}   # reference and reward stay frozen
+    tx = make_tx(self.config.optimizer)
+    k = self.value_lr_scale
+    if k != 1.0:   # the value head's updates times k: its learning rate (and decay) k times
+      tx = optax.chain(tx, optax.stateless(lambda updates, _: jax.tree_util.tree_map_with_path(
+          lambda p, u: u * k if 'value_head' in jax.tree_util.keystr(p) else u, updates)))
+    return {'model': tx}   # reference and reward stay frozen
 
   # ---- rollouts ----
   def rollout(self, models, batch, key: jax.Array) -> dict[str, jax.Array]:
