@@ -22,6 +22,7 @@ from models import gpt
 from models import scalar_head
 from train import loop
 from train import preferences
+from train import run_loader
 from train import text as text_lib
 from train.errors import UserError
 from train.families import dpo as dpo_lib
@@ -255,6 +256,31 @@ def test_pairs_are_reproducible_from_the_seed_and_judged_as_stated(sft):
   # Two samples per prompt differ (temperature 1), and the prompts are distinct examples.
   assert sum(r['response_ids'][0] != r['response_ids'][1] for r in splits['train']) >= 32
   assert len({r['index'] for r in splits['train']}) == len(splits['train'])
+
+
+@needs_multi30k
+def test_a_second_temperature_draws_the_second_responses_at_it(sft):
+  sft_dir, _, root = sft
+  out = str(root / 'pairs_second_temperature')
+  # Near 0 the second responses are the greedy ones: checked against a full-recompute argmax
+  # over the model's logits, one token at a time.
+  preferences.generate(sft_dir, out, num_prompts=6, num_held_out=0, max_new_tokens=10,
+                       second_temperature=1e-7)
+  manifest, splits = preferences.load(out)
+  assert manifest['temperature'] == 1.0 and manifest['second_temperature'] == 1e-7
+  model = run_loader.load_models(sft_dir)[1]['model']
+  for record in splits['train']:
+    ids = list(record['prompt_ids'])
+    for _ in range(10):
+      ids.append(int(jnp.argmax(model(jnp.asarray([ids]))[0, -1])))
+      if ids[-1] == text_lib.EOS_ID:
+        break
+    assert record['response_ids'][1] == ids[len(record['prompt_ids']):]
+  # The first responses stay samples at temperature 1: they differ from the greedy ones.
+  assert sum(r['response_ids'][0] != r['response_ids'][1] for r in splits['train']) >= 3
+  with pytest.raises(UserError, match=r'^--second_temperature=0.0: must be > 0'):
+    preferences.generate(sft_dir, str(root / 'pairs_bad'), num_prompts=6, num_held_out=0,
+                         second_temperature=0.0)
 
 
 @needs_multi30k

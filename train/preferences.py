@@ -1,13 +1,17 @@
 r"""Preference pairs with a hidden judge, for reward models, DPO and RLHF.
 
 `python -m train.preferences --sft=RUN --out=PAIRS_DIR --num_prompts=N [--num_held_out=M]
-[--seed=0] [--temperature=1.0] [--max_new_tokens=48] [--judge_temperature=5.0] [--task=en_de]`
+[--seed=0] [--temperature=1.0] [--second_temperature=T] [--max_new_tokens=48]
+[--judge_temperature=5.0] [--task=en_de]`
 
 RUN is an instruction-tuned run (family gpt_instruct, e.g. experiments/configs/gpt_instruct.py)
 that knows the translation task `--task`. For N prompts drawn (from the seed) out of Multi30k's
 train split and M each out of its val and test2016 splits, the command samples two responses
 from RUN's model (`models.gpt.sample_continue` at `--temperature`, up to `--max_new_tokens`
-tokens or [EOS]; response j of prompt i draws from a key folded from (seed, split, i, j)) and
+tokens or [EOS]; response j of prompt i draws from a key folded from (seed, split, i, j); with
+`--second_temperature` the second response of each pair is drawn at that temperature instead,
+so the pairs set a sharper sample against a more diffuse one, as Llama 2's preference data
+varied the sampling temperature (Touvron et al. 2023, section 3.2.1)) and
 lets the hidden judge pick one: with chrF_a and chrF_b the sentence chrF of the responses
 against the reference translation (sacreBLEU's CHRF, default settings), it prefers a with
 probability sigmoid((chrF_a - chrF_b) / judge_temperature) (Bradley-Terry noise; temperature 0
@@ -275,13 +279,16 @@ def _sample_pairs(family, model, prompts: list[np.ndarray], keys: list[jax.Array
 
 def generate(sft: str, out: str, *, num_prompts: int, num_held_out: int, seed: int = 0,
              temperature: float = 1.0, max_new_tokens: int = 48, judge_temperature: float = 5.0,
-             task: str = 'en_de') -> str:
+             task: str = 'en_de', second_temperature: float | None = None) -> str:
   """Writes `out`'s preference files from run `sft`; returns a one-line summary."""
   if num_prompts < 1 or num_held_out < 0:
     raise UserError(f'--num_prompts={num_prompts} --num_held_out={num_held_out}: need >= 1 '
                     'training prompt and >= 0 held-out ones')
   if temperature <= 0:
     raise UserError(f'--temperature={temperature}: must be > 0 (two greedy responses are one)')
+  if second_temperature is not None and second_temperature <= 0:
+    raise UserError(f'--second_temperature={second_temperature}: must be > 0 (the second '
+                    'response\'s sampling temperature)')
   if max_new_tokens < 1:
     raise UserError(f'--max_new_tokens={max_new_tokens}: must be >= 1')
   if task not in instruct.TRANSLATION:
@@ -325,8 +332,14 @@ def generate(sft: str, out: str, *, num_prompts: int, num_held_out: int, seed: i
     split_key = jax.random.fold_in(root, split_index)
     keys = [jax.random.fold_in(jax.random.fold_in(split_key, i), j)
             for i, _ in chosen_examples for j in (0, 1)]
-    ids = _sample_pairs(family, model, [p for p in prompts for _ in (0, 1)], keys,
-                        max_new_tokens, temperature, progress)
+    if second_temperature is None or second_temperature == temperature:
+      ids = _sample_pairs(family, model, [p for p in prompts for _ in (0, 1)], keys,
+                          max_new_tokens, temperature, progress)
+    else:   # the first responses, then the second ones at their own temperature
+      ids = [None] * len(keys)
+      for j, t in ((0, temperature), (1, second_temperature)):
+        ids[j::2] = _sample_pairs(family, model, prompts, keys[j::2], max_new_tokens, t,
+                                  progress)
     texts = [family.tokenizer.decode([t for t in r if t != family._eos_id]).strip()  # pylint: disable=protected-access
              for r in ids]
     pairs = list(zip(texts[0::2], texts[1::2]))
@@ -340,7 +353,9 @@ def generate(sft: str, out: str, *, num_prompts: int, num_held_out: int, seed: i
                       'response_ids': [ids[2 * n], ids[2 * n + 1]], **verdict})
   write(out, records, {
       'sft': f'{storage.absolute(sft)}:{step}', 'task': task, 'template': family.template,
-      'seed': seed, 'temperature': temperature, 'max_new_tokens': max_new_tokens,
+      'seed': seed, 'temperature': temperature,
+      **({} if second_temperature is None else {'second_temperature': second_temperature}),
+      'max_new_tokens': max_new_tokens,
       'judge_temperature': judge_temperature, 'tokenizer_sha256': sha256(family.tokenizer.to_str())})
   counts = {s: sum(r['split'] == s for r in records) for s in SPLITS}
   agree = np.mean([r['chrf'][r['chosen']] >= r['chrf'][1 - r['chosen']] for r in records])
@@ -361,6 +376,8 @@ def define_flags() -> None:
   flags.DEFINE_float('judge_temperature', 5.0,
                      'Bradley-Terry noise of the judge, in chrF points (0: none).')
   flags.DEFINE_string('task', 'en_de', 'The translation task: en_de or de_en.')
+  flags.DEFINE_float('second_temperature', None, 'The second response of each pair is drawn at '
+                     'this temperature (default: --temperature, as the first).')
 
 
 def main(argv):
@@ -373,7 +390,8 @@ def main(argv):
   print(generate(f.sft, f.out, num_prompts=f.num_prompts, num_held_out=f.num_held_out,
                  seed=f.seed, temperature=1.0 if f.temperature is None else f.temperature,
                  max_new_tokens=48 if f.max_new_tokens is None else f.max_new_tokens,
-                 judge_temperature=f.judge_temperature, task=f.task), flush=True)
+                 judge_temperature=f.judge_temperature, task=f.task,
+                 second_temperature=f.second_temperature), flush=True)
 
 
 if __name__ == '__main__':

@@ -40,7 +40,23 @@ to 1e-5), 100 steps of 16 rollouts.
             updates x10; value loss at step 100 0.21 against 0.38; 1.9-2.0 min wall a run,
             alone): 60.3 / 57.2 / 60.8% (mean 59.4, within the seeds' spread of 59.0); x30:
             60.2 / 54.4 / 57.9% (mean 57.5); x10 with GAE lambda 1: 58.3 / 57.8 / 57.6%
-            (mean 57.9).
+            (mean 57.9); x10 for twice the steps (--config.total_steps=200
+            --config.optimizer.decay_steps=200; 3.5-3.8 min wall a run): 57.6 / 56.7 / 55.6%
+            (mean 56.6, KL 5.9-7.3 nats: further from SFT, no nearer the judge).
+            Pairs that set a sharper sample against the temperature-1 one, since the judge
+            prefers the SFT model sampled at 0.8 (63.2%): `python -m train.preferences
+            --sft=$A/sft --out=$A/pairs_t07 --num_prompts=8000 --num_held_out=200
+            --second_temperature=0.7` (6:02 wall, 608 s user CPU; the judge prefers the
+            temperature-0.7 response in 64.6% of the train pairs, chrF 52.4 against 45.9), two
+            reward models on them (reward_gpt.py with --config.preferences.path=$A/pairs_t07,
+            seeds 0 and 1; 3.5 min wall each; validation accuracy 0.538 / 0.575 / 0.569 and
+            0.600 / 0.619 / 0.569, where always picking the sharper response scores 0.622: the
+            reward model does not learn what sharpness is worth), and PPO against the two
+            (with --config.preferences.path=$A/pairs_t07 as well: the same train prompts):
+            58.2 / 55.0 / 53.2% (mean 55.5); with both reward models on the clear pairs of
+            these (--config.preferences.min_confidence=0.7310585786300049: 5438 of the 8000;
+            validation accuracy 0.600 / 0.581 / 0.563 and 0.594 / 0.600 / 0.600): 59.3 / 55.1 /
+            58.1% (mean 57.5).
             Each set judged by `python -m experiments.compare_alignment
             --pairs=$A/pairs --sft=$A/sft --reward=$A/reward_c73 --ppo=its three runs`.
 The model section must equal the SFT run's.
