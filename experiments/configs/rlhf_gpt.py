@@ -38,7 +38,9 @@ to 1e-5), 100 steps of 16 rollouts.
             to go less its value; 1.8-3.0 min wall a run): 59.2 / 56.6 / 59.4% (mean 58.4).
             A critic that learns faster, --config.rlhf.value_lr_scale=10.0 (the value head's
             updates x10; value loss at step 100 0.21 against 0.38; 1.9-2.0 min wall a run,
-            alone): 60.3 / 57.2 / 60.8% (mean 59.4, within the seeds' spread of 59.0); x30:
+            alone): 60.3 / 57.2 / 60.8% (mean 59.4, within the seeds' spread of 59.0); seeds
+            3 / 4 / 5 (--config.seed), x10 against x1: 56.5 / 58.1 / 58.5% against 58.2 / 57.3 /
+            56.6%, so over six seeds 58.6% against 58.2%: no gain beyond the noise; x30:
             60.2 / 54.4 / 57.9% (mean 57.5); x10 with GAE lambda 1: 58.3 / 57.8 / 57.6%
             (mean 57.9); x10 for twice the steps (--config.total_steps=200
             --config.optimizer.decay_steps=200; 3.5-3.8 min wall a run): 57.6 / 56.7 / 55.6%
@@ -58,7 +60,7 @@ to 1e-5), 100 steps of 16 rollouts.
             validation accuracy 0.600 / 0.581 / 0.563 and 0.594 / 0.600 / 0.600): 59.3 / 55.1 /
             58.1% (mean 57.5).
             Each set judged by `python -m experiments.compare_alignment
-            --pairs=$A/pairs --sft=$A/sft --reward=$A/reward_c73 --ppo=its three runs`.
+            --pairs=$A/pairs --sft=$A/sft --reward=$A/reward_c73 --ppo=its runs`.
 The model section must equal the SFT run's.
 
 ARG `tiny`: gpt_instruct.py:tiny's model, 4 steps of 8 rollouts of 8 tokens (tests).
