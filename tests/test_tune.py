@@ -1,7 +1,7 @@
 """Fine-tuning: LoRA identities (zero B, merge), frozen params and their (absent) optimizer
-state, init_from across meshes, exact resume of a LoRA run, tuned checkpoints that hold only
-what was trained (restored through their base run), LoRA under tensor parallelism, export,
-and one-line bad inputs."""
+state, init_from across meshes, exact resume of a LoRA run, LoRA+ against per-group AdamW,
+tuned checkpoints that hold only what was trained (restored through their base run), LoRA
+under tensor parallelism, export, and one-line bad inputs."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -198,6 +199,51 @@ def test_lora_trains_only_adapters_with_exact_resume(tmp_path):
   assert opt == {(1, 1), (1, 32), (32, 1)}  # l1: A [1, 1], B [1, 32]; l2: A [32, 1], B [1, 1]
 
 
+def test_lora_plus_equals_adamw_with_a_larger_learning_rate_on_b():
+  # The reference: two AdamW optimizers, one per parameter group (as PyTorch's param groups
+  # do LoRA+), B's at lambda times A's learning rate; the bias keeps the base rate.
+  lr, ratio, wd = 1e-2, 16.0, 0.1
+  config = toy(**{'lora.rank': 1, 'lora.b_lr_ratio': ratio})
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {'net': {'l1': {'bias': jax.random.normal(keys[0], (3,)),
+                           'lora': {'lora_a': jax.random.normal(keys[1], (4, 2)),
+                                    'lora_b': jax.random.normal(keys[2], (2, 3))}}}}
+  tx = tune.lora_plus(config, optax.adamw(lr, weight_decay=wd))
+  groups = {'a': optax.adamw(lr, weight_decay=wd), 'b': optax.adamw(ratio * lr, weight_decay=wd)}
+  ours, state = dict(params), tx.init(params)
+  theirs = {k: jax.tree.map(lambda x: x, params) for k in groups}
+  states = {k: groups[k].init(theirs[k]) for k in groups}
+  for step in range(5):
+    grads = jax.tree.map(lambda x, k=jax.random.fold_in(keys[3], step): jax.random.normal(
+        k, x.shape), params)
+    updates, state = tx.update(grads, state, ours)
+    ours = optax.apply_updates(ours, updates)
+    for k in groups:
+      updates, states[k] = groups[k].update(grads, states[k], theirs[k])
+      theirs[k] = optax.apply_updates(theirs[k], updates)
+  lora_ours, lora_a, lora_b = (t['net']['l1'] for t in (ours, theirs['a'], theirs['b']))
+  np.testing.assert_allclose(lora_ours['lora']['lora_b'], lora_b['lora']['lora_b'], rtol=1e-6)
+  np.testing.assert_allclose(lora_ours['lora']['lora_a'], lora_a['lora']['lora_a'], rtol=1e-6)
+  np.testing.assert_allclose(lora_ours['bias'], lora_a['bias'], rtol=1e-6)
+  assert not np.allclose(lora_a['lora']['lora_b'], lora_b['lora']['lora_b'])  # lambda matters
+
+
+def test_lora_plus_in_the_loop_scales_b_first_step(tmp_path):
+  # From B = 0, A's first gradient is zero and Adam's first step moves B by lr x g / (|g| +
+  # eps) per entry: LoRA+ moves it lambda times as far, and A stays where it started.
+  overrides = {'lora.rank': 1, 'lora.targets': r'model/l[12]$', 'trainable': 'lora',
+               'total_steps': 1}
+  plain = leaves_by_path(loop.train(toy(**overrides), str(tmp_path / 'plain')).state['params'])
+  plus = leaves_by_path(loop.train(toy(**overrides, **{'lora.b_lr_ratio': 4.0}),
+                                   str(tmp_path / 'plus')).state['params'])
+  for layer in ('l1', 'l2'):
+    b = f'model/{layer}/lora/lora_b/value'
+    assert np.abs(plain[b]).max() > 0
+    np.testing.assert_allclose(plus[b], 4.0 * plain[b], rtol=1e-5)
+    a = f'model/{layer}/lora/lora_a/value'
+    np.testing.assert_array_equal(plus[a], plain[a])
+
+
 def test_tuned_checkpoint_holds_only_what_trained_and_restores_through_its_base(tmp_path):
   base_dir, tuned_dir = str(tmp_path / 'base'), str(tmp_path / 'tuned')
   # A 200,000-float frozen param (the 'ballast') makes the base's checkpoint big.
@@ -304,6 +350,7 @@ def test_base_metadata_must_state_this_runs_facts_alike():
     ({'trainable': 'lora'}, r'set config.lora.rank >= 1'),
     ({'lora.rank': 2, 'lora.targets': 'l[12]$'}, r'config.lora.rank=2: LoRA rank 2 must be in \[1, min\(in, out\) = 1\]'),
     ({'lora.rank': 1, 'lora.embed_rank': -1}, r'config.lora.embed_rank=-1: must be >= 0'),
+    ({'lora.rank': 1, 'lora.b_lr_ratio': 0.0}, r'config.lora.b_lr_ratio=0.0: must be > 0'),
     ({'lora.rank': 1, 'lora.targets': 'qkv'}, r"matches no nnx.Linear or nnx.Embed module \(their paths: "
      r'model/l1, model/l2\)'),
 ])

@@ -161,8 +161,11 @@ class StateBuilder:
     self.trainable = tune.Trainable(config)
     self.pruning = prune_lib.Pruning(config)
     # Pruning wraps outermost: its state (the masks) is then the first level of 'opt'.
-    self.optimizers = {n: self.pruning.wrap_optimizer(n, self.trainable.wrap_optimizer(n, tx))
-                       for n, tx in family.optimizers(optim.make_optimizer).items()}
+    # LoRA+ (config.lora.b_lr_ratio) scales the B matrices' updates of the trained params.
+    self.optimizers = {
+        n: self.pruning.wrap_optimizer(n, self.trainable.wrap_optimizer(
+            n, tune.lora_plus(config, tx)))
+        for n, tx in family.optimizers(optim.make_optimizer).items()}
     if tune.post_training_quantized(config):
       # int8 params (python -m train.quantize) are served, not trained: no optimizer state.
       self.optimizers = {n: optax.set_to_zero() for n in self.optimizers}

@@ -43,6 +43,7 @@ from train import storage
 from train.errors import UserError
 
 LORA_PARAMS = r'/lora/lora_[ab]$'
+LORA_B = r'/lora/lora_b$'
 PROMPT_PARAMS = r'^model/prompt$'   # the GPT's soft prompt (config.model.prompt_tokens)
 NAMED = {'lora': LORA_PARAMS, 'prompt': PROMPT_PARAMS}
 # The meta key of a checkpoint that holds only what its run trained: 'DIR:STEP' of the base run
@@ -94,6 +95,30 @@ def apply_lora(models: dict[str, nnx.Module], config: ml_collections.ConfigDict,
                     f'(their paths: {", ".join(linears[:4]) or "none"}'
                     f'{", ..." if len(linears) > 4 else ""})')
   return models
+
+
+def lora_plus(config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+              ) -> optax.GradientTransformation:
+  """`tx` with the LoRA B matrices' updates times `config.lora.b_lr_ratio` (LoRA+).
+
+  LoRA+ (Hayou, Ghosh and Yu, 2024, arXiv:2402.12354) trains B, the output-side matrix
+  `[rank, out]` (in a Linear's adapter the one that starts at zero), with a learning rate
+  lambda times A's; on `tx`'s final update this scales B's learning rate (and its decoupled
+  weight decay, as a larger per-group lr does in AdamW) by lambda. Every '.../lora/lora_b'
+  scales, an Embed's table update's too. 1 (or the key absent): plain LoRA.
+  """
+  lora = config.get('lora') or {}
+  ratio = float(lora.get('b_lr_ratio', 1.0))   # absent in older runs: 1
+  if not ratio > 0:
+    raise UserError(f'config.lora.b_lr_ratio={ratio}: must be > 0 (1: plain LoRA)')
+  if ratio == 1.0 or lora_rank(config) == 0:
+    return tx
+
+  def scale(path, update):
+    return update * ratio if re.search(LORA_B, sharding_lib.leaf_path(path)) else update
+
+  return optax.chain(tx, optax.stateless(
+      lambda updates, _: jax.tree_util.tree_map_with_path(scale, updates)))
 
 
 # ---------------------------------------------------------------------------------------------
