@@ -106,10 +106,11 @@ Training the position table as well does not make it copy: the mix with ARG lora
 wall): count 99.4% (full fine-tuning's 99.4%, against rank 4's 88.4%), reverse and sort 0%,
 en_de 23.7, de_en 28.4, LM loss 5.686.
 Nor LoRA+ (Hayou, Ghosh and Yu 2024: B, the adapter matrix that starts at zero, trained at
-lambda times A's learning rate; --config.lora.b_lr_ratio=LAMBDA, train/tune.py's lora_plus). From the same base, rank 8,
-seed 0, one run each, alone on a Zen 4 host (cpu family 25), 3.4-3.8 min wall each: the command
-above with ARG lora4, --config.lora.rank=8 --config.lora.alpha=16 and
---config.data.tasks='("en_de",)', then train.evaluate, and:
+lambda times A's learning rate; --config.lora.b_lr_ratio=LAMBDA, train/tune.py's lora_plus).
+From the long base (--config.init_from=/tmp/gpt_base_long), rank 8, seed 0, one run each,
+alone on a Zen 4 host (cpu family 25), 3.4-3.8 min wall each: the command above with ARG
+lora4, --config.lora.rank=8 --config.lora.alpha=16 and --config.data.tasks='("en_de",)', then
+train.evaluate, and:
   --config.lora.b_lr_ratio=16 (A at the configured 4e-3, B at 6.4e-2):   BLEU 26.80, LM loss 4.609
   --config.lora.b_lr_ratio=4:                                             BLEU 27.77, LM loss 4.726
   --config.lora.b_lr_ratio=16 --config.optimizer.lr=1e-3
