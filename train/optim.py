@@ -10,6 +10,8 @@ Keys of an optimizer group (e.g. `config.optimizer`):
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import ml_collections
 import optax
@@ -49,3 +51,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
                      weight_decay=cfg.get('weight_decay', 0.0), mask=decay_mask)
   clip = cfg.get('grad_clip', 0.0)
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+
+
+def scale_updates(tx: optax.GradientTransformation, factor: float,
+                  where: Callable[[Any], bool]) -> optax.GradientTransformation:
+  """`tx` with its final updates times `factor` on the leaves whose key path `where` accepts:
+  their learning rate (and decoupled weight decay) `factor` times the rest's; no extra state."""
+  def scale(path, update):
+    return update * factor if where(path) else update
+
+  return optax.chain(tx, optax.stateless(
+      lambda updates, _: jax.tree_util.tree_map_with_path(scale, updates)))

@@ -38,6 +38,7 @@ from flax import nnx
 from models import lora as lora_lib
 from models import quantize as quantize_lib
 from models import rngs as rngs_lib
+from train import optim
 from train import sharding as sharding_lib
 from train import storage
 from train.errors import UserError
@@ -113,12 +114,8 @@ def lora_plus(config: ml_collections.ConfigDict, tx: optax.GradientTransformatio
     raise UserError(f'config.lora.b_lr_ratio={ratio}: must be > 0 (1: plain LoRA)')
   if ratio == 1.0 or lora_rank(config) == 0:
     return tx
-
-  def scale(path, update):
-    return update * ratio if re.search(LORA_B, sharding_lib.leaf_path(path)) else update
-
-  return optax.chain(tx, optax.stateless(
-      lambda updates, _: jax.tree_util.tree_map_with_path(scale, updates)))
+  return optim.scale_updates(
+      tx, ratio, lambda path: re.search(LORA_B, sharding_lib.leaf_path(path)) is not None)
 
 
 # ---------------------------------------------------------------------------------------------

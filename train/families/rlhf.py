@@ -61,6 +61,7 @@ import optax
 from models import gpt as gpt_lib
 from models import scalar_head
 from train import metrics as metrics_lib
+from train import optim
 from train import storage
 from train import text as text_lib
 from train import tune
@@ -305,8 +306,7 @@ class RLHFFamily(pairs.PairsFamily):
     tx = make_tx(self.config.optimizer)
     k = self.value_lr_scale
     if k != 1.0:   # the value head's updates times k: its learning rate (and decay) k times
-      tx = optax.chain(tx, optax.stateless(lambda updates, _: jax.tree_util.tree_map_with_path(
-          lambda p, u: u * k if 'value_head' in jax.tree_util.keystr(p) else u, updates)))
+      tx = optim.scale_updates(tx, k, lambda path: 'value_head' in jax.tree_util.keystr(path))
     return {'model': tx}   # reference and reward stay frozen
 
   # ---- rollouts ----
