@@ -91,8 +91,7 @@ def _load(workdir: str, flag: str):
     raise UserError(f'--{flag}={workdir}: no such run directory (train it first: see '
                     '`python -m experiments.compare_alignment --helpfull` or this module\'s '
                     'docstring)')
-  family, models, step = run_loader.load_models(workdir)
-  return family, models['model'], step
+  return run_loader.load_models(workdir)
 
 
 @nnx.jit(static_argnames=('max_new_tokens', 'temperature', 'eos_id'))
@@ -164,7 +163,8 @@ def main(argv):
   if not records:
     raise UserError(f'--pairs={_PAIRS.value}: no test prompt of at most --prompt_len='
                     f'{_PROMPT_LEN.value} tokens')
-  sft_family, sft_model, sft_step = _load(_SFT.value, 'sft')
+  sft_family, sft_models, sft_step = _load(_SFT.value, 'sft')
+  sft_model = sft_models['model']
   tokenizer = sft_family.tokenizer
   if _PROMPT_LEN.value + _max_new_tokens() > sft_model.context_size:
     raise UserError(f'--prompt_len={_PROMPT_LEN.value} + --max_new_tokens={_max_new_tokens()}: '
@@ -173,7 +173,7 @@ def main(argv):
     raise UserError(f'--pairs={_PAIRS.value}: its pairs were tokenized by another tokenizer '
                     f'than --sft={_SFT.value}\'s')
   loaded = [(spec, _load(spec, 'reward')) for spec in rlhf_lib.reward_runs(_REWARD.value)]
-  rewards = tuple(model for _, (_, model, _) in loaded)
+  rewards = tuple(models['model'] for _, (_, models, _) in loaded)
   reward_runs = ','.join(f'{spec}:{step}' for spec, (_, _, step) in loaded)
   # (label, run, flag, family, temperature): None samples at --temperature.
   runs = [('SFT', _SFT.value, 'sft', None, None)]
@@ -189,16 +189,16 @@ def main(argv):
     if not workdir:
       continue
     if family_name is None:
-      family, model, step = sft_family, sft_model, sft_step
+      family, models, step = sft_family, sft_models, sft_step
     else:
-      family, model, step = _load(workdir, flag)
+      family, models, step = _load(workdir, flag)
       if family.name != family_name:
         raise UserError(f'--{flag}={workdir}: a {family.name!r} run, not {family_name!r}')
       if family.tokenizer.to_str() != tokenizer.to_str():
         raise UserError(f'--{flag}={workdir}: its tokenizer differs from --sft={_SFT.value}\'s')
     metrics_lib.print_line(f'{label}: {workdir} (step {step}) answering {len(records)} '
                            'test prompts')
-    result = evaluate_model(model, sft_model, rewards, tokenizer, records, key, temperature)
+    result = evaluate_model(models['model'], sft_model, rewards, tokenizer, records, key, temperature)
     if baseline is None:
       baseline = result
     wins = [preferences.preference_probability(a, b, judge_t)
@@ -208,6 +208,9 @@ def main(argv):
     rows.append({
         'model': label, 'run': f'{storage.absolute(workdir)}:{step}',
         'beta': _beta(workdir, family_name),
+        # An adaptive beta (config.rlhf.target_kl > 0): where it ended.
+        'final_beta': (float(models['kl_control'].beta[...]) if 'kl_control' in models
+                       else None),
         'temperature': _temperature() if temperature is None else temperature,
         'win_rate': 100.0 * float(np.mean(wins)),
         'win_rate_stderr': (100.0 * float(np.std(wins, ddof=1) / np.sqrt(len(wins)))
@@ -242,13 +245,21 @@ def _beta(workdir: str, family_name: str | None) -> float | None:
   return float(config['dpo' if family_name == 'dpo' else 'rlhf']['beta'])
 
 
+def _beta_cell(row) -> str:
+  if row['beta'] is None:
+    return '-'
+  if row.get('final_beta') is None:
+    return f'{row["beta"]:g}'
+  return f'{row["beta"]:g} -> {row["final_beta"]:.3g} (adaptive)'
+
+
 def markdown(report) -> str:
   head = ['model', 'beta', 'win rate vs SFT (judge, %, +- s.e.)', 'chrF', 'BLEU',
           'reward-model score', 'KL to SFT (nats)', 'response tokens']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in report['rows']:
     lines.append('| ' + ' | '.join([
-        r['model'], '-' if r['beta'] is None else f'{r["beta"]:g}',
+        r['model'], _beta_cell(r),
         f'{r["win_rate"]:.1f} +- {r.get("win_rate_stderr", 0.0):.1f}',
         f'{r["chrf"]:.2f}', f'{r["bleu"]:.2f}', f'{r["reward_score"]:.3f}', f'{r["kl"]:.3f}',
         f'{r["tokens"]:.1f}']) + ' |')
@@ -265,7 +276,7 @@ def plot(report, path: str) -> None:
                          (axes[1], 'mean_sentence_chrf', 'judge: sentence chrF (mean)')):
     for r in rows:
       ax.scatter(r['kl'], r[key], s=40)
-      name = r['model'] if r['beta'] is None else f'{r["model"]} ({r["beta"]:g})'
+      name = r['model'] if r['beta'] is None else f'{r["model"]} ({_beta_cell(r)})'
       ax.annotate(name, (r['kl'], r[key]), textcoords='offset points', xytext=(5, 4),
                   fontsize=8)
     ax.set_xlabel('KL to the SFT reference (nats per response)')

@@ -124,10 +124,22 @@ def test_leave_one_out_scores_and_the_rewards_they_enter():
   ro = {'weights': jnp.asarray(w), 'old_logp': jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
         'ref_logp': jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
         'values': jnp.zeros((4, 5)), 'score': jnp.asarray([1.0, 3.0, 0.0, -1.0])}
-  rewards = np.asarray(family.advantages(ro)[0])
+  rewards = np.asarray(family.advantages(ro, 0.5)[0])
   kl_part = -0.5 * (np.asarray(ro['old_logp']) - np.asarray(ro['ref_logp'])) * w
   np.testing.assert_allclose(rewards[:, 3] - kl_part[:, 3], [-2.0, 2.0, 1.0, -1.0], rtol=1e-5)
   np.testing.assert_allclose(rewards[:, :3], kl_part[:, :3], rtol=1e-6)
+
+
+def test_adaptive_beta_is_zieglers_proportional_controller():
+  # Ziegler et al. 2019, section 2.2: e = clip((KL - T) / T, -0.2, 0.2), beta <- beta (1 + K e).
+  target, gain, beta = 4.0, 0.1, 0.05
+  for kl in (0.0, 2.0, 3.9, 4.0, 4.4, 6.0, 40.0):
+    e = min(max((kl - target) / target, -0.2), 0.2)
+    got = float(rlhf_lib.adaptive_beta(jnp.float32(beta), jnp.float32(kl), target, gain))
+    np.testing.assert_allclose(got, beta * (1 + gain * e), rtol=1e-6)
+  # Held on target it stays; far off it moves by at most K * 20% per step, either way.
+  assert float(rlhf_lib.adaptive_beta(jnp.float32(beta), jnp.float32(target), target, gain)) \
+      == np.float32(beta)
 
 
 def rlhf_family(**rlhf):
@@ -249,6 +261,43 @@ def test_rlhf_run_equals_on_8_devices_and_resumes_exactly(sft, reward_run):
   assert_resumed_exactly(second, one)
 
 
+ADAPTIVE = {'rlhf.target_kl': 0.02, 'rlhf.kl_gain': 0.5}
+
+
+@pytest.fixture(scope='module')
+def adaptive_run(alignment_sft, reward_run):
+  """A 4-step RLHF run with an adaptive beta: (its directory, the loop's result)."""
+  sft_dir, pairs_dir, root = alignment_sft
+  workdir = str(root / 'rlhf_adaptive')
+  run = loop.train(rlhf_config(sft_dir, pairs_dir, reward_run, log_every=1, **ADAPTIVE),
+                   workdir, devices=jax.devices()[:1])
+  return workdir, run
+
+
+@needs_multi30k
+def test_an_adaptive_beta_follows_the_logged_kl_and_resumes_exactly(sft, reward_run,
+                                                                     adaptive_run):
+  sft_dir, pairs_dir, root = sft
+  target, gain = ADAPTIVE['rlhf.target_kl'], ADAPTIVE['rlhf.kl_gain']
+  run_dir, run = adaptive_run
+  rows = {row['step']: row for row in run.history if 'beta' in row}
+  assert sorted(rows) == [1, 2, 3, 4]
+  np.testing.assert_allclose(rows[1]['beta'], 0.1, rtol=1e-6)   # the config's beta first
+  for s in (1, 2, 3):   # then each step's beta from the previous step's KL, by hand
+    e = min(max(rows[s]['kl'] / target - 1, -0.2), 0.2)
+    np.testing.assert_allclose(rows[s + 1]['beta'], rows[s]['beta'] * (1 + gain * e),
+                               rtol=1e-5)
+  assert rows[2]['beta'] < rows[1]['beta']   # step 1's KL is 0 (policy = reference): lowered
+  # The coefficient is train state: a run resumed at step 2 goes on with it, bit for bit.
+  workdir = str(root / 'rlhf_adaptive_resumed')
+  shutil.copytree(run_dir, workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  resumed = loop.train(rlhf_config(sft_dir, pairs_dir, reward_run, log_every=1, **ADAPTIVE),
+                       workdir, devices=jax.devices()[:1])
+  assert_resumed_exactly(resumed, run)
+  assert [r['beta'] for r in resumed.history if 'beta' in r] == [rows[3]['beta'], rows[4]['beta']]
+
+
 @needs_multi30k
 def test_an_ensemble_of_one_reward_run_twice_trains_as_that_run_alone(sft, reward_run):
   sft_dir, pairs_dir, root = sft
@@ -281,6 +330,10 @@ def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
                     r'config.rlhf.beta=-0.1: must be > 0')
   fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.value_lr_scale': 0.0}),
                     r'config.rlhf.value_lr_scale=0.0: must be > 0')
+  for key, value in (('target_kl', -1.0), ('kl_gain', 0.0)):
+    fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{f'rlhf.{key}': value}),
+                      rf'config.rlhf.target_kl=.*config.rlhf.kl_gain=.*: the target must be '
+                      r'>= 0 \(0: beta fixed\) and the gain in \(0, 1\]')
   for group in (0, 3):
     fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.group_size': group}),
                       rf'config.rlhf.group_size={group}: must be >= 1 and divide '
@@ -297,8 +350,9 @@ def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
 
 @needs_multi30k
 def test_compare_alignment_rows_of_the_sft_model_at_other_temperatures(sft, reward_run,
-                                                                        tmp_path):
+                                                                        adaptive_run, tmp_path):
   sft_dir, pairs_dir, _ = sft
+  ppo_dir, ppo = adaptive_run
   out = tmp_path / 'compare'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -306,7 +360,7 @@ def test_compare_alignment_rows_of_the_sft_model_at_other_temperatures(sft, rewa
     return subprocess.run(
         [sys.executable, '-m', 'experiments.compare_alignment', f'--pairs={pairs_dir}',
          f'--sft={sft_dir}', f'--reward={reward_run}', f'--sft_temperatures={temperatures}',
-         '--prompt_len=64', '--max_new_tokens=8', f'--out_dir={out}'],
+         f'--ppo={ppo_dir}', '--prompt_len=64', '--max_new_tokens=8', f'--out_dir={out}'],
         cwd=root, capture_output=True, text=True, timeout=600, check=False,
         env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
 
@@ -317,7 +371,12 @@ def test_compare_alignment_rows_of_the_sft_model_at_other_temperatures(sft, rewa
   done = compare('1,0')
   assert done.returncode == 0, done.stderr[-2000:]
   rows = json.loads((out / 'alignment.json').read_text(encoding='utf-8'))['rows']
-  assert [r['model'] for r in rows] == ['SFT', 'SFT at temperature 1', 'SFT at temperature 0']
+  assert [r['model'] for r in rows] == ['SFT', 'SFT at temperature 1', 'SFT at temperature 0',
+                                        'PPO']
+  # The adaptive run's row: its config's beta and the one its last step left in its state.
+  final = float(ppo.state['rest']['kl_control']['beta'][...])
+  assert rows[3]['beta'] == 0.1 and rows[3]['final_beta'] == pytest.approx(final, rel=1e-6)
+  assert f'| PPO | 0.1 -> {final:.3g} (adaptive) |' in (out / 'alignment.md').read_text('utf-8')
   # The same model at the same temperature draws the same responses (one key per prompt).
   assert rows[1]['examples'] == rows[0]['examples'] and rows[1]['win_rate'] == 50.0
   # Temperature 0 is greedy: the first prompt's response equals an argmax decode by full

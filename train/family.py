@@ -142,6 +142,12 @@ class StepContext:
     self.state['rest'][wrt] = rest
     return loss, metrics, grads
 
+  def update_rest(self, name: str, module: nnx.Module) -> None:
+    """Stores `module`'s non-param variables as network `name`'s (state a family's step sets
+    by hand rather than through a forward pass, e.g. an adaptive coefficient); the loop returns
+    and checkpoints it like any other."""
+    self.state['rest'][name] = nnx.state(module, nnx.Not(nnx.Param))
+
   def apply_gradients(self, name: str, grads) -> Metrics:
     """One optimizer update of network `name` (and its EMA); returns the gradient norm."""
     params = self.state['params'][name]

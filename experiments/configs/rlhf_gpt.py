@@ -10,7 +10,9 @@ responses to 16 train prompts of the pairs file inside the run and takes PPO upd
                 --config.rlhf.reward=/tmp/reward --config.preferences.path=/tmp/pairs \
                 [--config.rlhf.beta=0.01]
 Hyperparameters were chosen, not tuned, and the run is short because a step is costly on a
-CPU (a rollout of 16 prompts x 48 tokens, three forward passes, two updates): beta 0.1, clip
+CPU (a rollout of 16 prompts x 48 tokens, three forward passes, two updates): beta 0.1 (fixed;
+--config.rlhf.target_kl=T > 0 adapts it after every rollout to hold the KL near T nats, as
+train/families/rlhf.py describes, with gain --config.rlhf.kl_gain, default 0.1), clip
 0.2, 2 PPO epochs per rollout, GAE lambda 0.95, value coefficient 0.5, AdamW lr 1e-4 (cosine
 to 1e-5), 100 steps of 16 rollouts.
   Result:   on the pairs, SFT and reward runs of experiments/README.md ("RLHF with PPO"),
@@ -75,7 +77,8 @@ def get_config(arg: str | None = None):
   del c.preferences['min_confidence']   # PPO trains on the pairs file's prompts, not its pairs
   c.rlhf = dict(reward='', reference='', beta=0.1, clip=0.2, ppo_epochs=2, gae_lambda=0.95,
                 vf_coef=0.5, temperature=1.0, max_new_tokens=48, prompt_len=60,
-                group_size=1, value_lr_scale=1.0)   # value head's lr / the policy's
+                group_size=1, value_lr_scale=1.0,   # value head's lr / the policy's
+                target_kl=0.0, kl_gain=0.1)   # target_kl > 0: beta adapts to hold that KL
   c.batch_size = 16
   c.total_steps = c.optimizer.decay_steps = 100
   c.optimizer.update(lr=1e-4, min_lr=1e-5, warmup_steps=4)

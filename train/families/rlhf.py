@@ -24,8 +24,14 @@ needs no other hook, and the loop is not forked):
      an ensemble's mean).
   3. Per-token rewards (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
      Preferences"; Ouyang et al. 2022): r_t = -beta * (log pi(y_t) - log ref(y_t)) on every
-     response token, plus the reward model's score on the last one; beta = config.rlhf.beta > 0
-     (fixed). With config.rlhf.group_size = k > 1 each prompt is answered k times in the batch
+     response token, plus the reward model's score on the last one; beta = config.rlhf.beta > 0,
+     fixed, or, with config.rlhf.target_kl = T > 0, adaptive (Ziegler et al. 2019, section
+     2.2): it starts at config.rlhf.beta and after each rollout becomes
+       beta * (1 + K * clip(KL / T - 1, -0.2, 0.2)),   K = config.rlhf.kl_gain (0.1 there),
+     KL the rollouts' mean exact KL to the reference (the `kl` metric): raised while the
+     policy is further than T nats from the reference, lowered while it is nearer. The new
+     value applies from the next step; it lives in the train state (network 'kl_control', a
+     non-param variable), so a resumed run goes on with the value it had. With config.rlhf.group_size = k > 1 each prompt is answered k times in the batch
      and the score in r_t is replaced by its leave-one-out difference, score - (mean of the
      other k - 1 scores of the same prompt) (the REINFORCE leave-one-out baseline of Ahmadian
      et al. 2024, "Back to Basics"): a Bradley-Terry reward model's scores are defined up to a
@@ -43,7 +49,7 @@ needs no other hook, and the loop is not forked):
      schedule) advances once per update, ppo_epochs times per loop step; the value head's
      updates are multiplied by config.rlhf.value_lr_scale (> 0; 1: the policy's learning rate),
      as a critic that starts at zero may need to learn faster than the policy moves.
-Logs: reward (the reward model's mean score), kl (the exact KL(pi || ref) of each response
+Logs: beta (the coefficient of the step's rewards), reward (the reward model's mean score), kl (the exact KL(pi || ref) of each response
 position's next-token distribution, summed over the response, mean over rollouts), kl_sampled
 (sum of the log-ratios of the sampled tokens, the estimator in the reward), entropy (per
 response token), clip_fraction, value_loss, policy_loss, response_tokens; loss is the last
@@ -57,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from models import gpt as gpt_lib
 from models import scalar_head
@@ -154,6 +161,23 @@ def response_rows(prompts: jax.Array, lengths: jax.Array, responses: jax.Array, 
           'weights': keep[:, 1:].astype(jnp.float32)}
 
 
+def adaptive_beta(beta: jax.Array, kl: jax.Array, target: float, gain: float) -> jax.Array:
+  """Ziegler et al. 2019's proportional controller of the KL coefficient: beta times
+  1 + gain * clip(kl / target - 1, -0.2, 0.2)."""
+  return beta * (1.0 + gain * jnp.clip(kl / target - 1.0, -0.2, 0.2))
+
+
+class KLCoefficient(nnx.Variable):
+  """The adaptive KL coefficient: train state, not a param (no gradient, no optimizer)."""
+
+
+class KLController(nnx.Module):
+  """Holds the adaptive beta between steps (the network 'kl_control')."""
+
+  def __init__(self, beta: float):
+    self.beta = KLCoefficient(jnp.asarray(beta, jnp.float32))
+
+
 def leave_one_out(score: jax.Array, group_size: int) -> jax.Array:
   """score `[n]` (n = prompts x group_size, each prompt's answers adjacent) minus, for each,
   the mean of the other answers to its prompt; group_size 1: the scores unchanged."""
@@ -189,7 +213,8 @@ def ensemble_score(reward_models, inputs: jax.Array, index: jax.Array) -> jax.Ar
 # ------------------------------------------------------------------------------- the family
 class RLHFFamily(pairs.PairsFamily):
   """config.rlhf: reward (RUN_DIR[:STEP], or several comma-separated: an ensemble) and
-  reference (RUN_DIR[:STEP]), beta (> 0), clip, ppo_epochs,
+  reference (RUN_DIR[:STEP]), beta (> 0), target_kl (>= 0; 0: beta fixed, else the KL in nats
+  an adaptive beta steers to) and kl_gain (in (0, 1]: its step size), clip, ppo_epochs,
   gae_lambda, vf_coef, temperature, max_new_tokens, prompt_len (the prompts' padded width;
   longer prompts are dropped; prompt_len + max_new_tokens <= model.block_size), group_size
   (answers per train prompt, dividing batch_size; 1: one each, no leave-one-out baseline) and
@@ -205,6 +230,12 @@ class RLHFFamily(pairs.PairsFamily):
     if not self.beta > 0:
       raise UserError(f'config.rlhf.beta={r.beta}: must be > 0 (the strength of the KL '
                       'penalty to the reference)')
+    # Absent in runs written before the keys: beta fixed.
+    self.target_kl, self.kl_gain = float(r.get('target_kl', 0.0)), float(r.get('kl_gain', 0.1))
+    if not self.target_kl >= 0 or not 0 < self.kl_gain <= 1:
+      raise UserError(f'config.rlhf.target_kl={r.get("target_kl")}, config.rlhf.kl_gain='
+                      f'{r.get("kl_gain")}: the target must be >= 0 (0: beta fixed) and the '
+                      'gain in (0, 1]')
     for key, what in (('reward', 'a reward-family run, or several comma-separated'),
                       ('reference', 'usually the SFT run')):
       if not str(r.get(key) or '').strip(' ,'):
@@ -300,7 +331,8 @@ class RLHFFamily(pairs.PairsFamily):
     return {'model': self.build_gpt(m, rngs, cls=scalar_head.ScalarHeadGPT),
             'reference': self.build_gpt(m, rngs),
             **{name: self.build_gpt(m, rngs, cls=scalar_head.ScalarHeadGPT)
-               for name in self.rewards}}
+               for name in self.rewards},
+            **({'kl_control': KLController(self.beta)} if self.target_kl > 0 else {})}
 
   def optimizers(self, make_tx):
     tx = make_tx(self.config.optimizer)
@@ -328,12 +360,13 @@ class RLHFFamily(pairs.PairsFamily):
            'kl': token_kl(logits, ref_logits), 'entropy': token_entropy(logits), 'score': score}
     return jax.tree.map(jax.lax.stop_gradient, out)
 
-  def advantages(self, ro) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(per-token rewards, whitened advantages, returns), each `[n, S-1]`."""
+  def advantages(self, ro, beta) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(per-token rewards, whitened advantages, returns), each `[n, S-1]`, with KL
+    coefficient `beta`."""
     w = ro['weights']
     last = jax.nn.one_hot(reward_lib.last_response_index(w), w.shape[1]) * w
     score = leave_one_out(ro['score'], self.group_size)
-    rewards = -self.beta * (ro['old_logp'] - ro['ref_logp']) * w + score[:, None] * last
+    rewards = -beta * (ro['old_logp'] - ro['ref_logp']) * w + score[:, None] * last
     adv = gae(rewards, ro['values'], w, float(self.config.rlhf.gae_lambda))
     return rewards, whiten(adv, w), (adv + ro['values']) * w
 
@@ -353,12 +386,18 @@ class RLHFFamily(pairs.PairsFamily):
 
   def train_step(self, ctx, batch, rng):
     rollout_key, update_key = jax.random.split(rng)
-    ro = self.rollout(ctx.models(), batch, rollout_key)
-    _, advantages, returns = self.advantages(ro)
+    models = ctx.models()
+    ro = self.rollout(models, batch, rollout_key)
+    beta = models['kl_control'].beta[...] if self.target_kl > 0 else jnp.float32(self.beta)
+    _, advantages, returns = self.advantages(ro, beta)
     data = {k: ro[k] for k in ('inputs', 'targets', 'weights', 'old_logp')}
     data.update(advantages=advantages, returns=returns)
     w = ro['weights']
-    metrics = self._rollout_metrics(ro)
+    metrics = {**self._rollout_metrics(ro), 'beta': beta}
+    if self.target_kl > 0:   # the next step's beta, from this rollout's KL
+      control = models['kl_control']
+      control.beta[...] = adaptive_beta(beta, metrics['kl'], self.target_kl, self.kl_gain)
+      ctx.update_rest('kl_control', control)
     for epoch in range(int(self.config.rlhf.ppo_epochs)):
       loss, m, grads = ctx.value_and_grad(
           lambda models, b, r: self.loss(models, b, r, train=True), 'model', data,
