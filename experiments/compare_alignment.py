@@ -198,7 +198,8 @@ def main(argv):
         raise UserError(f'--{flag}={workdir}: its tokenizer differs from --sft={_SFT.value}\'s')
     metrics_lib.print_line(f'{label}: {workdir} (step {step}) answering {len(records)} '
                            'test prompts')
-    result = evaluate_model(models['model'], sft_model, rewards, tokenizer, records, key, temperature)
+    result = evaluate_model(models['model'], sft_model, rewards, tokenizer, records, key,
+                            temperature)
     if baseline is None:
       baseline = result
     wins = [preferences.preference_probability(a, b, judge_t)

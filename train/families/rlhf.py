@@ -31,7 +31,8 @@ needs no other hook, and the loop is not forked):
      KL the rollouts' mean exact KL to the reference (the `kl` metric): raised while the
      policy is further than T nats from the reference, lowered while it is nearer. The new
      value applies from the next step; it lives in the train state (network 'kl_control', a
-     non-param variable), so a resumed run goes on with the value it had. With config.rlhf.group_size = k > 1 each prompt is answered k times in the batch
+     non-param variable), so a resumed run goes on with the value it had.
+     With config.rlhf.group_size = k > 1 each prompt is answered k times in the batch
      and the score in r_t is replaced by its leave-one-out difference, score - (mean of the
      other k - 1 scores of the same prompt) (the REINFORCE leave-one-out baseline of Ahmadian
      et al. 2024, "Back to Basics"): a Bradley-Terry reward model's scores are defined up to a
@@ -49,8 +50,9 @@ needs no other hook, and the loop is not forked):
      schedule) advances once per update, ppo_epochs times per loop step; the value head's
      updates are multiplied by config.rlhf.value_lr_scale (> 0; 1: the policy's learning rate),
      as a critic that starts at zero may need to learn faster than the policy moves.
-Logs: beta (the coefficient of the step's rewards), reward (the reward model's mean score), kl (the exact KL(pi || ref) of each response
-position's next-token distribution, summed over the response, mean over rollouts), kl_sampled
+Logs: beta (the coefficient of the step's rewards), reward (the reward model's mean score),
+kl (the exact KL(pi || ref) of each response position's next-token distribution, summed over
+the response, mean over rollouts), kl_sampled
 (sum of the log-ratios of the sampled tokens, the estimator in the reward), entropy (per
 response token), clip_fraction, value_loss, policy_loss, response_tokens; loss is the last
 update's. The eval rows: reward, kl and response_tokens of rollouts on the validation prompts
