@@ -62,14 +62,14 @@ to 1e-5), 100 steps of 16 rollouts.
             validation accuracy 0.600 / 0.581 / 0.563 and 0.594 / 0.600 / 0.600): 59.3 / 55.1 /
             58.1% (mean 57.5).
             Nor another beta, fixed or adaptive (against the ensemble of the two clear-pair
-            reward models, seeds 0 / 1 / 2, each run 1.8-2.5 min wall alone on a Zen 4 host,
-            cpu family 25; the ensemble's command with --config.rlhf.beta=B in place of
+            reward models, seeds 0 / 1 / 2, each run 1.8-2.5 min wall on a Zen 4 host, cpu
+            family 25; the ensemble's command with --config.rlhf.beta=B in place of
             0.05): beta 0.02: 59.9 / 54.7 / 58.4% (mean 57.7, KL 5.5-6.3 nats); 0.03: 59.6 /
             56.6 / 58.1% (58.1); 0.05, rerun: 60.5 / 57.3 / 59.3% (59.0, as above to the
             digit); 0.08: 60.3 / 57.5 / 58.1% (58.6); 0.12: 61.1 / 54.7 / 58.8% (58.2, KL
             2.2-3.0). An adaptive beta from 0.05 holding 4 nats (--config.rlhf.target_kl=4.0,
-            gain 0.1; it fell to 0.036 by step 20 while the KL rose, then climbed to 0.042-0.080
-            by step 100; KL at test 3.8-4.7): 57.9 / 58.9 / 57.8% (58.2). From 0.02 to 0.12
+            gain 0.1; it fell to 0.036 by step 20 while the KL rose, then climbed again and
+            ended at 0.045-0.074; KL at test 3.8-4.7): 57.9 / 58.9 / 57.8% (58.2). From 0.02 to 0.12
             the means stay within 1.3 points of each other, less than one run's spread over
             seeds.
             Each set judged by `python -m experiments.compare_alignment
