@@ -69,9 +69,9 @@ to 1e-5), 100 steps of 16 rollouts.
             digit); 0.08: 60.3 / 57.5 / 58.1% (58.6); 0.12: 61.1 / 54.7 / 58.8% (58.2, KL
             2.2-3.0). An adaptive beta from 0.05 holding 4 nats (--config.rlhf.target_kl=4.0,
             gain 0.1; it fell to 0.036 by step 20 while the KL rose, then climbed again and
-            ended at 0.045-0.074; KL at test 3.8-4.7): 57.9 / 58.9 / 57.8% (58.2). From 0.02 to 0.12
-            the means stay within 1.3 points of each other, less than one run's spread over
-            seeds.
+            ended at 0.045-0.074; KL at test 3.8-4.7): 57.9 / 58.9 / 57.8% (58.2). From 0.02
+            to 0.12 the means stay within 1.3 points of each other, less than one run's spread
+            over seeds.
             Each set judged by `python -m experiments.compare_alignment
             --pairs=$A/pairs --sft=$A/sft --reward=$A/reward_c73 --ppo=its runs`.
 The model section must equal the SFT run's.
