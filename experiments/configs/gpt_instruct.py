@@ -120,7 +120,7 @@ against 28.17 for plain rank 8 (validation loss at step 800: 1.976, 1.972 and 2.
 and sort 0%, count 78.4%, LM loss 5.290 (plain rank 8: 25.0, 29.4, 0%, 0%, 93.2%, 5.105). A
 larger learning rate for B, like a larger one for both, only lowers the scores here.
 Nor is it the number of steps. The five-task mix for 3200 steps instead of 800, from the long
-base, one run each on a Zen 4 host (cpu family 25), beside one other run of this project:
+base, one run each on a Zen 4 host (cpu family 25), nothing else of ours running:
   python -m train --config=experiments/configs/gpt_instruct.py:ARG --workdir=W \
       --config.init_from=/tmp/gpt_base_long --config.total_steps=3200 \
       --config.optimizer.decay_steps=3200 --config.eval_every=800 --config.checkpoint_every=800
