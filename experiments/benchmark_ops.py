@@ -4,10 +4,12 @@ For each 3x3 'SAME' convolution shape of `ddpm_mnist.py`'s UNet (batch 64): the 
 input gradient (dx) and the weight gradient (dW), each jitted alone; GroupNorm (8 groups,
 flax's `nnx.GroupNorm`) forward + backward; and nearest 2x upsampling's backward, as a
 broadcast (`models.upsample.upsample_nearest`, what the UNet uses) and through
-`jax.image.resize`. With torch installed (`pip install -e '.[peers]'`) the same convolution
-(NCHW, forward and forward + backward) and `torch.nn.GroupNorm` are timed too. Milliseconds,
-the median of 5 chunks. The process starts XLA as every genlab command does (train.cli.tune_host:
-XLA's own convolutions); `GENLAB_XLA_TUNING=0` leaves XLA's defaults (YNNPACK convolutions).
+`jax.image.resize`; and a candidate GroupNorm with its statistics as dots
+(`group_norm_as_dots`, checked against flax's before it is timed). With torch installed (`pip
+install -e '.[peers]'`) the same convolution (NCHW, forward and forward + backward) and
+`torch.nn.GroupNorm` are timed too. Milliseconds, the median of 5 chunks. The process starts
+XLA as every genlab command does (train.cli.tune_host: XLA's own convolutions);
+`GENLAB_XLA_TUNING=0` leaves XLA's defaults (YNNPACK convolutions).
 
   python -m experiments.benchmark_ops [--batch=64] [--repeats=10]
   GENLAB_XLA_TUNING=0 python -m experiments.benchmark_ops
@@ -57,6 +59,26 @@ def conv(x, w):
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def group_norm_as_dots(x, scale, bias, groups: int, eps: float = 1e-6):
+  """GroupNorm of NHWC `x` with its statistics as dots: the per-channel sums of x and x^2 over
+  the positions contract with a ones vector, and a [C, G] indicator matrix sums channels into
+  groups and spreads the groups' mean and 1/std back. Same formula as flax's GroupNorm
+  (variance as E[x^2] - E[x]^2, flax's `use_fast_variance`). A candidate timed beside
+  `nnx.GroupNorm`; the UNet does not use it."""
+  n, h, w, c = x.shape
+  flat = x.reshape(n, h * w, c)
+  ones = jnp.ones((h * w,), x.dtype)
+  per_group = c // groups
+  member = (jnp.arange(c)[:, None] // per_group == jnp.arange(groups)[None]).astype(x.dtype)
+  count = h * w * per_group
+  mean = jnp.einsum('nsc,s->nc', flat, ones) @ member / count                 # [N, G]
+  mean_sq = jnp.einsum('nsc,s->nc', flat * flat, ones) @ member / count
+  inv_std = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + eps)
+  a = (inv_std @ member.T) * scale                                            # [N, C]
+  b = bias - (mean @ member.T) * a
+  return x * a[:, None, None, :] + b[:, None, None, :]
+
+
 def main(argv):
   del argv
   try:
@@ -94,10 +116,20 @@ def main(argv):
   for res, ch in NORM_SHAPES:
     x = rng.normal(size=(b, res, res, ch)).astype(np.float32)
     g = rng.normal(size=(b, res, res, ch)).astype(np.float32)
-    graphdef, state = nnx.split(nnx.GroupNorm(ch, num_groups=8, rngs=nnx.Rngs(0)))
+    flax_norm = nnx.GroupNorm(ch, num_groups=8, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(flax_norm)
     both = jax.jit(lambda s, x, g: jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x), s, x)[1](g))
+    params = (flax_norm.scale.value, flax_norm.bias.value)
+    dots = jax.jit(lambda p, x, g: jax.vjp(
+        lambda p, x: group_norm_as_dots(x, *p, groups=8, eps=flax_norm.epsilon), p, x)[1](g))
+    # The candidate must compute what flax's does before its time means anything.
+    (d_scale, d_bias), dx = dots(params, x, g)
+    d_state, want_dx = both(state, x, g)
+    for got, want in ((dx, want_dx), (d_scale, d_state['scale']), (d_bias, d_state['bias'])):
+      np.testing.assert_allclose(got, getattr(want, 'value', want), rtol=1e-4, atol=1e-3)
     row = [f'GroupNorm (8 groups) {res}x{res}x{ch}',
-           f'fwd + bwd {timed(lambda: both(state, x, g), n):.2f}']
+           f'fwd + bwd {timed(lambda: both(state, x, g), n):.2f}; statistics as dots '
+           f'{timed(lambda: dots(params, x, g), n):.2f}']
     if torch is not None:
       norm = torch.nn.GroupNorm(8, ch)
       xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
