@@ -27,6 +27,7 @@ the host's CPU family are printed with the table.
   pip install -e '.[peers]'    # torch (CPU) and diffusers: never in the core install
   TFDS_DATA_DIR=... python -m experiments.benchmark_peers [--rounds=3] [--only=gpt,unet,ddim]
   TFDS_DATA_DIR=... python -m experiments.benchmark_peers --only=gpt_bf16
+  TFDS_DATA_DIR=... python -m experiments.benchmark_peers --only=unet --dropout_bits=8
 
 Run one benchmark at a time (nothing else heavy on the machine).
 """
@@ -59,6 +60,9 @@ _GPT_STEPS = flags.DEFINE_integer('gpt_steps', 30, 'GPT train steps per timed ch
 _UNET_STEPS = flags.DEFINE_integer('unet_steps', 4, 'UNet train steps per timed chunk.')
 _ONLY = flags.DEFINE_list('only', ['gpt', 'unet', 'ddim'], 'Which rows to run.')
 _COMPILE = flags.DEFINE_bool('torch_compile', True, 'Also time torch.compile for the GPT.')
+_DROPOUT_BITS = flags.DEFINE_enum('dropout_bits', '32', ['8', '16', '32'],
+                                  "genlab UNet's dropout masks (config.model.dropout_bits): 32, "
+                                  "the config's, or cheaper 8- or 16-bit ones.")
 
 
 def host_cpu() -> str:
@@ -293,6 +297,7 @@ def gpt_row(torch, bf16: bool = False) -> list[tuple[str, str, float, str]]:
 def unet_rows(torch, which) -> list[tuple[str, str, float, str]]:
   from diffusers import DDIMScheduler, DDPMScheduler  # pylint: disable=import-outside-toplevel
   config = ddpm_mnist.get_config('cond')
+  config.model.dropout_bits = int(_DROPOUT_BITS.value)
   family = DiffusionFamily(config)
   family.setup_data(0, 1)
   n = _UNET_STEPS.value
@@ -337,7 +342,9 @@ def unet_rows(torch, which) -> list[tuple[str, str, float, str]]:
     t = alternate({'genlab': lambda: genlab(n), 'diffusers': lambda: _timed_chunk(
         one, n, lambda: None)}, _ROUNDS.value)
     train_flops = _cost_flops(compiled)
-    rows.append((f'UNet train step, batch {config.batch_size} (ddpm_mnist.py:cond)',
+    bits = config.model.dropout_bits
+    bits = '' if bits == 32 else f', dropout_bits={bits}'
+    rows.append((f'UNet train step, batch {config.batch_size} (ddpm_mnist.py:cond{bits})',
                  'diffusers UNet2DModel, eager', t['diffusers'] / t['genlab'],
                  f'{1e3 * t["genlab"]:.0f} vs {1e3 * t["diffusers"]:.0f} ms; genlab '
                  f'{train_flops / 1e9:.1f} GFLOP/step (XLA cost analysis); {note}'))

@@ -43,30 +43,23 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout; identity when `key` is None or `rate` is 0."""
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
 class ResBlock(nnx.Module):
   def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, dropout: float, groups: int,
-               dtype, rngs: nnx.Rngs):
+               dtype, rngs: nnx.Rngs, dropout_bits: int = 32):
     self.norm1 = nnx.GroupNorm(in_ch, num_groups=groups, rngs=rngs)
     self.conv1 = nnx.Conv(in_ch, out_ch, (3, 3), dtype=dtype, rngs=rngs)
     self.emb = nnx.Linear(emb_dim, out_ch, dtype=dtype, rngs=rngs)
     self.norm2 = nnx.GroupNorm(out_ch, num_groups=groups, rngs=rngs)
     self.conv2 = nnx.Conv(out_ch, out_ch, (3, 3), dtype=dtype, kernel_init=_zeros, rngs=rngs)
     self.skip = nnx.Conv(in_ch, out_ch, (1, 1), dtype=dtype, rngs=rngs) if in_ch != out_ch else None
-    self.dropout = dropout
+    self.dropout, self.dropout_bits = dropout, dropout_bits
 
   def __call__(self, x, emb, key):
     """x [B, H, W, in_ch], emb [B, emb_dim] (already SiLU'd) -> [B, H, W, out_ch]."""
     h = self.conv1(nnx.silu(self.norm1(x)))
     h = h + self.emb(emb)[:, None, None, :]
-    h = self.conv2(_dropout(nnx.silu(self.norm2(h)), self.dropout, key))
+    h = layers.dropout(nnx.silu(self.norm2(h)), self.dropout, key, self.dropout_bits)
+    h = self.conv2(h)
     return (x if self.skip is None else self.skip(x)) + h
 
 
@@ -124,6 +117,8 @@ class UNet(nnx.Module):
     num_res_blocks: residual blocks per level (the up path has one more, as DDPM).
     attention_resolutions: the side lengths (in pixels) at which blocks get self-attention.
     dropout: dropout rate inside residual blocks (training only).
+    dropout_bits: 32 (`jax.random.bernoulli`'s masks), or 16 or 8: cheaper masks from packed
+      random bits, the rate rounded to a multiple of 2 ** -bits (`models.layers.dropout`).
     num_classes: 0 for an unconditional model; else labels in [0, num_classes], where
       num_classes is the null label (classifier-free guidance).
     groups: GroupNorm groups.
@@ -134,7 +129,7 @@ class UNet(nnx.Module):
   def __init__(self, *, image_shape: tuple[int, int, int], channels: int = 32,
                channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                attention_resolutions: tuple[int, ...] = (7,), dropout: float = 0.0,
-               num_classes: int = 0, groups: int = 8, context_dim: int = 0,
+               dropout_bits: int = 32, num_classes: int = 0, groups: int = 8, context_dim: int = 0,
                context_heads: int = 4, dtype=jnp.float32, rngs: nnx.Rngs):
     size, _, in_ch = image_shape
     if size % 2 ** (len(channel_mult) - 1) or image_shape[1] % 2 ** (len(channel_mult) - 1):
@@ -154,8 +149,10 @@ class UNet(nnx.Module):
     self.context_emb = (nnx.Linear(context_dim, emb_dim, use_bias=False, rngs=rngs)
                         if context_dim else None)
     self.conv_in = nnx.Conv(in_ch, channels, (3, 3), dtype=dtype, rngs=rngs)
+    if dropout_bits not in layers.DROPOUT_BITS:
+      raise ValueError(f'dropout_bits={dropout_bits!r}: must be one of {layers.DROPOUT_BITS}')
     block = lambda i, o: ResBlock(i, o, emb_dim, dropout=dropout, groups=groups, dtype=dtype,
-                                  rngs=rngs)
+                                  rngs=rngs, dropout_bits=dropout_bits)
     attn = lambda c, res: (Attention(c, groups=groups, dtype=dtype, rngs=rngs)
                            if res in attention_resolutions else None)
     # Created only for a text model, so other models draw the same init keys as before.

@@ -137,6 +137,11 @@ def test_family_config_errors():
   with pytest.raises(UserError) as e:
     families.get('diffusion')(ddpm)
   one_line(e, 'config.sampling.batch=0', '>= 1')
+  ddpm = ddpm_mnist.get_config('tiny')
+  ddpm.model.dropout_bits = 12
+  with pytest.raises(UserError) as e:
+    families.get('diffusion')(ddpm)
+  one_line(e, 'config.model.dropout_bits=12', '(8, 16, 32)')
 
   for get_config in (vae_mnist.get_config, gan_mnist.get_config, classifier_mnist.get_config):
     config = get_config('tiny')

@@ -201,16 +201,33 @@ def test_ddim_all_steps_eta1_matches_ddpm():
   np.testing.assert_allclose(ddim(x_T(0), jax.random.key(1)), a.reshape(n, 2), atol=1e-4)
 
 
-def _random_unet(num_classes=10, shape=(8, 8, 1)):
+def _random_unet(num_classes=10, shape=(8, 8, 1), **kw):
   """(graphdef, state) of a small UNet with every param random (a fresh one outputs zeros: its
   last conv starts at zero). Params come from numpy: compiling the initializers takes longer."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: unet_lib.UNet(
       image_shape=shape, channels=8, channel_mult=(1, 2), attention_resolutions=(4,), groups=4,
-      num_classes=num_classes, rngs=nnx.Rngs(0))))
+      num_classes=num_classes, rngs=nnx.Rngs(0), **kw)))
   leaves, tree = jax.tree.flatten(abstract)
   rng = np.random.default_rng(0)
   return graphdef, tree.unflatten([jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype)
                                    for x in leaves])
+
+
+def test_unet_dropout_bits_change_the_masks_and_nothing_else():
+  """`dropout_bits` adds no param and changes no output without a dropout key; with one, 8-bit
+  masks are other masks than bernoulli's, reproducible from the key."""
+  (g32, s32), (g8, s8) = (_random_unet(dropout=0.3, dropout_bits=b) for b in (32, 8))
+  jax.tree.map(np.testing.assert_array_equal, s32, s8)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  t, y = jnp.array([5, 700]), jnp.array([3, 1])
+  run = lambda g, key: nnx.merge(g, s32)(x, t, y, dropout_key=key)
+  np.testing.assert_array_equal(run(g32, None), run(g8, None))
+  a = run(g8, jax.random.key(1))
+  np.testing.assert_array_equal(a, run(g8, jax.random.key(1)))
+  assert float(jnp.abs(a - run(g8, None)).max()) > 1e-3
+  assert float(jnp.abs(a - run(g32, jax.random.key(1))).max()) > 1e-3
+  with pytest.raises(ValueError, match='dropout_bits=4'):
+    _random_unet(dropout_bits=4)
 
 
 def test_guidance_scales():

@@ -232,6 +232,53 @@ def test_dropout_keys():
   assert float(jnp.abs(run(jax.random.key(0)) - run(None)).max()) > 1e-3
 
 
+def test_dropout_32_bits_is_bernoulli_and_bad_widths_are_errors():
+  x = jax.random.normal(jax.random.key(3), (64, 33))
+  keep = jax.random.bernoulli(jax.random.key(4), 0.75, x.shape)
+  out = np.asarray(layers.dropout(x, 0.25, jax.random.key(4)))
+  np.testing.assert_array_equal(out != 0, keep)
+  np.testing.assert_allclose(out, np.where(keep, np.asarray(x) / 0.75, 0.0), rtol=1e-6)
+  for bits in (8, 16, 32):
+    assert layers.dropout(x, 0.25, None, bits) is x
+  with pytest.raises(ValueError, match='bits=12'):
+    layers.dropout(x, 0.25, jax.random.key(4), 12)
+  with pytest.raises(ValueError, match='rounds to 1'):
+    layers.dropout(x, 0.999, jax.random.key(4), 8)
+  # A rate below half a level rounds to no dropout at all.
+  assert layers.dropout(x, 0.001, jax.random.key(4), 8) is x
+
+
+@pytest.mark.parametrize('bits', [8, 16])
+def test_packed_dropout_masks_are_fair_independent_and_unbiased(bits):
+  n, rate = 2 ** 22, 0.1
+  levels = 2 ** bits
+  dropped = round(rate * levels)           # 26 / 256 at 8 bits: 0.1016, not 0.1
+  keep_p = 1 - dropped / levels
+  out = np.asarray(layers.dropout(jnp.ones((n // 64, 64)), rate, jax.random.key(7), bits))
+  # Exactly two values: 0, and the inverse of the exact kept fraction.
+  kept = out != 0
+  np.testing.assert_array_equal(np.unique(out), [0.0, np.float32(levels / (levels - dropped))])
+  # The kept fraction is the rounded rate's, within 5 binomial sigmas (at 8 bits the unrounded
+  # 0.9 lies 10 sigmas away), in each of the numbers that share a 32-bit word too.
+  per_word = kept.reshape(-1, 32 // bits)
+  for col in range(per_word.shape[1]):
+    sigma = np.sqrt(keep_p * (1 - keep_p) / per_word.shape[0])
+    assert abs(per_word[:, col].mean() - keep_p) < 5 * sigma, (col, per_word[:, col].mean())
+  # Numbers cut from one word are independent: both dropped as often as chance says.
+  both = (~per_word[:, 0] & ~per_word[:, 1]).mean()
+  q2 = (1 - keep_p) ** 2
+  assert abs(both - q2) < 5 * np.sqrt(q2 * (1 - q2) / per_word.shape[0]), both
+  # E[output] = input.
+  assert abs(out.mean() - 1.0) < 5 * out.std() / np.sqrt(n), out.mean()
+  # Deterministic in the key, another mask for another key or width, the dtype kept.
+  x = jnp.ones((128, 64), jnp.bfloat16)
+  a, b = (layers.dropout(x, rate, jax.random.key(k), bits) for k in (1, 2))
+  assert a.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(a, layers.dropout(x, rate, jax.random.key(1), bits))
+  assert (np.asarray(a) != np.asarray(b)).any()
+  assert (np.asarray(a) != np.asarray(layers.dropout(x, rate, jax.random.key(1), 32))).any()
+
+
 def test_embeddings_and_tied_logits():
   emb = layers.Embeddings(vocab_size=11, max_len=6, embed_dim=D, init_std=0.5, rngs=nnx.Rngs(0))
   tokens = jnp.array([[1, 2, 3], [4, 5, 10]])

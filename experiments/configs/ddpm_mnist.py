@@ -133,7 +133,8 @@ def diffusion_config(dataset: str, args: set[str]):
   c.ema_decay = 0.998
   c.data.name = dataset
   c.model = dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
-                 attention_resolutions=(7,), dropout=0.1, groups=8, dtype='float32')
+                 attention_resolutions=(7,), dropout=0.1, dropout_bits=32, groups=8,
+                 dtype='float32')
   c.diffusion = dict(schedule='cosine', num_steps=1000, prediction='eps', variance='beta_tilde',
                      label_dropout=0.1, min_snr_gamma=0.0)
   c.sampling = dict(sampler='ddim', ddim_steps=50, ddim_eta=0.0, guidance=3.0, clip=True,

@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from models import diffusion as diffusion_lib
+from models import layers
 from models import unet as unet_lib
 from train import images as images_lib
 from train import metrics as metrics_lib
@@ -60,7 +61,8 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 class DiffusionFamily(images_lib.ImageFamily):
   """config.model: channels, channel_mult, num_res_blocks, attention_resolutions, dropout,
-  groups, dtype. config.diffusion: schedule (linear|cosine), num_steps (T), prediction
+  dropout_bits (32: bernoulli masks; 8 or 16: cheaper ones, `models.layers.dropout`), groups,
+  dtype. config.diffusion: schedule (linear|cosine), num_steps (T), prediction
   (eps|x0|v), variance (beta_tilde|beta), label_dropout (p of the null class in training),
   min_snr_gamma (0: the simple loss; gamma > 0: Min-SNR-gamma loss weights).
   config.sampling: sampler, ddim_steps, ddim_eta, guidance, clip (x0 to [-1, 1]), batch (images per
@@ -90,6 +92,10 @@ class DiffusionFamily(images_lib.ImageFamily):
     if not isinstance(config.sampling.batch, int) or config.sampling.batch < 1:
       raise UserError(f'config.sampling.batch={config.sampling.batch!r}: must be >= 1 (images '
                       'per jitted sampler call)')
+    self.dropout_bits = config.model.get('dropout_bits', 32)   # runs written before the key
+    if self.dropout_bits not in layers.DROPOUT_BITS:
+      raise UserError(f'config.model.dropout_bits={self.dropout_bits!r}: must be one of '
+                      f'{layers.DROPOUT_BITS} (random bits per dropout mask element)')
     if config.model.dtype not in _DTYPES:
       raise UserError(f'config.model.dtype={config.model.dtype!r}: use one of {sorted(_DTYPES)}')
     self._samplers: dict[tuple, Any] = {}
@@ -100,7 +106,8 @@ class DiffusionFamily(images_lib.ImageFamily):
     return {'model': unet_lib.UNet(
         image_shape=self.image_shape, channels=m.channels, channel_mult=tuple(m.channel_mult),
         num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
-        dropout=m.dropout, num_classes=self.num_classes, groups=m.groups,
+        dropout=m.dropout, dropout_bits=self.dropout_bits, num_classes=self.num_classes,
+        groups=m.groups,
         dtype=_DTYPES[m.dtype], rngs=rngs)}
 
   def _denoiser(self, model, labels, dropout_key=None):

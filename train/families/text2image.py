@@ -107,7 +107,8 @@ class TextToImageFamily(DiffusionFamily):
         unet=dict(image_shape=self.image_shape, channels=m.channels,
                   channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
                   attention_resolutions=tuple(m.attention_resolutions), dropout=m.dropout,
-                  groups=m.groups, context_heads=m.context_heads),
+                  dropout_bits=self.dropout_bits, groups=m.groups,
+                  context_heads=m.context_heads),
         dtype=images_lib.activation_dtype(self.config), rngs=rngs)}
 
   # ---- sampling ----
