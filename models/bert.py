@@ -36,15 +36,17 @@ class Encoder(nnx.Module):
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int,
                embed_dim: int, dropout: float = 0.0, init_std: float | None = None,
                pad_id: int = 0, attention_implementation: str | None = None,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    """pad_id: the padding token; positions holding it are masked out as keys."""
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+               dropout_bits: int = 32):
+    """pad_id: the padding token; positions holding it are masked out as keys.
+    dropout_bits: random bits per dropout mask element (`layers.dropout`; 32: bernoulli)."""
     if embed_dim % num_heads:
       raise ValueError(f'embed_dim {embed_dim} not divisible by num_heads {num_heads}')
     self.vocab_size = vocab_size
     self.max_len = max_len
     self.num_layers = num_layers
     self.embed_dim = embed_dim
-    self.dropout = dropout
+    self.dropout, self.dropout_bits = dropout, dropout_bits
     self.pad_id = pad_id
     self.init_std = embed_dim ** -0.5 if init_std is None else init_std
     self.embed = layers.Embeddings(vocab_size=vocab_size, max_len=max_len, embed_dim=embed_dim,
@@ -55,7 +57,7 @@ class Encoder(nnx.Module):
                      init_std=self.init_std,
                      out_init_std=self.init_std / math.sqrt(2 * num_layers),
                      implementation=attention_implementation, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
+                     param_dtype=param_dtype, rngs=rngs, dropout_bits=dropout_bits)
         for _ in range(num_layers)])
     self.ln_f = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs)
@@ -70,7 +72,7 @@ class Encoder(nnx.Module):
     keys = ([None] * (self.num_layers + 1) if dropout_key is None
             else list(jax.random.split(dropout_key, self.num_layers + 1)))
     mask = layers.padding_mask(tokens != self.pad_id)  # [batch, 1, 1, seq]
-    x = layers.dropout(self.embed(tokens), self.dropout, keys[0])
+    x = layers.dropout(self.embed(tokens), self.dropout, keys[0], self.dropout_bits)
     for block, key in zip(self.blocks, keys[1:]):
       x = block(x, batch=batch, seq=seq, mask=mask, dropout_key=key)
     return self.ln_f(x)
@@ -89,12 +91,13 @@ class BERT(Encoder):
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int,
                embed_dim: int, dropout: float = 0.0, init_std: float | None = None,
                pad_id: int = 0, attention_implementation: str | None = None,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+               dropout_bits: int = 32):
     super().__init__(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers,
                      num_heads=num_heads, embed_dim=embed_dim, dropout=dropout,
                      init_std=init_std, pad_id=pad_id,
                      attention_implementation=attention_implementation, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
+                     param_dtype=param_dtype, rngs=rngs, dropout_bits=dropout_bits)
     self.head_dense = nnx.Linear(embed_dim, embed_dim,
                                  kernel_init=nnx.initializers.normal(self.init_std),
                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -55,12 +55,13 @@ class GPT(nnx.Module):
                embed_dim: int, dropout: float = 0.0, init_std: float | None = None,
                attention_implementation: str | None = None, activation: str = 'gelu',
                prompt_tokens: int = 0, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs, dropout_bits: int = 32):
     """init_std: std of the weight and embedding init (residual projections get
     init_std / sqrt(2 * num_layers)); None is 1 / sqrt(embed_dim), 0.02 is nanoGPT's.
     attention_implementation: see `layers.attention_implementation`.
     activation: the MLP's GELU, 'gelu' (exact, nanoGPT's) or 'gelu_tanh' (GPT-2's).
-    prompt_tokens: P soft-prompt vectors before every sequence (0: none)."""
+    prompt_tokens: P soft-prompt vectors before every sequence (0: none).
+    dropout_bits: random bits per dropout mask element (`layers.dropout`; 32: bernoulli)."""
     if embed_dim % num_heads:
       raise ValueError(f'embed_dim {embed_dim} not divisible by num_heads {num_heads}')
     if not 0 <= prompt_tokens < block_size:
@@ -70,7 +71,7 @@ class GPT(nnx.Module):
     self.num_layers = num_layers
     self.num_heads = num_heads
     self.embed_dim = embed_dim
-    self.dropout = dropout
+    self.dropout, self.dropout_bits = dropout, dropout_bits
     self.dtype = dtype
     self.prompt_tokens = prompt_tokens
     init_std = embed_dim ** -0.5 if init_std is None else init_std
@@ -85,7 +86,7 @@ class GPT(nnx.Module):
         layers.Block(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout,
                      init_std=init_std, out_init_std=init_std / math.sqrt(2 * num_layers),
                      activation=activation, implementation=attention_implementation,
-                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                     dtype=dtype, param_dtype=param_dtype, rngs=rngs, dropout_bits=dropout_bits)
         for _ in range(num_layers)])
     self.ln_f = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs)
@@ -129,7 +130,7 @@ class GPT(nnx.Module):
     batch, seq = tokens.shape
     keys = ([None] * (self.num_layers + 1) if dropout_key is None
             else list(jax.random.split(dropout_key, self.num_layers + 1)))
-    x = layers.dropout(self._embed(tokens), self.dropout, keys[0])
+    x = layers.dropout(self._embed(tokens), self.dropout, keys[0], self.dropout_bits)
     for block, key in zip(self.blocks, keys[1:]):
       x = block(x, batch=batch, seq=self.prompt_tokens + seq, is_causal=True, dropout_key=key)
     return self._drop_prompt(x, batch)

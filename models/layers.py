@@ -168,7 +168,8 @@ def attention_implementation(implementation: str | None, dropout_active: bool,
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None, *, is_causal: bool = False,
                           dropout_rate: float = 0.0, dropout_key: jax.Array | None = None,
-                          implementation: str | None = None) -> jax.Array:
+                          implementation: str | None = None, dropout_bits: int = 32
+                          ) -> jax.Array:
   """softmax(q k^T / sqrt(head_dim) + masked) v, per head.
 
   Args:
@@ -177,6 +178,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     mask: bool, True = may attend, broadcastable to `[batch, heads, q_len, k_len]`; None: all.
     is_causal: also apply `causal_mask(q_len, k_len)`.
     dropout_rate, dropout_key: dropout on the attention probabilities (key None: off).
+    dropout_bits: their masks' random bits per element (`dropout`).
     implementation: see `attention_implementation`.
 
   Returns:
@@ -194,7 +196,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   mask = combine_masks(mask, causal_mask(q.shape[1], k.shape[1]) if is_causal else None)
   if mask is not None:
     scores = jnp.where(mask, scores, _MASKED)
-  probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key).astype(v.dtype)
+  probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key, dropout_bits)
+  probs = probs.astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
@@ -253,7 +256,8 @@ class MultiHeadAttention(nnx.Module):
   def __init__(self, *, embed_dim: int, num_heads: int, cross: bool = False,
                dropout: float = 0.0, init_std: float, out_init_std: float | None = None,
                implementation: str | None = None, context_dim: int | None = None,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+               dropout_bits: int = 32):
     """init_std: std of the input projections; out_init_std: of `proj` (default init_std);
     context_dim: width of a cross-attention context (default embed_dim), e.g. a text encoder's
     beside a UNet level's channels."""
@@ -265,7 +269,7 @@ class MultiHeadAttention(nnx.Module):
     self.num_heads = num_heads
     self.head_dim = embed_dim // num_heads
     self.cross = cross
-    self.dropout = dropout
+    self.dropout, self.dropout_bits = dropout, dropout_bits
     self.implementation = implementation
     self.dtype = dtype
     linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -299,7 +303,7 @@ class MultiHeadAttention(nnx.Module):
   def _output(self, y: jax.Array, key: jax.Array | None) -> jax.Array:
     """`[batch, seq, heads, head_dim]` -> projected `[batch * seq, embed]` (+ dropout)."""
     y = y.reshape(y.shape[0] * y.shape[1], -1)
-    return dropout(self.proj(y), self.dropout, key)
+    return dropout(self.proj(y), self.dropout, key, self.dropout_bits)
 
   def _attend(self, x, batch, seq, mask, is_causal, context_kv, keys):
     if context_kv is None:
@@ -310,7 +314,8 @@ class MultiHeadAttention(nnx.Module):
       q = self.q(x).reshape(batch, seq, self.num_heads, self.head_dim)
       k, v = context_kv['k'], context_kv['v']
     y = dot_product_attention(q, k, v, mask, is_causal=is_causal, dropout_rate=self.dropout,
-                              dropout_key=keys[0], implementation=self.implementation)
+                              dropout_key=keys[0], implementation=self.implementation,
+                              dropout_bits=self.dropout_bits)
     return self._output(y, keys[1]), k, v
 
   def __call__(self, x: jax.Array, *, batch: int, seq: int, mask: jax.Array | None = None,
@@ -387,10 +392,10 @@ class MLP(nnx.Module):
   def __init__(self, *, embed_dim: int, dropout: float = 0.0, init_std: float,
                out_init_std: float | None = None, hidden_dim: int | None = None,
                activation: str = 'gelu', dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs, dropout_bits: int = 32):
     if activation not in ACTIVATIONS:
       raise ValueError(f'activation {activation!r}: use one of {", ".join(ACTIVATIONS)}')
-    self.dropout = dropout
+    self.dropout, self.dropout_bits = dropout, dropout_bits
     self.activation = activation
     hidden_dim = 4 * embed_dim if hidden_dim is None else hidden_dim
     out_init_std = init_std if out_init_std is None else out_init_std
@@ -402,7 +407,8 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """x `[tokens, embed]`; key: dropout key on the output (None = off)."""
-    return dropout(self.proj(ACTIVATIONS[self.activation](self.fc(x))), self.dropout, key)
+    return dropout(self.proj(ACTIVATIONS[self.activation](self.fc(x))), self.dropout, key,
+                   self.dropout_bits)
 
 
 class Block(nnx.Module):
@@ -421,15 +427,17 @@ class Block(nnx.Module):
                init_std: float, out_init_std: float | None = None,
                cross_attention: bool = False, mlp_dim: int | None = None,
                activation: str = 'gelu', implementation: str | None = None,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+               dropout_bits: int = 32):
     """mlp_dim: the MLP's hidden width (default 4 * embed_dim); activation: the MLP's ('gelu'
-    exact, 'gelu_tanh' GPT-2's)."""
+    exact, 'gelu_tanh' GPT-2's); dropout_bits: random bits per dropout mask element
+    (`dropout`)."""
     ln = functools.partial(nnx.LayerNorm, embed_dim, epsilon=1e-5, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
     attn = functools.partial(MultiHeadAttention, embed_dim=embed_dim, num_heads=num_heads,
                              dropout=dropout, init_std=init_std, out_init_std=out_init_std,
                              implementation=implementation, dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs)
+                             param_dtype=param_dtype, rngs=rngs, dropout_bits=dropout_bits)
     self.has_cross = cross_attention
     # Creation order fixes which init key each param gets: keep ln1, attn, ln2, mlp first.
     self.ln1 = ln()
@@ -437,7 +445,7 @@ class Block(nnx.Module):
     self.ln2 = ln()
     self.mlp = MLP(embed_dim=embed_dim, dropout=dropout, init_std=init_std,
                    out_init_std=out_init_std, hidden_dim=mlp_dim, activation=activation,
-                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs, dropout_bits=dropout_bits)
     if cross_attention:
       self.ln_cross = ln()
       self.cross_attn = attn(cross=True)

@@ -60,16 +60,19 @@ class Seq2Seq(nnx.Module):
 
   def __init__(self, *, vocab_size: int, num_encoder_layers: int, num_decoder_layers: int,
                num_heads: int, embed_dim: int, mlp_dim: int, dropout: float, max_len: int,
-               attention_implementation: str | None = None, rngs: nnx.Rngs):
+               attention_implementation: str | None = None, rngs: nnx.Rngs,
+               dropout_bits: int = 32):
     """Args:
       max_len: the longest source and target (in tokens, EOS/BOS included) it accepts.
       attention_implementation: see `layers.attention_implementation`.
+      dropout_bits: random bits per dropout mask element (`layers.dropout`; 32: bernoulli).
     """
     if embed_dim % 2:
       raise ValueError(f'embed_dim={embed_dim} must be even (sinusoidal positions)')
     if embed_dim % num_heads:
       raise ValueError(f'embed_dim={embed_dim} is not divisible by num_heads={num_heads}')
     self.embed_dim, self.max_len, self.rate = embed_dim, max_len, dropout
+    self.dropout_bits = dropout_bits
     self.vocab_size = vocab_size
     std = embed_dim ** -0.5
     self.embed = nnx.Embed(vocab_size, embed_dim,
@@ -80,7 +83,8 @@ class Seq2Seq(nnx.Module):
           layers.Block(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout,
                        init_std=std, out_init_std=std / math.sqrt(2 * n),
                        cross_attention=cross, mlp_dim=mlp_dim,
-                       implementation=attention_implementation, rngs=rngs)
+                       implementation=attention_implementation, rngs=rngs,
+                       dropout_bits=dropout_bits)
           for _ in range(n)])
     self.encoder = stack(num_encoder_layers, cross=False)
     self.decoder = stack(num_decoder_layers, cross=True)
@@ -91,7 +95,7 @@ class Seq2Seq(nnx.Module):
     """[batch, seq] -> [batch * seq, embed]."""
     x = self.embed(tokens) * math.sqrt(self.embed_dim)
     x = x + layers.sinusoidal_positions(positions, self.embed_dim)
-    return layers.dropout(x.reshape(-1, self.embed_dim), self.rate, key)
+    return layers.dropout(x.reshape(-1, self.embed_dim), self.rate, key, self.dropout_bits)
 
   def encode(self, src: jax.Array, segments: jax.Array, positions: jax.Array,
              key: jax.Array | None = None) -> jax.Array:

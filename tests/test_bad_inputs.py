@@ -142,6 +142,11 @@ def test_family_config_errors():
   with pytest.raises(UserError) as e:
     families.get('diffusion')(ddpm)
   one_line(e, 'config.model.dropout_bits=12', '(8, 16, 32)')
+  gpt = gpt_shakespeare.get_config('tiny')
+  gpt.model.dropout_bits = 0
+  with pytest.raises(UserError) as e:
+    families.get('gpt')(gpt)
+  one_line(e, 'config.model.dropout_bits=0', '(8, 16, 32)')
 
   for get_config in (vae_mnist.get_config, gan_mnist.get_config, classifier_mnist.get_config):
     config = get_config('tiny')

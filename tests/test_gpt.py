@@ -356,3 +356,28 @@ def test_greedy_continue_equals_generate_row_by_row(prompt_tokens):
     np.testing.assert_array_equal(out[row], alone[0])
   with pytest.raises(ValueError, match='positions'):
     gpt.greedy_continue(sharp, prompts, lengths, max_new_tokens=n + 1)
+
+
+def test_gpt_family_builds_its_model_with_the_configured_dropout_bits():
+  """config.model.dropout_bits reaches every dropout of the GPT the family builds (embedding,
+  attention probabilities and outputs, MLP), and only the masks change."""
+  from experiments.configs import gpt_shakespeare   # pylint: disable=import-outside-toplevel
+  from train.families.gpt import GPTFamily          # pylint: disable=import-outside-toplevel
+
+  class Family(GPTFamily):
+    def _vocab_size(self):
+      return 29
+
+  def build(bits):
+    config = gpt_shakespeare.get_config('tiny')
+    config.model.update(dropout=0.2, dropout_bits=bits)
+    return Family(config).make_models(nnx.Rngs(0))['model']
+
+  m32, m8 = build(32), build(8)
+  blocks = list(m8.blocks)
+  assert m8.dropout_bits == 8 and m32.dropout_bits == 32
+  assert {b.attn.dropout_bits for b in blocks} == {b.mlp.dropout_bits for b in blocks} == {8}
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 29)
+  np.testing.assert_array_equal(m8(tokens), m32(tokens))
+  key = jax.random.key(2)
+  assert float(jnp.abs(m8(tokens, dropout_key=key) - m32(tokens, dropout_key=key)).max()) > 1e-3

@@ -19,9 +19,10 @@ def _x(batch, seq, seed=0):
   return jax.random.normal(jax.random.key(seed), (batch * seq, D))
 
 
-def _block(cross=False, seed=0, dropout=0.0):
+def _block(cross=False, seed=0, dropout=0.0, dropout_bits=32):
   return layers.Block(embed_dim=D, num_heads=H, dropout=dropout, init_std=0.3,
-                      out_init_std=0.2, cross_attention=cross, rngs=nnx.Rngs(seed))
+                      out_init_std=0.2, cross_attention=cross, rngs=nnx.Rngs(seed),
+                      dropout_bits=dropout_bits)
 
 
 def _numpy_attention(q, k, v, mask):
@@ -230,6 +231,17 @@ def test_dropout_keys():
   np.testing.assert_array_equal(run(jax.random.key(0)), run(jax.random.key(0)))
   assert float(jnp.abs(run(jax.random.key(0)) - run(jax.random.key(1))).max()) > 1e-3
   assert float(jnp.abs(run(jax.random.key(0)) - run(None)).max()) > 1e-3
+  # 8-bit masks: the same params and no-dropout output, other masks for the same key.
+  block8 = _block(dropout=0.3, dropout_bits=8)
+  run8 = lambda key: block8(x, batch=B, seq=5, dropout_key=key)
+  np.testing.assert_array_equal(run8(None), run(None))
+  np.testing.assert_array_equal(run8(jax.random.key(0)), run8(jax.random.key(0)))
+  assert float(jnp.abs(run8(jax.random.key(0)) - run(jax.random.key(0))).max()) > 1e-3
+  # ... in the attention probabilities too, where the output projection's dropout is not.
+  for b in (block, block8):
+    b.attn.proj.kernel[...] = jnp.eye(D)
+  probs = lambda blk: blk.attn(x, batch=B, seq=5, dropout_keys=(jax.random.key(0), None))
+  assert float(jnp.abs(probs(block8) - probs(block)).max()) > 1e-3
 
 
 def test_dropout_32_bits_is_bernoulli_and_bad_widths_are_errors():

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from models import layers
 from train import tune
 from train.errors import UserError
 
@@ -169,6 +170,17 @@ class StepContext:
             optax.tree.norm(grads)}
 
 
+def dropout_bits(model_config) -> int:
+  """`config.model.dropout_bits`: random bits per dropout mask element (`models.layers.dropout`:
+  32, the default and the value of runs written before the key, is `jax.random.bernoulli`; 8
+  or 16 are cheaper masks). UserError for any other value."""
+  bits = model_config.get('dropout_bits', 32)
+  if bits not in layers.DROPOUT_BITS:
+    raise UserError(f'config.model.dropout_bits={bits!r}: must be one of {layers.DROPOUT_BITS} '
+                    '(random bits per dropout mask element)')
+  return bits
+
+
 class Family(abc.ABC):
   """A model family: networks, data, loss, evaluation and sampling for the shared loop.
 
@@ -183,6 +195,8 @@ class Family(abc.ABC):
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    if 'model' in config:
+      dropout_bits(config.model)   # checked here, once, for every family that reads it
 
   # ---- data (host side) ----
   @abc.abstractmethod

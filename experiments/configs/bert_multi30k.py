@@ -47,6 +47,7 @@ def get_config(arg: str | None = None):
                  dtype='float32')
   c.model.init_std = config_dict.placeholder(float)   # None: 1/sqrt(embed_dim)
   c.model.attention = config_dict.placeholder(str)    # None: einsum on CPU, else XLA's fused
+  c.model.dropout_bits = 32   # dropout masks: 32 bernoulli; 8 or 16 cheaper (models.layers.dropout)
   c.mlm = dict(rate=0.15, mask_prob=0.8, random_prob=0.1)
   c.optimizer.update(lr=1.5e-3, schedule='cosine', warmup_steps=100, decay_steps=1200,
                      min_lr=1e-4, b1=0.9, b2=0.98, weight_decay=0.01, grad_clip=1.0)

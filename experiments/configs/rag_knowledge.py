@@ -59,6 +59,7 @@ def get_config(arg: str | None = None):
                  dtype='float32')
   c.model.init_std = config_dict.placeholder(float)
   c.model.attention = config_dict.placeholder(str)  # None: einsum on CPU, else XLA; or 'cudnn'
+  c.model.dropout_bits = 32   # dropout masks: 32 bernoulli; 8 or 16 cheaper (models.layers.dropout)
   c.optimizer.update(lr=2e-3, schedule='cosine', warmup_steps=100, decay_steps=1200,
                      min_lr=2e-4, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
   c.sharding.rules = common.MEGATRON_RULES   # with --config.mesh.tensor=N

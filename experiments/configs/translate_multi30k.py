@@ -51,6 +51,7 @@ def get_config(arg: str | None = None):
   c.data.max_train_pairs = 0     # > 0: train (and fit the tokenizer) on the first N pairs only
   c.model = dict(num_encoder_layers=3, num_decoder_layers=3, num_heads=4, embed_dim=256,
                  mlp_dim=512, dropout=0.1, max_len=64)
+  c.model.dropout_bits = 32   # dropout masks: 32 bernoulli; 8 or 16 cheaper (models.layers.dropout)
   c.decode = dict(beam_size=4, length_penalty=0.6)
   c.sharding.rules = common.MEGATRON_RULES   # with --config.mesh.tensor=N
   c.sharding.divides = (('tensor', 'model.num_heads'),)

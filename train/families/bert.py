@@ -26,7 +26,7 @@ from train import mlm
 from train import storage
 from train import text
 from train.errors import UserError
-from train.family import Family
+from train.family import Family, dropout_bits
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -47,7 +47,7 @@ def build_encoder(m, vocab_size: int, rngs: nnx.Rngs) -> bert_lib.BERT:
   return bert_lib.BERT(
       vocab_size=vocab_size, max_len=m.max_len, num_layers=m.num_layers,
       num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
-      init_std=m.get('init_std'), pad_id=text.PAD_ID,
+      dropout_bits=dropout_bits(m), init_std=m.get('init_std'), pad_id=text.PAD_ID,
       attention_implementation=m.get('attention'), dtype=_DTYPES[m.dtype],
       param_dtype=jnp.float32, rngs=rngs)
 

@@ -50,8 +50,8 @@ import numpy as np
 from flax import nnx
 
 from models import diffusion as diffusion_lib
-from models import layers
 from models import unet as unet_lib
+from train import family as family_lib
 from train import images as images_lib
 from train import metrics as metrics_lib
 from train.errors import UserError
@@ -92,10 +92,7 @@ class DiffusionFamily(images_lib.ImageFamily):
     if not isinstance(config.sampling.batch, int) or config.sampling.batch < 1:
       raise UserError(f'config.sampling.batch={config.sampling.batch!r}: must be >= 1 (images '
                       'per jitted sampler call)')
-    self.dropout_bits = config.model.get('dropout_bits', 32)   # runs written before the key
-    if self.dropout_bits not in layers.DROPOUT_BITS:
-      raise UserError(f'config.model.dropout_bits={self.dropout_bits!r}: must be one of '
-                      f'{layers.DROPOUT_BITS} (random bits per dropout mask element)')
+    self.dropout_bits = family_lib.dropout_bits(config.model)
     if config.model.dtype not in _DTYPES:
       raise UserError(f'config.model.dtype={config.model.dtype!r}: use one of {sorted(_DTYPES)}')
     self._samplers: dict[tuple, Any] = {}

@@ -31,7 +31,7 @@ from train import storage
 from train import text as text_lib
 from train import tune
 from train.errors import UserError
-from train.family import Family
+from train.family import Family, dropout_bits
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -226,6 +226,7 @@ class GPTFamily(Family):
     return cls(
         vocab_size=self._vocab_size(), block_size=m.block_size, num_layers=m.num_layers,
         num_heads=m.num_heads, embed_dim=m.embed_dim, dropout=m.dropout,
+        dropout_bits=dropout_bits(m),
         init_std=m.get('init_std'), attention_implementation=m.get('attention'),
         activation=m.get('activation', 'gelu'), prompt_tokens=prompt_tokens,
         dtype=_DTYPES[m.dtype],

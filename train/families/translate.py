@@ -29,7 +29,7 @@ from models import seq2seq
 from train import storage
 from train import text
 from train.errors import UserError
-from train.family import Family
+from train.family import Family, dropout_bits
 
 DEFAULT_PROMPT = 'A man in an orange hat is smiling.'
 
@@ -113,7 +113,8 @@ class TranslateFamily(Family):
     return {'model': seq2seq.Seq2Seq(
         vocab_size=self.tokenizer.vocab_size, num_encoder_layers=m.num_encoder_layers,
         num_decoder_layers=m.num_decoder_layers, num_heads=m.num_heads, embed_dim=m.embed_dim,
-        mlp_dim=m.mlp_dim, dropout=m.dropout, max_len=m.max_len, rngs=rngs)}
+        mlp_dim=m.mlp_dim, dropout=m.dropout, max_len=m.max_len,
+        dropout_bits=dropout_bits(m), rngs=rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):
     logits = models['model'](batch, dropout_key=rng if train else None)
