@@ -48,6 +48,7 @@ def get_config(arg: str | None = None):
                  dtype='float32')
   c.model.init_std = config_dict.placeholder(float)   # None: 1/sqrt(embed_dim)
   c.model.attention = config_dict.placeholder(str)    # None: einsum on CPU, else XLA's fused
+  c.model.dropout_bits = 32   # dropout masks: 32 bernoulli; 8 or 16 cheaper (models.layers.dropout)
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=1500,
                      min_lr=1e-5, b1=0.9, b2=0.98, weight_decay=0.01, grad_clip=1.0)
   c.sharding.rules = common.MEGATRON_RULES   # with --config.mesh.tensor=N
