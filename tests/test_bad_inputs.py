@@ -126,27 +126,21 @@ def test_damaged_run_files(tmp_path, name, text, fragment):
 
 
 def test_family_config_errors():
-  gpt = gpt_shakespeare.get_config('tiny')
-  gpt.eval_batches = 0
-  with pytest.raises(UserError) as e:
-    families.get('gpt')(gpt)
-  one_line(e, 'config.eval_batches=0', '>= 1')
-
-  ddpm = ddpm_mnist.get_config('tiny')
-  ddpm.sampling.batch = 0
-  with pytest.raises(UserError) as e:
-    families.get('diffusion')(ddpm)
-  one_line(e, 'config.sampling.batch=0', '>= 1')
-  ddpm = ddpm_mnist.get_config('tiny')
-  ddpm.model.dropout_bits = 12
-  with pytest.raises(UserError) as e:
-    families.get('diffusion')(ddpm)
-  one_line(e, 'config.model.dropout_bits=12', '(8, 16, 32)')
-  gpt = gpt_shakespeare.get_config('tiny')
-  gpt.model.dropout_bits = 0
-  with pytest.raises(UserError) as e:
-    families.get('gpt')(gpt)
-  one_line(e, 'config.model.dropout_bits=0', '(8, 16, 32)')
+  cases = [  # (config, key path, bad value, what the message says it must be)
+      (gpt_shakespeare, ('eval_batches',), 0, '>= 1'),
+      (ddpm_mnist, ('sampling', 'batch'), 0, '>= 1'),
+      (ddpm_mnist, ('model', 'dropout_bits'), 12, '(8, 16, 32)'),
+      (gpt_shakespeare, ('model', 'dropout_bits'), 0, '(8, 16, 32)'),
+  ]
+  for module, path, value, must in cases:
+    config = module.get_config('tiny')
+    group = config
+    for key in path[:-1]:
+      group = group[key]
+    group[path[-1]] = value
+    with pytest.raises(UserError) as e:
+      families.get(config.family)(config)
+    one_line(e, f'config.{".".join(path)}={value}', must)
 
   for get_config in (vae_mnist.get_config, gan_mnist.get_config, classifier_mnist.get_config):
     config = get_config('tiny')
