@@ -196,7 +196,7 @@ class Family(abc.ABC):
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     if 'model' in config:
-      dropout_bits(config.model)   # checked here, once, for every family that reads it
+      dropout_bits(config.model)   # a bad value stops the command before any work
 
   # ---- data (host side) ----
   @abc.abstractmethod
