@@ -11,19 +11,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import layers
+
 
 class Classifier(nnx.Module):
   """CNN over [batch, H, W, C] float images in [-1, 1]; H and W divisible by 4."""
 
   def __init__(self, *, image_shape: tuple[int, int, int], num_classes: int,
                channels: tuple[int, int] = (32, 64), hidden: int = 128, dropout: float = 0.5,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    """`dtype`: activations (bfloat16 for mixed precision); params stay float32."""
+               dtype=jnp.float32, rngs: nnx.Rngs, dropout_bits: int = 32):
+    """`dtype`: activations (bfloat16 for mixed precision); params stay float32.
+    `dropout_bits`: random bits per dropout mask element (`layers.dropout`; 32: bernoulli)."""
     h, w, c = image_shape
     if h % 4 or w % 4:
       raise ValueError(f'Classifier needs H and W divisible by 4, got {image_shape}')
     self.image_shape = tuple(image_shape)
-    self.dropout = dropout
+    if dropout_bits not in layers.DROPOUT_BITS:
+      raise ValueError(f'dropout_bits={dropout_bits!r}: must be one of {layers.DROPOUT_BITS}')
+    self.dropout, self.dropout_bits = dropout, dropout_bits
     kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.conv1 = nnx.Conv(c, channels[0], (3, 3), padding='SAME', **kw)
     self.conv2 = nnx.Conv(channels[0], channels[1], (3, 3), padding='SAME', **kw)
@@ -39,9 +44,7 @@ class Classifier(nnx.Module):
   def logits_from_features(self, feats: jax.Array, dropout_key: jax.Array | None = None
                            ) -> jax.Array:
     """[batch, hidden] features -> [batch, num_classes] logits (inverted dropout with a key)."""
-    if dropout_key is not None and self.dropout > 0:
-      keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, feats.shape)
-      feats = jnp.where(keep, feats / (1.0 - self.dropout), 0.0)
+    feats = layers.dropout(feats, self.dropout, dropout_key, self.dropout_bits)
     return self.head(feats).astype(jnp.float32)
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:

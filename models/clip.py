@@ -62,14 +62,14 @@ class CLIP(nnx.Module):
                proj_dim: int, channels: tuple[int, int], hidden: int, num_layers: int,
                num_heads: int, embed_dim: int, dropout: float = 0.0, pad_id: int = 0,
                attention_implementation: str | None = None, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, dropout_bits: int = 32):
     self.image = classifier_lib.Classifier(
         image_shape=image_shape, num_classes=proj_dim, channels=channels, hidden=hidden,
-        dropout=dropout, dtype=dtype, rngs=rngs)
+        dropout=dropout, dropout_bits=dropout_bits, dtype=dtype, rngs=rngs)
     self.text = TextEncoder(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers,
                             num_heads=num_heads, embed_dim=embed_dim, dropout=dropout,
                             pad_id=pad_id, attention_implementation=attention_implementation,
-                            dtype=dtype, rngs=rngs)
+                            dropout_bits=dropout_bits, dtype=dtype, rngs=rngs)
     self.text_proj = nnx.Linear(embed_dim, proj_dim, use_bias=False, dtype=dtype, rngs=rngs)
     self.log_scale = nnx.Param(jnp.asarray(INIT_LOG_SCALE, jnp.float32))
 

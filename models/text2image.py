@@ -28,7 +28,7 @@ class TextToImageUNet(nnx.Module):
 
   Args:
     text: `models.bert.Encoder` keyword arguments (vocab_size, max_len, num_layers, num_heads,
-      embed_dim, dropout, pad_id).
+      embed_dim, dropout, pad_id, dropout_bits).
     unet: UNet keyword arguments (image_shape, channels, ...; not context_dim, which is the
       encoder's embed_dim).
   """

@@ -170,3 +170,38 @@ def test_bad_configs_are_one_line():
     clip_family.CLIPFamily(_tiny(2, **{'model.max_len': 8}))
   with pytest.raises(UserError, match="config.data.name='cifar10'"):
     clip_family.CLIPFamily(_tiny(2, **{'data.name': 'cifar10'}))
+
+
+@pytest.mark.parametrize('which', ['clip', 'text2image', 'classifier', 'ddpm'])
+def test_config_dropout_bits_reach_every_dropout_of_the_image_families(which):
+  """config.model.dropout_bits is carried by every module that drops something in the model the
+  family builds (CLIP's CNN and text encoder; the caption encoder and the UNet), and adds no
+  param."""
+  from experiments.configs import (  # pylint: disable=import-outside-toplevel
+      classifier_mnist, ddpm_mnist, text2image_mnist)
+  from train.families import (  # pylint: disable=import-outside-toplevel
+      classifier, diffusion, text2image)
+  module, family_class = {
+      'clip': (clip_mnist, clip_family.CLIPFamily),
+      'text2image': (text2image_mnist, text2image.TextToImageFamily),
+      'classifier': (classifier_mnist, classifier.ClassifierFamily),
+      'ddpm': (ddpm_mnist, diffusion.DiffusionFamily)}[which]
+
+  def build(bits):
+    config = module.get_config(None if which == 'ddpm' else 'tiny')
+    config.model.update(dropout=0.1, dropout_bits=bits)
+    if which == 'text2image':
+      config.text.dropout = 0.1
+    family = family_class(config)
+    family.image_shape = (28, 28, 1)   # what setup_data would read from MNIST
+    family.class_names = [str(i) for i in range(10)]
+    return family.make_models(nnx.Rngs(0))['model']
+
+  model = build(8)
+  rates = [(path, node) for path, node in nnx.iter_graph(model)
+           if isinstance(getattr(node, 'dropout', None), float) and node.dropout > 0]
+  assert rates, 'no module with a dropout rate'
+  assert {getattr(node, 'dropout_bits', None) for _, node in rates} == {8}, [
+      ('/'.join(map(str, p)), getattr(n, 'dropout_bits', None)) for p, n in rates]
+  shapes = lambda m: jax.tree.map(jnp.shape, nnx.state(m, nnx.Param).to_pure_dict())
+  assert shapes(model) == shapes(build(32))

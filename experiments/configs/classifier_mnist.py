@@ -57,7 +57,7 @@ def get_config(arg: str | None = None):
   c.keep_checkpoints = 1
   c.augment_shift = 2
   c.data.name = 'mnist'
-  c.model = dict(channels=(32, 64), hidden=128, dropout=0.5, dtype='float32')
+  c.model = dict(channels=(32, 64), hidden=128, dropout=0.5, dropout_bits=32, dtype='float32')
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=2000,
                      min_lr=1e-5, weight_decay=1e-4, grad_clip=1.0)
   if 'fashion_mnist' in args:

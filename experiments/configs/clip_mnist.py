@@ -72,7 +72,7 @@ def get_config(arg: str | None = None):
   c.keep_checkpoints = 1
   c.data.name = 'mnist'
   c.model = dict(proj_dim=64, channels=(16, 32), hidden=128, max_len=12, num_layers=2,
-                 num_heads=4, embed_dim=64, dropout=0.0, dtype='float32')
+                 num_heads=4, embed_dim=64, dropout=0.0, dropout_bits=32, dtype='float32')
   c.model.attention = config_dict.placeholder(str)    # None: einsum on CPU, else XLA's fused
   c.optimizer.update(lr=1e-3, schedule='cosine', warmup_steps=100, decay_steps=2000,
                      min_lr=1e-5, weight_decay=1e-4, grad_clip=1.0)

@@ -17,6 +17,7 @@ from flax import nnx
 from models import classifier as classifier_lib
 from train import images as images_lib
 from train.errors import UserError
+from train.family import dropout_bits
 
 
 def random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
@@ -33,7 +34,7 @@ def random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array
 
 
 class ClassifierFamily(images_lib.ImageFamily):
-  """config.model: channels (two conv widths), hidden (feature width), dropout;
+  """config.model: channels (two conv widths), hidden (feature width), dropout, dropout_bits;
   config.augment_shift: random translation in pixels during training (0: none)."""
 
   name = 'classifier'
@@ -44,6 +45,7 @@ class ClassifierFamily(images_lib.ImageFamily):
     return {'model': classifier_lib.Classifier(
         image_shape=self.image_shape, num_classes=len(self.class_names),
         channels=tuple(m.channels), hidden=m.hidden, dropout=m.dropout,
+        dropout_bits=dropout_bits(m),
         dtype=images_lib.activation_dtype(self.config), rngs=rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):

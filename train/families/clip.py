@@ -40,14 +40,15 @@ from train import data as data_lib
 from train import images as images_lib
 from train import storage
 from train.errors import UserError
-from train.family import Family
+from train.family import Family, dropout_bits
 
 RECALL_AT = (1, 5)
 
 
 class CLIPFamily(Family):
   """config.model: proj_dim, channels (two conv widths), hidden (CNN feature width), max_len
-  (caption tokens), num_layers, num_heads, embed_dim (text encoder), dropout, attention, dtype.
+  (caption tokens), num_layers, num_heads, embed_dim (text encoder), dropout, dropout_bits
+  (`models.layers.dropout`), attention, dtype.
   config.data: name ('mnist' | 'fashion_mnist'), data_dir, raw_dir. config.eval_batches: test
   batches of each loop eval."""
 
@@ -127,7 +128,8 @@ class CLIPFamily(Family):
         image_shape=self.image_shape, vocab_size=self.tokenizer.vocab_size, max_len=m.max_len,
         proj_dim=m.proj_dim, channels=tuple(m.channels), hidden=m.hidden,
         num_layers=m.num_layers, num_heads=m.num_heads, embed_dim=m.embed_dim,
-        dropout=m.dropout, pad_id=captions.PAD_ID, attention_implementation=m.get('attention'),
+        dropout=m.dropout, dropout_bits=dropout_bits(m), pad_id=captions.PAD_ID,
+        attention_implementation=m.get('attention'),
         dtype=images_lib.activation_dtype(self.config), rngs=rngs)}
 
   def loss(self, models, batch, rng, *, train: bool):

@@ -32,8 +32,8 @@ from train.families.diffusion import DiffusionFamily
 
 class TextToImageFamily(DiffusionFamily):
   """DiffusionFamily's config, plus: config.text (the caption encoder): max_len (tokens per
-  caption), num_layers, num_heads, embed_dim, dropout; config.model.context_heads (heads of
-  the UNet's cross-attention); config.diffusion.caption_dropout (p of the null caption in
+  caption), num_layers, num_heads, embed_dim, dropout (its masks as config.model.dropout_bits
+  says, like the UNet's); config.model.context_heads (heads of the UNet's cross-attention); config.diffusion.caption_dropout (p of the null caption in
   training) in place of label_dropout. config.data.name: mnist or fashion_mnist."""
 
   name = 'text2image'
@@ -103,7 +103,7 @@ class TextToImageFamily(DiffusionFamily):
     return {'model': t2i_lib.TextToImageUNet(
         text=dict(vocab_size=self.tokenizer.vocab_size, max_len=t.max_len,
                   num_layers=t.num_layers, num_heads=t.num_heads, embed_dim=t.embed_dim,
-                  dropout=t.dropout, pad_id=captions.PAD_ID),
+                  dropout=t.dropout, dropout_bits=self.dropout_bits, pad_id=captions.PAD_ID),
         unet=dict(image_shape=self.image_shape, channels=m.channels,
                   channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
                   attention_resolutions=tuple(m.attention_resolutions), dropout=m.dropout,
