@@ -4,14 +4,18 @@ For each 3x3 'SAME' convolution shape of `ddpm_mnist.py`'s UNet (batch 64): the 
 input gradient (dx) and the weight gradient (dW), each jitted alone; GroupNorm (8 groups,
 flax's `nnx.GroupNorm`) forward + backward; and nearest 2x upsampling's backward, as a
 broadcast (`models.upsample.upsample_nearest`, what the UNet uses) and through
-`jax.image.resize`; and a candidate GroupNorm with its statistics as dots
-(`group_norm_as_dots`, checked against flax's before it is timed). With torch installed (`pip
+`jax.image.resize`; and a candidate GroupNorm whose sums over positions are all batched dots,
+forward and backward (`group_norm_dots`, checked against flax's before it is timed). With
+`--unet_rounds=N` (needs MNIST: TFDS_DATA_DIR) also the whole UNet train step with its
+GroupNorms as flax's, as the candidate, and as their affine alone (no normalisation: the most a
+faster GroupNorm could save), alternating. With torch installed (`pip
 install -e '.[peers]'`) the same convolution (NCHW, forward and forward + backward) and
 `torch.nn.GroupNorm` are timed too. Milliseconds, the median of 5 chunks. The process starts
 XLA as every genlab command does (train.cli.tune_host: XLA's own convolutions);
 `GENLAB_XLA_TUNING=0` leaves XLA's defaults (YNNPACK convolutions).
 
   python -m experiments.benchmark_ops [--batch=64] [--repeats=10]
+  TFDS_DATA_DIR=... python -m experiments.benchmark_ops --unet_rounds=5
   GENLAB_XLA_TUNING=0 python -m experiments.benchmark_ops
 
 Run one benchmark at a time (nothing else heavy on the machine).
@@ -19,10 +23,12 @@ Run one benchmark at a time (nothing else heavy on the machine).
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
 from typing import Callable
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +41,9 @@ from train import cli
 
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch of every timed op.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Calls per timed chunk.')
+_UNET_ROUNDS = flags.DEFINE_integer(
+    'unet_rounds', 0, 'Also time the UNet train step with its GroupNorms as flax\'s, as '
+    'group_norm_dots and as the affine alone, over this many alternating rounds (0: not).')
 
 # (resolution, in channels, out channels) of the UNet's 3x3 convolutions (16-32-64 at 28/14/7;
 # the up path's inputs concatenate a skip).
@@ -59,24 +68,111 @@ def conv(x, w):
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def group_norm_as_dots(x, scale, bias, groups: int, eps: float = 1e-6):
-  """GroupNorm of NHWC `x` with its statistics as dots: the per-channel sums of x and x^2 over
-  the positions contract with a ones vector, and a [C, G] indicator matrix sums channels into
-  groups and spreads the groups' mean and 1/std back. Same formula as flax's GroupNorm
-  (variance as E[x^2] - E[x]^2, flax's `use_fast_variance`). A candidate timed beside
-  `nnx.GroupNorm`; the UNet does not use it."""
+def _position_sums(*arrays):
+  """Per-(image, channel) sums over the positions of `[N, S, C]` arrays, each as a batched
+  `[1, S] @ [S, C]` dot: XLA:CPU hands these to YNNPACK, where a reduce over S runs several
+  times slower (`jnp.sum(x, axis=1)`: its own loop emitter)."""
+  ones = jnp.ones((arrays[0].shape[0], 1, arrays[0].shape[1]), jnp.float32)
+  return [jnp.matmul(ones, a)[:, 0, :] for a in arrays]
+
+
+def _group_mean(v, groups: int, count: int):
+  """[N, C] per-channel sums -> [N, C]: each channel gets its group's sum / count."""
+  n, c = v.shape
+  return jnp.repeat(v.reshape(n, groups, c // groups).sum(-1), c // groups, axis=1) / count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_dots(x, scale, bias, groups: int, eps: float = 1e-6):
+  """GroupNorm of NHWC `x` (flax's formula: variance as E[x^2] - E[x]^2, `use_fast_variance`)
+  with every sum over the positions a batched dot (`_position_sums`), in the forward (sums of
+  x and x^2) and in a hand-written backward (sums of dy and dy * x); the normalisation and dx
+  are each one elementwise pass with per-(image, channel) coefficients. A candidate timed
+  beside `nnx.GroupNorm`; the UNet does not use it."""
+  return _group_norm_fwd(x, scale, bias, groups, eps)[0]
+
+
+def _group_norm_stats(x, groups, eps):
   n, h, w, c = x.shape
-  flat = x.reshape(n, h * w, c)
-  ones = jnp.ones((h * w,), x.dtype)
-  per_group = c // groups
-  member = (jnp.arange(c)[:, None] // per_group == jnp.arange(groups)[None]).astype(x.dtype)
-  count = h * w * per_group
-  mean = jnp.einsum('nsc,s->nc', flat, ones) @ member / count                 # [N, G]
-  mean_sq = jnp.einsum('nsc,s->nc', flat * flat, ones) @ member / count
-  inv_std = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + eps)
-  a = (inv_std @ member.T) * scale                                            # [N, C]
-  b = bias - (mean @ member.T) * a
-  return x * a[:, None, None, :] + b[:, None, None, :]
+  flat = x.reshape(n, h * w, c).astype(jnp.float32)
+  count = h * w * (c // groups)
+  s1, s2 = _position_sums(flat, flat * flat)
+  mean = _group_mean(s1, groups, count)
+  inv_std = jax.lax.rsqrt(jnp.maximum(_group_mean(s2, groups, count) - mean * mean, 0.0) + eps)
+  return mean, inv_std                                                       # [N, C] each
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps):
+  mean, inv_std = _group_norm_stats(x, groups, eps)
+  a = inv_std * scale
+  b = bias - mean * a
+  y = x * a[:, None, None, :] + b[:, None, None, :]
+  return y.astype(x.dtype), (x, scale, mean, inv_std)
+
+
+def _group_norm_bwd(groups, eps, residuals, dy):
+  del eps
+  x, scale, mean, inv_std = residuals
+  n, h, w, c = x.shape
+  flat = x.reshape(n, h * w, c).astype(jnp.float32)
+  g = dy.reshape(n, h * w, c).astype(jnp.float32)
+  sum_dy, sum_dy_x = _position_sums(g, g * flat)
+  sum_dy_xhat = inv_std * (sum_dy_x - mean * sum_dy)      # sum over positions of dy * x_hat
+  count = h * w * (c // groups)
+  m1 = _group_mean(scale * sum_dy, groups, count)          # group means of d x_hat ...
+  m2 = _group_mean(scale * sum_dy_xhat, groups, count)     # ... and of d x_hat * x_hat
+  # dx = inv_std * (d x_hat - m1 - x_hat * m2), with x_hat = (x - mean) * inv_std.
+  k_dy, k_x = inv_std * scale, -inv_std * inv_std * m2
+  k_0 = -inv_std * m1 - k_x * mean
+  dx = dy * k_dy[:, None, None, :] + x * k_x[:, None, None, :] + k_0[:, None, None, :]
+  return (dx.astype(x.dtype), sum_dy_xhat.sum(0).astype(scale.dtype),
+          sum_dy.sum(0).astype(scale.dtype))
+
+
+group_norm_dots.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class _GroupNormDots(nnx.GroupNorm):
+  """`nnx.GroupNorm` (the same params) computed by `group_norm_dots`."""
+
+  def __call__(self, x, *, mask=None):
+    del mask
+    return group_norm_dots(x, self.scale[...], self.bias[...], self.num_groups, self.epsilon)
+
+
+class _AffineOnly(nnx.GroupNorm):
+  """`nnx.GroupNorm`'s scale and bias without the normalisation: a UNet step with it bounds
+  what any faster GroupNorm could save (not a model to train)."""
+
+  def __call__(self, x, *, mask=None):
+    del mask
+    return x * self.scale[...] + self.bias[...]
+
+
+def unet_step_rows(rounds: int) -> list[list[str]]:
+  """The UNet train step (`ddpm_mnist.py:cond`, batch 64, the loop's jitted step) with its
+  GroupNorms as flax's, as `group_norm_dots` and as the affine alone, timed in alternating
+  chunks of 5 steps over `rounds` rounds (needs MNIST: TFDS_DATA_DIR)."""
+  # pylint: disable=import-outside-toplevel
+  from experiments import benchmark_peers
+  from experiments.configs import ddpm_mnist
+  from train.families.diffusion import DiffusionFamily
+  runners = {}
+  for name, norm in (('flax', nnx.GroupNorm), ('dots', _GroupNormDots),
+                     ('affine only', _AffineOnly)):
+    with mock.patch.object(nnx, 'GroupNorm', norm):
+      config = ddpm_mnist.get_config('cond')
+      family = DiffusionFamily(config)
+      family.setup_data(0, 1)
+      batches = [family.train_batch(i) for i in range(4)]
+      runners[name] = benchmark_peers.genlab_train_runner(config, family, batches)[0]
+  times = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      times[name].append(1e3 * run(5))
+  return [[f'UNet train step, GroupNorms as {name}',
+           f'{statistics.median(t):.1f} ms/step (chunks: {", ".join(f"{v:.0f}" for v in t)})']
+          for name, t in times.items()]
 
 
 def main(argv):
@@ -121,14 +217,14 @@ def main(argv):
     both = jax.jit(lambda s, x, g: jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x), s, x)[1](g))
     params = (flax_norm.scale.value, flax_norm.bias.value)
     dots = jax.jit(lambda p, x, g: jax.vjp(
-        lambda p, x: group_norm_as_dots(x, *p, groups=8, eps=flax_norm.epsilon), p, x)[1](g))
+        lambda p, x: group_norm_dots(x, *p, 8, flax_norm.epsilon), p, x)[1](g))
     # The candidate must compute what flax's does before its time means anything.
     (d_scale, d_bias), dx = dots(params, x, g)
     d_state, want_dx = both(state, x, g)
     for got, want in ((dx, want_dx), (d_scale, d_state['scale']), (d_bias, d_state['bias'])):
       np.testing.assert_allclose(got, getattr(want, 'value', want), rtol=1e-4, atol=1e-3)
     row = [f'GroupNorm (8 groups) {res}x{res}x{ch}',
-           f'fwd + bwd {timed(lambda: both(state, x, g), n):.2f}; statistics as dots '
+           f'fwd + bwd {timed(lambda: both(state, x, g), n):.2f}; sums as batched dots '
            f'{timed(lambda: dots(params, x, g), n):.2f}']
     if torch is not None:
       norm = torch.nn.GroupNorm(8, ch)
@@ -144,6 +240,8 @@ def main(argv):
   rows.append(['nearest 2x upsampling 14x14x64, backward',
                ', '.join(f'{name} {timed(lambda f=f: f(x, g), n):.2f}'
                          for name, f in grads.items())])
+  if _UNET_ROUNDS.value:
+    rows += unet_step_rows(_UNET_ROUNDS.value)
   print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; batch {b}; jax {jax.__version__}'
         + (f', torch {torch.__version__} ({torch.get_num_threads()} threads)' if torch else ''))
   print('\n| op | genlab (jax), ms | PyTorch, ms |\n|---|---|---|')
