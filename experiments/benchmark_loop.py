@@ -9,12 +9,13 @@ sides alike):
     checkpoint and sample pauses themselves are not in the logged windows (the loop restarts its
     clock after them), but any work they leave running in the background is, and so is all the
     loop does per step (fetching and placing the next batch, metrics, syncs);
-  * step: the same config's jitted train step (train.loop's `jit_train_step`, compiled once)
-    on as many steps, on 20 real batches placed on the device beforehand, dispatched in chunks
-    of 20 with a sync after each (the loop syncs at least every 16 steps), with Python's
-    garbage collector as in a plain script (the loop keeps it off its steps). It runs right after
-    each logged window, where the loop computes its progress line, outside the loop's timed
-    windows (this script wraps `train.metrics.progress_line` to get there);
+  * step: the same config's jitted train step as the loop runs it (train.loop's `TrainStep`,
+    over the state's leaves; compiled once) on as many steps, on 20 real batches placed on the
+    device beforehand, dispatched in chunks of 20 with a sync after each (the loop syncs at
+    least every 16 steps), with Python's garbage collector as in a plain script (the loop keeps
+    it off its steps). It runs right after each logged window, where the loop computes its
+    progress line, outside the loop's timed windows (this script wraps
+    `train.metrics.progress_line` to get there);
 and prints, per round, the ratio of the loop's steps/s to the step's over all those windows;
 then the median of the rounds.
 
@@ -28,6 +29,14 @@ keeps only some of them (e.g. checkpoint), or none before the end (none).
 
   TFDS_DATA_DIR=... python -m experiments.benchmark_loop [--only=gpt,ddpm] [--rounds=3] \
       [--pauses=eval,checkpoint,sample|none]
+
+--dispatch_rounds=N measures something else instead: the host's cost of calling the step. The
+config's step jitted over the state as a pytree of nnx Variables (`loop.jit_train_step`) and
+over its leaves (`loop.TrainStep`, what the loop calls), alternating chunks of 20 steps for N
+rounds: ms per step, and the host thread's CPU time per call (dispatching the 20 calls, before
+the sync), medians over the rounds.
+
+  TFDS_DATA_DIR=... python -m experiments.benchmark_loop --dispatch_rounds=7
 """
 
 from __future__ import annotations
@@ -56,6 +65,9 @@ _DDPM_STEPS = flags.DEFINE_integer('ddpm_steps', 100, 'Loop steps per DDPM round
 _PAUSES = flags.DEFINE_list('pauses', ['eval', 'checkpoint', 'sample'],
                             'Pauses kept at the scaled cadence (eval, checkpoint, sample; none: '
                             'none before the end): what each costs, by difference.')
+_DISPATCH_ROUNDS = flags.DEFINE_integer(
+    'dispatch_rounds', 0, 'Instead of the loop: time the step called over the state as a pytree '
+    'of Variables and over its leaves, alternating, this many rounds.')
 _PAUSE_KEYS = {'eval': 'eval_every', 'checkpoint': 'checkpoint_every', 'sample': 'sample_every'}
 _CHUNK = 20
 
@@ -87,12 +99,12 @@ class IsolatedStep:
 
   def __init__(self, config):
     s = loop.setup(config)
-    self.state = s.builder.init(s.shardings)
-    step = loop.jit_train_step(s.builder, config, s.mesh, s.shardings)
+    state = s.builder.init(s.shardings)
+    step = loop.TrainStep(s.builder, config, s.mesh, s.shardings)
     self.batches = [sharding_lib.put_batch(s.family.train_batch(i), s.mesh)
                     for i in range(_CHUNK)]
-    self.compiled = step.lower(self.state, self.batches[0]).compile()
-    self.state, m = self.compiled(self.state, self.batches[0])  # warm-up
+    self.compiled = step.lower(state, self.batches[0]).compile()
+    self.state, m = self.compiled(step.flatten(state), self.batches[0])  # warm-up (leaves)
     jax.block_until_ready(m)
 
   def seconds(self, steps: int) -> float:
@@ -115,6 +127,39 @@ class IsolatedStep:
         gc.freeze()
       if not enabled:
         gc.disable()
+
+
+def dispatch_rows(name: str, rounds: int) -> list[str]:
+  """The config's step over the state as a pytree and over its leaves, alternating chunks of
+  _CHUNK steps: ms per step and the host thread's CPU ms per call, medians of `rounds`."""
+  config = CONFIGS[name][0]()
+  s = loop.setup(config)
+  batches = [sharding_lib.put_batch(s.family.train_batch(i), s.mesh) for i in range(_CHUNK)]
+  flat = loop.TrainStep(s.builder, config, s.mesh, s.shardings)
+  tree = loop.jit_train_step(s.builder, config, s.mesh, s.shardings)
+  state = s.builder.init(s.shardings)
+  # name: [compiled step, its state (each side its own: the steps donate it)]
+  sides = {'pytree of Variables (jit_train_step)':
+               [tree.lower(state, batches[0]).compile(), state],
+           'leaves (TrainStep, the loop)':
+               [flat.lower(state, batches[0]).compile(),
+                flat.flatten(s.builder.init(s.shardings))]}
+  times = {k: [] for k in sides}
+  for r in range(rounds + 1):   # round 0 warms up
+    for k, side in sides.items():
+      compiled = side[0]
+      wall, cpu = time.perf_counter(), time.thread_time()
+      for b in batches:
+        side[1], m = compiled(side[1], b)
+      host = time.thread_time() - cpu
+      jax.block_until_ready(m)
+      if r:
+        times[k].append(((time.perf_counter() - wall) / _CHUNK, host / _CHUNK))
+  return [f'{name} ({flat.treedef.num_leaves} state leaves), step over the {k}: '
+          f'{1e3 * statistics.median(w for w, _ in v):.2f} ms/step, host CPU '
+          f'{1e3 * statistics.median(h for _, h in v):.3f} ms per call (rounds: '
+          + ', '.join(f'{1e3 * w:.1f}/{1e3 * h:.2f}' for w, h in v) + ')'
+          for k, v in times.items()]
 
 
 def time_loop(config, isolated: IsolatedStep) -> dict[str, Any]:
@@ -150,7 +195,11 @@ def main(argv):
   family = next((line.split(':')[1].strip() for line in open('/proc/cpuinfo')
                  if line.startswith('cpu family')), '?')
   lines = []
-  for name in _ONLY.value:
+  for name in _ONLY.value if _DISPATCH_ROUNDS.value else ():
+    for line in dispatch_rows(name, _DISPATCH_ROUNDS.value):
+      print(line, flush=True)
+      lines.append(line)
+  for name in () if _DISPATCH_ROUNDS.value else _ONLY.value:
     config = scaled_config(name)
     isolated = IsolatedStep(config)
     ratios = []

@@ -212,14 +212,17 @@ def torch_matmul_peak(torch, size=1024, repeats=5, dtype=None) -> float:
 # genlab sides.
 # ---------------------------------------------------------------------------------------------
 def genlab_train_runner(config, family, batches):
-  """(chunk runner: seconds per step, compiled step, abstract params) on one device."""
+  """(chunk runner: seconds per step, compiled step, its StateBuilder, current state: () ->
+  the train state as a pytree) on one device; the step runs as the loop runs it
+  (`loop.TrainStep`, over the state's leaves)."""
   mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
   builder = loop.StateBuilder(family, config)
   shardings = sharding_lib.state_shardings(builder.abstract, mesh)
   state = {'s': builder.init(shardings)}
-  step = loop.jit_train_step(builder, config, mesh, shardings)
+  step = loop.TrainStep(builder, config, mesh, shardings)
   device_batches = [sharding_lib.put_batch(b, mesh) for b in batches]
   compiled = step.lower(state['s'], device_batches[0]).compile()
+  state['s'] = step.flatten(state['s'])   # the loop's form: the state's leaves
   metrics = {}
 
   def one(i):
@@ -228,7 +231,7 @@ def genlab_train_runner(config, family, batches):
   one(0)
   jax.block_until_ready(metrics['m'])
   runner = lambda n: _timed_chunk(one, n, lambda: jax.block_until_ready(metrics['m']))
-  return runner, compiled, builder, state
+  return runner, compiled, builder, lambda: step.unflatten(state['s'])
 
 
 def _cost_flops(compiled) -> float:
@@ -302,7 +305,7 @@ def unet_rows(torch, which) -> list[tuple[str, str, float, str]]:
   family.setup_data(0, 1)
   n = _UNET_STEPS.value
   batches = [family.train_batch(i) for i in range(n)]
-  genlab, compiled, builder, state = genlab_train_runner(config, family, batches)
+  genlab, compiled, builder, current_state = genlab_train_runner(config, family, batches)
   genlab_params = loop.num_params(builder.abstract['params'])
 
   torch.manual_seed(0)
@@ -351,8 +354,9 @@ def unet_rows(torch, which) -> list[tuple[str, str, float, str]]:
 
   if 'ddim' in which:
     batch, steps = 64, 50
-    graphdef, params = nnx.split(builder.models(builder.sampling_params(state['s']),
-                                                state['s']['rest'])['model'])
+    state = current_state()
+    graphdef, params = nnx.split(builder.models(builder.sampling_params(state),
+                                                state['rest'])['model'])
     x_T = jax.random.normal(jax.random.key(0), (batch, *family.image_shape))
     labels = jnp.asarray(np.arange(batch) % family.num_classes, jnp.int32)
     sampler = family.sampler_fn('ddim', steps, 0.0, 1.0).lower(

@@ -34,7 +34,7 @@ def measure(config, *, steps: int = 5, chunks: int = 3, peak: float | None = Non
   """
   setup = loop.setup(config)
   state = setup.builder.init(setup.shardings)
-  step = loop.jit_train_step(setup.builder, config, setup.mesh, setup.shardings)
+  step = loop.TrainStep(setup.builder, config, setup.mesh, setup.shardings)
   batches = [sharding_lib.put_batch(setup.family.train_batch(i), setup.mesh)
              for i in range(steps)]
   t = time.perf_counter()
@@ -44,7 +44,7 @@ def measure(config, *, steps: int = 5, chunks: int = 3, peak: float | None = Non
   flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
   if peak is None:
     peak = matmul_peak(setup.mesh.devices.flat)
-  state, m = compiled(state, batches[0])  # warm-up
+  state, m = compiled(step.flatten(state), batches[0])  # warm-up; the state's leaves from here
   jax.block_until_ready(m)
   times = []
   for _ in range(chunks):
@@ -54,7 +54,7 @@ def measure(config, *, steps: int = 5, chunks: int = 3, peak: float | None = Non
     jax.block_until_ready(m)
     times.append((time.perf_counter() - t) / steps)
   dt = statistics.median(times)
-  params = sum(x.size for x in jax.tree.leaves(state['params']))
+  params = sum(x.size for x in jax.tree.leaves(step.unflatten(state)['params']))
   return {'compile_s': compile_s, 'ms_per_step': 1e3 * dt,
           'items_per_s': setup.family.items_per_step() / dt, 'gflops_per_step': flops / 1e9,
           'peak_gflops': peak / 1e9, 'mfu': flops / dt / peak, 'params': params}

@@ -226,6 +226,29 @@ def test_damaged_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
   assert os.path.isdir(tmp_path / 'checkpoints/2')
 
 
+def test_flat_train_step_equals_the_pytree_step_and_rebuilds_the_same_arrays():
+  """The loop's `TrainStep` (over the state's leaves, on the 8-device FSDP mesh) computes what
+  the step over the state as a pytree of Variables does, bit for bit; `unflatten` puts the very
+  arrays back into Variables, with their shardings."""
+  config = gpt_sgd_config(**{'mesh.fsdp': 2})
+  s = loop.setup(config)
+  batches = [sharding_lib.put_batch(s.family.train_batch(i), s.mesh) for i in range(2)]
+  flat = loop.TrainStep(s.builder, config, s.mesh, s.shardings)
+  tree = loop.jit_train_step(s.builder, config, s.mesh, s.shardings)
+  leaves = flat.flatten(s.builder.init(s.shardings))
+  state = s.builder.init(s.shardings)
+  assert len(leaves) == len(jax.tree.leaves(state)) > 10
+  for batch in batches:
+    leaves, flat_metrics = flat.jitted(leaves, batch)
+    state, tree_metrics = tree(state, batch)
+    assert jax.device_get(flat_metrics) == jax.device_get(tree_metrics)
+  rebuilt = flat.unflatten(leaves)
+  assert jax.tree.structure(rebuilt) == jax.tree.structure(state)
+  for got, want, kept in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(state), leaves):
+    assert got is kept and got.sharding == want.sharding
+    np.testing.assert_array_equal(got, want)
+
+
 def test_bad_mesh_and_batch_are_user_errors(tmp_path):
   with pytest.raises(UserError, match='batch_size=12 .* not divisible by the 8 data-parallel'):
     loop.train(toy_families.regression_config(batch_size=12), str(tmp_path / 'a'))

@@ -75,7 +75,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any] | Non
   setup = loop.setup(config, devices)
   state = ckpt_lib.abstract_with_shardings(setup.builder.abstract, setup.shardings)
   t0 = time.perf_counter()
-  step = loop.jit_train_step(setup.builder, config, setup.mesh, setup.shardings)
+  step = loop.TrainStep(setup.builder, config, setup.mesh, setup.shardings)   # as the loop
   compiled = step.lower(state, abstract_batch(setup)).compile()
   report, memory_line = loop.memory_report(compiled, setup.builder.abstract, setup.shardings)
   report['compile_s'] = time.perf_counter() - t0

@@ -272,6 +272,45 @@ def jit_train_step(builder: StateBuilder, config, mesh, shardings):
                  donate_argnums=0)
 
 
+class TrainStep:
+  """The jitted train step over the state's leaves, as the loop runs it.
+
+  A jitted function called with the state as a pytree of nnx Variables has the host flatten and
+  rebuild every Variable in Python on each call, several times the host CPU of a call over a flat
+  list of arrays (`python -m experiments.benchmark_loop --dispatch_rounds=7`; the figures are in
+  experiments/README.md, "The loop's own cost"). On 2 cores that is time taken from XLA's
+  threads; on an accelerator it is latency. This step takes and returns the leaves (`flatten` /
+  `unflatten` convert, where the loop pauses).
+  """
+
+  def __init__(self, builder: StateBuilder, config, mesh, shardings):
+    self.treedef = jax.tree.structure(shardings)
+    step = make_train_step(builder, config, mesh, shardings)
+
+    def flat_step(leaves, batch):
+      state, metrics = step(self.treedef.unflatten(leaves), batch)
+      return self.treedef.flatten_up_to(state), metrics
+
+    leaf_shardings = self.treedef.flatten_up_to(shardings)
+    self.jitted = jax.jit(flat_step,
+                          in_shardings=(leaf_shardings, sharding_lib.batch_sharding(mesh)),
+                          out_shardings=(leaf_shardings, sharding_lib.replicated(mesh)),
+                          donate_argnums=0)
+
+  def flatten(self, state) -> list:
+    """The state's arrays in the step's order (the state must have the step's structure)."""
+    return self.treedef.flatten_up_to(state)
+
+  def unflatten(self, leaves: list):
+    """The state (nnx Variables around the same arrays, no copy) from the step's leaves."""
+    return self.treedef.unflatten(leaves)
+
+  def lower(self, state, batch):
+    """`jax.jit(...).lower` at the state's leaves: `.compile()` gives f(leaves, batch) ->
+    (new leaves, metrics)."""
+    return self.jitted.lower(self.flatten(state), batch)
+
+
 def make_eval_step(builder: StateBuilder, mesh):
   def eval_step(params, rest, batch):
     return builder.family.eval_step(builder.models(params, rest), batch)
@@ -530,7 +569,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
       + f' | mesh {dict(mesh.shape)} | batch {config.batch_size}'
       f' | steps {start}->{total}')
 
-  train_step = jit_train_step(builder, config, mesh, shardings)
+  train_step = TrainStep(builder, config, mesh, shardings)
   eval_step = make_eval_step(builder, mesh)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   history: list[dict[str, float]] = []
@@ -638,15 +677,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
 
   step = start
   batch = first_batch
+  leaves = train_step.flatten(state)   # what the steps take and return; `state` at pauses
   profiler = _StepProfiler(profile_window(config), workdir)
   try:
     with _Preemption() as preemption, _QuietGc() as quiet_gc:
       while step < total:
         profiler.before_step(step)
-        state, m = compiled(state, batch)
+        leaves, m = compiled(leaves, batch)
         pending.append((step, m))
         step += 1
-        profiler.after_step(step, state)
+        profiler.after_step(step, leaves)
         if step < total:
           batch = put_batch(family.train_batch(step))  # overlaps the step
         is_log = step % config.log_every == 0 or step == total
@@ -680,6 +720,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
           metrics_lib.print_line(metrics_lib.progress_line(step, total, scalars, unit=family.unit))
           interval = {'sums': {}, 'steps': 0}
         if is_eval or is_ckpt or is_sample:
+          state = train_step.unflatten(leaves)
           if is_eval:
             evaluate(step)
           if is_sample:
@@ -694,6 +735,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> T
         if stop:
           metrics_lib.print_line(f'SIGTERM: checkpointing step {step} and exiting')
           break
+    state = train_step.unflatten(leaves)
     flush()
     save(step)  # the final checkpoint (on completion and on SIGTERM)
     if step == total:
