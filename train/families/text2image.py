@@ -33,8 +33,9 @@ from train.families.diffusion import DiffusionFamily
 class TextToImageFamily(DiffusionFamily):
   """DiffusionFamily's config, plus: config.text (the caption encoder): max_len (tokens per
   caption), num_layers, num_heads, embed_dim, dropout (its masks as config.model.dropout_bits
-  says, like the UNet's); config.model.context_heads (heads of the UNet's cross-attention); config.diffusion.caption_dropout (p of the null caption in
-  training) in place of label_dropout. config.data.name: mnist or fashion_mnist."""
+  says, like the UNet's); config.model.context_heads (heads of the UNet's cross-attention);
+  config.diffusion.caption_dropout (p of the null caption in training) in place of
+  label_dropout. config.data.name: mnist or fashion_mnist."""
 
   name = 'text2image'
   sample_flags = ('num_samples', 'prompt', 'out', 'sampler', 'steps', 'eta', 'guidance')
