@@ -26,9 +26,7 @@ class Classifier(nnx.Module):
     if h % 4 or w % 4:
       raise ValueError(f'Classifier needs H and W divisible by 4, got {image_shape}')
     self.image_shape = tuple(image_shape)
-    if dropout_bits not in layers.DROPOUT_BITS:
-      raise ValueError(f'dropout_bits={dropout_bits!r}: must be one of {layers.DROPOUT_BITS}')
-    self.dropout, self.dropout_bits = dropout, dropout_bits
+    self.dropout, self.dropout_bits = dropout, layers.check_dropout_bits(dropout_bits)
     kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.conv1 = nnx.Conv(c, channels[0], (3, 3), padding='SAME', **kw)
     self.conv2 = nnx.Conv(channels[0], channels[1], (3, 3), padding='SAME', **kw)

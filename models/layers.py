@@ -23,6 +23,7 @@ Conventions:
 
 Public API (shapes; B batch, S/T sequence lengths, D embed, H heads, Dh head_dim, V vocab):
   dropout(x, rate, key, bits=32)                      inverted dropout, identity if key is None
+  check_dropout_bits(bits) -> bits                    ValueError unless bits is 8, 16 or 32
   gelu(x), gelu_tanh(x)                               exact (erf) GELU; tanh approximation
   causal_mask(q_len, k_len=None) -> [1, 1, T, S]      query i sees keys <= i
   padding_mask(valid [B, S]) -> [B, 1, 1, S]          keys that are real tokens
@@ -68,6 +69,13 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 DROPOUT_BITS = (8, 16, 32)
 
 
+def check_dropout_bits(bits: int) -> int:
+  """`bits` if it is a width `dropout` draws (`DROPOUT_BITS`), else ValueError."""
+  if bits not in DROPOUT_BITS:
+    raise ValueError(f'dropout_bits={bits!r}: must be one of {DROPOUT_BITS}')
+  return bits
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None, bits: int = 32) -> jax.Array:
   """Inverted dropout; identity when `key` is None or `rate` is 0.
 
@@ -79,8 +87,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, bits: int = 32) ->
   elements are scaled by the exact inverse of the kept fraction, so E[output] = x either way.
   Another `bits` draws another mask from the same key.
   """
-  if bits not in DROPOUT_BITS:
-    raise ValueError(f'dropout bits={bits!r}: must be one of {DROPOUT_BITS}')
+  check_dropout_bits(bits)
   if key is None or rate == 0.0:
     return x
   if bits == 32:
@@ -269,7 +276,7 @@ class MultiHeadAttention(nnx.Module):
     self.num_heads = num_heads
     self.head_dim = embed_dim // num_heads
     self.cross = cross
-    self.dropout, self.dropout_bits = dropout, dropout_bits
+    self.dropout, self.dropout_bits = dropout, check_dropout_bits(dropout_bits)
     self.implementation = implementation
     self.dtype = dtype
     linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -395,7 +402,7 @@ class MLP(nnx.Module):
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs, dropout_bits: int = 32):
     if activation not in ACTIVATIONS:
       raise ValueError(f'activation {activation!r}: use one of {", ".join(ACTIVATIONS)}')
-    self.dropout, self.dropout_bits = dropout, dropout_bits
+    self.dropout, self.dropout_bits = dropout, check_dropout_bits(dropout_bits)
     self.activation = activation
     hidden_dim = 4 * embed_dim if hidden_dim is None else hidden_dim
     out_init_std = init_std if out_init_std is None else out_init_std

@@ -149,8 +149,7 @@ class UNet(nnx.Module):
     self.context_emb = (nnx.Linear(context_dim, emb_dim, use_bias=False, rngs=rngs)
                         if context_dim else None)
     self.conv_in = nnx.Conv(in_ch, channels, (3, 3), dtype=dtype, rngs=rngs)
-    if dropout_bits not in layers.DROPOUT_BITS:
-      raise ValueError(f'dropout_bits={dropout_bits!r}: must be one of {layers.DROPOUT_BITS}')
+    layers.check_dropout_bits(dropout_bits)
     block = lambda i, o: ResBlock(i, o, emb_dim, dropout=dropout, groups=groups, dtype=dtype,
                                   rngs=rngs, dropout_bits=dropout_bits)
     attn = lambda c, res: (Attention(c, groups=groups, dtype=dtype, rngs=rngs)

@@ -254,6 +254,8 @@ def test_dropout_32_bits_is_bernoulli_and_bad_widths_are_errors():
     assert layers.dropout(x, 0.25, None, bits) is x
   with pytest.raises(ValueError, match='bits=12'):
     layers.dropout(x, 0.25, jax.random.key(4), 12)
+  with pytest.raises(ValueError, match='dropout_bits=12'):   # at construction, not first call
+    _block(dropout=0.1, dropout_bits=12)
   with pytest.raises(ValueError, match='rounds to 1'):
     layers.dropout(x, 0.999, jax.random.key(4), 8)
   # A rate below half a level rounds to no dropout at all.
