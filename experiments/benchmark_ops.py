@@ -4,11 +4,12 @@ For each 3x3 'SAME' convolution shape of `ddpm_mnist.py`'s UNet (batch 64): the 
 input gradient (dx) and the weight gradient (dW), each jitted alone; GroupNorm (8 groups,
 flax's `nnx.GroupNorm`) forward + backward; and nearest 2x upsampling's backward, as a
 broadcast (`models.upsample.upsample_nearest`, what the UNet uses) and through
-`jax.image.resize`; and a candidate GroupNorm whose sums over positions are all batched dots,
-forward and backward (`group_norm_dots`, checked against flax's before it is timed). With
-`--unet_rounds=N` (needs MNIST: TFDS_DATA_DIR) also the whole UNet train step with its
-GroupNorms as flax's, as the candidate, and as their affine alone (no normalisation: the most a
-faster GroupNorm could save), alternating. With torch installed (`pip
+`jax.image.resize`; and the GroupNorm whose sums over positions are all batched dots, forward
+and backward (`models.unet.group_norm_dots`, `group_norm_sums='dot'`; checked against flax's
+before it is timed). With `--unet_rounds=N` (needs MNIST: TFDS_DATA_DIR) also the whole UNet
+train step with its GroupNorms as flax's, as batched dots, and as their affine alone (no
+normalisation: the most a faster GroupNorm could save), and its forward pass (what a sampler
+calls) in the same three forms, alternating. With torch installed (`pip
 install -e '.[peers]'`) the same convolution (NCHW, forward and forward + backward) and
 `torch.nn.GroupNorm` are timed too. Milliseconds, the median of 5 chunks. The process starts
 XLA as every genlab command does (train.cli.tune_host: XLA's own convolutions);
@@ -36,14 +37,15 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from models import unet as unet_lib
 from models import upsample
 from train import cli
 
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch of every timed op.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Calls per timed chunk.')
 _UNET_ROUNDS = flags.DEFINE_integer(
-    'unet_rounds', 0, 'Also time the UNet train step with its GroupNorms as flax\'s, as '
-    'group_norm_dots and as the affine alone, over this many alternating rounds (0: not).')
+    'unet_rounds', 0, 'Also time the UNet train step and forward pass with its GroupNorms as '
+    'flax\'s, as batched dots and as the affine alone, over this many alternating rounds (0: not).')
 
 # (resolution, in channels, out channels) of the UNet's 3x3 convolutions (16-32-64 at 28/14/7;
 # the up path's inputs concatenate a skip).
@@ -68,80 +70,8 @@ def conv(x, w):
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _position_sums(*arrays):
-  """Per-(image, channel) sums over the positions of `[N, S, C]` arrays, each as a batched
-  `[1, S] @ [S, C]` dot: XLA:CPU hands these to YNNPACK, where a reduce over S runs several
-  times slower (`jnp.sum(x, axis=1)`: its own loop emitter)."""
-  ones = jnp.ones((arrays[0].shape[0], 1, arrays[0].shape[1]), jnp.float32)
-  return [jnp.matmul(ones, a)[:, 0, :] for a in arrays]
-
-
-def _group_mean(v, groups: int, count: int):
-  """[N, C] per-channel sums -> [N, C]: each channel gets its group's sum / count."""
-  n, c = v.shape
-  return jnp.repeat(v.reshape(n, groups, c // groups).sum(-1), c // groups, axis=1) / count
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm_dots(x, scale, bias, groups: int, eps: float = 1e-6):
-  """GroupNorm of NHWC `x` (flax's formula: variance as E[x^2] - E[x]^2, `use_fast_variance`)
-  with every sum over the positions a batched dot (`_position_sums`), in the forward (sums of
-  x and x^2) and in a hand-written backward (sums of dy and dy * x); the normalisation and dx
-  are each one elementwise pass with per-(image, channel) coefficients. A candidate timed
-  beside `nnx.GroupNorm`; the UNet does not use it."""
-  return _group_norm_fwd(x, scale, bias, groups, eps)[0]
-
-
-def _group_norm_stats(x, groups, eps):
-  n, h, w, c = x.shape
-  flat = x.reshape(n, h * w, c).astype(jnp.float32)
-  count = h * w * (c // groups)
-  s1, s2 = _position_sums(flat, flat * flat)
-  mean = _group_mean(s1, groups, count)
-  inv_std = jax.lax.rsqrt(jnp.maximum(_group_mean(s2, groups, count) - mean * mean, 0.0) + eps)
-  return mean, inv_std                                                       # [N, C] each
-
-
-def _group_norm_fwd(x, scale, bias, groups, eps):
-  mean, inv_std = _group_norm_stats(x, groups, eps)
-  a = inv_std * scale
-  b = bias - mean * a
-  y = x * a[:, None, None, :] + b[:, None, None, :]
-  return y.astype(x.dtype), (x, scale, mean, inv_std)
-
-
-def _group_norm_bwd(groups, eps, residuals, dy):
-  del eps
-  x, scale, mean, inv_std = residuals
-  n, h, w, c = x.shape
-  flat = x.reshape(n, h * w, c).astype(jnp.float32)
-  g = dy.reshape(n, h * w, c).astype(jnp.float32)
-  sum_dy, sum_dy_x = _position_sums(g, g * flat)
-  sum_dy_xhat = inv_std * (sum_dy_x - mean * sum_dy)      # sum over positions of dy * x_hat
-  count = h * w * (c // groups)
-  m1 = _group_mean(scale * sum_dy, groups, count)          # group means of d x_hat ...
-  m2 = _group_mean(scale * sum_dy_xhat, groups, count)     # ... and of d x_hat * x_hat
-  # dx = inv_std * (d x_hat - m1 - x_hat * m2), with x_hat = (x - mean) * inv_std.
-  k_dy, k_x = inv_std * scale, -inv_std * inv_std * m2
-  k_0 = -inv_std * m1 - k_x * mean
-  dx = dy * k_dy[:, None, None, :] + x * k_x[:, None, None, :] + k_0[:, None, None, :]
-  return (dx.astype(x.dtype), sum_dy_xhat.sum(0).astype(scale.dtype),
-          sum_dy.sum(0).astype(scale.dtype))
-
-
-group_norm_dots.defvjp(_group_norm_fwd, _group_norm_bwd)
-
-
-class _GroupNormDots(nnx.GroupNorm):
-  """`nnx.GroupNorm` (the same params) computed by `group_norm_dots`."""
-
-  def __call__(self, x, *, mask=None):
-    del mask
-    return group_norm_dots(x, self.scale[...], self.bias[...], self.num_groups, self.epsilon)
-
-
-class _AffineOnly(nnx.GroupNorm):
-  """`nnx.GroupNorm`'s scale and bias without the normalisation: a UNet step with it bounds
+class _AffineOnly(unet_lib.GroupNorm):
+  """The UNet GroupNorm's scale and bias without the normalisation: a UNet step with it bounds
   what any faster GroupNorm could save (not a model to train)."""
 
   def __call__(self, x, *, mask=None):
@@ -150,29 +80,46 @@ class _AffineOnly(nnx.GroupNorm):
 
 
 def unet_step_rows(rounds: int) -> list[list[str]]:
-  """The UNet train step (`ddpm_mnist.py:cond`, batch 64, the loop's jitted step) with its
-  GroupNorms as flax's, as `group_norm_dots` and as the affine alone, timed in alternating
-  chunks of 5 steps over `rounds` rounds (needs MNIST: TFDS_DATA_DIR)."""
+  """The UNet (`ddpm_mnist.py:cond`, batch 64) with its GroupNorms as flax's, as batched dots
+  (`group_norm_sums='dot'`) and as the affine alone: its train step (the loop's jitted step) in
+  chunks of 5 steps and its forward pass (a sampler's network call, jitted alone) in chunks of 10
+  calls, alternating over `rounds` rounds (needs MNIST: TFDS_DATA_DIR)."""
   # pylint: disable=import-outside-toplevel
   from experiments import benchmark_peers
   from experiments.configs import ddpm_mnist
   from train.families.diffusion import DiffusionFamily
-  runners = {}
-  for name, norm in (('flax', nnx.GroupNorm), ('dots', _GroupNormDots),
-                     ('affine only', _AffineOnly)):
-    with mock.patch.object(nnx, 'GroupNorm', norm):
+  steps, forwards = {}, {}
+  for name, sums, norm in (('flax', 'reduce', unet_lib.GroupNorm),
+                           ('dots', 'dot', unet_lib.GroupNorm),
+                           ('affine only', 'reduce', _AffineOnly)):
+    with mock.patch.object(unet_lib, 'GroupNorm', norm):
       config = ddpm_mnist.get_config('cond')
+      config.model.group_norm_sums = sums
       family = DiffusionFamily(config)
       family.setup_data(0, 1)
       batches = [family.train_batch(i) for i in range(4)]
-      runners[name] = benchmark_peers.genlab_train_runner(config, family, batches)[0]
-  times = {name: [] for name in runners}
+      steps[name], _, builder, current_state = benchmark_peers.genlab_train_runner(
+          config, family, batches)
+      state = current_state()
+      graphdef, params = nnx.split(builder.models(builder.sampling_params(state),
+                                                  state['rest'])['model'])
+      params = jax.tree.map(jnp.copy, params)   # the train step donates the state's buffers
+    x = jax.random.normal(jax.random.key(0), (64, *family.image_shape))
+    t = jnp.full((64,), 500, jnp.int32)
+    labels = jnp.asarray(np.arange(64) % family.num_classes, jnp.int32)
+    forward = jax.jit(lambda p, x, t, y, g=graphdef: nnx.merge(g, p)(x, t, y)).lower(
+        params, x, t, labels).compile()
+    forwards[name] = functools.partial(forward, params, x, t, labels)
+  times = {name: ([], []) for name in steps}
   for _ in range(rounds):
-    for name, run in runners.items():
-      times[name].append(1e3 * run(5))
-  return [[f'UNet train step, GroupNorms as {name}',
-           f'{statistics.median(t):.1f} ms/step (chunks: {", ".join(f"{v:.0f}" for v in t)})']
-          for name, t in times.items()]
+    for name in steps:
+      times[name][0].append(1e3 * steps[name](5))
+      times[name][1].append(timed(forwards[name], 10))
+  chunks = lambda t: ', '.join(f'{v:.0f}' for v in t)
+  return [[f'UNet, GroupNorms as {name}',
+           f'train step {statistics.median(a):.1f} ms (chunks: {chunks(a)}); forward '
+           f'{statistics.median(b):.1f} ms (medians: {chunks(b)})']
+          for name, (a, b) in times.items()]
 
 
 def main(argv):
@@ -217,7 +164,7 @@ def main(argv):
     both = jax.jit(lambda s, x, g: jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x), s, x)[1](g))
     params = (flax_norm.scale.value, flax_norm.bias.value)
     dots = jax.jit(lambda p, x, g: jax.vjp(
-        lambda p, x: group_norm_dots(x, *p, 8, flax_norm.epsilon), p, x)[1](g))
+        lambda p, x: unet_lib.group_norm_dots(x, *p, 8, flax_norm.epsilon), p, x)[1](g))
     # The candidate must compute what flax's does before its time means anything.
     (d_scale, d_bias), dx = dots(params, x, g)
     d_state, want_dx = both(state, x, g)

@@ -28,6 +28,7 @@ the host's CPU family are printed with the table.
   TFDS_DATA_DIR=... python -m experiments.benchmark_peers [--rounds=3] [--only=gpt,unet,ddim]
   TFDS_DATA_DIR=... python -m experiments.benchmark_peers --only=gpt_bf16
   TFDS_DATA_DIR=... python -m experiments.benchmark_peers --only=unet --dropout_bits=8
+  TFDS_DATA_DIR=... python -m experiments.benchmark_peers --only=unet,ddim --group_norm_sums=dot
 
 Run one benchmark at a time (nothing else heavy on the machine).
 """
@@ -63,6 +64,9 @@ _COMPILE = flags.DEFINE_bool('torch_compile', True, 'Also time torch.compile for
 _DROPOUT_BITS = flags.DEFINE_enum('dropout_bits', '32', ['8', '16', '32'],
                                   "genlab UNet's dropout masks (config.model.dropout_bits): 32, "
                                   "the config's, or cheaper 8- or 16-bit ones.")
+_GROUP_NORM_SUMS = flags.DEFINE_enum(
+    'group_norm_sums', 'reduce', ['reduce', 'dot'], "genlab UNet's GroupNorms "
+    "(config.model.group_norm_sums): 'reduce' flax's, 'dot' sums over positions as dots.")
 
 
 def host_cpu() -> str:
@@ -297,10 +301,16 @@ def gpt_row(torch, bf16: bool = False) -> list[tuple[str, str, float, str]]:
   return rows
 
 
+def _norm_label(config) -> str:
+  sums = config.model.group_norm_sums
+  return '' if sums == 'reduce' else f', group_norm_sums={sums}'
+
+
 def unet_rows(torch, which) -> list[tuple[str, str, float, str]]:
   from diffusers import DDIMScheduler, DDPMScheduler  # pylint: disable=import-outside-toplevel
   config = ddpm_mnist.get_config('cond')
   config.model.dropout_bits = int(_DROPOUT_BITS.value)
+  config.model.group_norm_sums = _GROUP_NORM_SUMS.value
   family = DiffusionFamily(config)
   family.setup_data(0, 1)
   n = _UNET_STEPS.value
@@ -347,6 +357,7 @@ def unet_rows(torch, which) -> list[tuple[str, str, float, str]]:
     train_flops = _cost_flops(compiled)
     bits = config.model.dropout_bits
     bits = '' if bits == 32 else f', dropout_bits={bits}'
+    bits += _norm_label(config)
     rows.append((f'UNet train step, batch {config.batch_size} (ddpm_mnist.py:cond{bits})',
                  'diffusers UNet2DModel, eager', t['diffusers'] / t['genlab'],
                  f'{1e3 * t["genlab"]:.0f} vs {1e3 * t["diffusers"]:.0f} ms; genlab '
@@ -385,7 +396,8 @@ def unet_rows(torch, which) -> list[tuple[str, str, float, str]]:
     t = alternate({'genlab': genlab_run, 'diffusers': diffusers_run}, _ROUNDS.value)
     forward = jax.jit(lambda p, x, tt, y: nnx.merge(graphdef, p)(x, tt, y)).lower(
         params, x_T, jnp.zeros((batch,), jnp.int32), labels).compile()
-    rows.append((f'DDIM-50 sampling, {batch} images', 'diffusers DDIMScheduler, eager',
+    rows.append((f'DDIM-50 sampling, {batch} images{_norm_label(config)}',
+                 'diffusers DDIMScheduler, eager',
                  t['diffusers'] / t['genlab'],
                  f'{1 / t["genlab"]:.1f} vs {1 / t["diffusers"]:.1f} images/s; '
                  f'{steps * _cost_flops(forward) / 1e9:.0f} GFLOP per batch (genlab, XLA)'))

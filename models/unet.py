@@ -18,10 +18,16 @@ token (the null caption of classifier-free guidance) contributes exactly nothing
 Without a context dimension the UNet and its params are the class-conditional/unconditional ones.
 
 Images are NHWC. 28x28 MNIST with channel_mult (1, 2, 2) runs at 28, 14 and 7 pixels.
+
+Every GroupNorm is flax's `nnx.GroupNorm` (the same params and formula); with
+`group_norm_sums='dot'` its sums over the positions are batched dots instead of XLA reductions
+(`group_norm_dots`), which XLA:CPU runs several times faster. The two differ by float rounding
+only, so a run trained with one samples with the other.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -34,6 +40,90 @@ from models import upsample
 
 _zeros = nnx.initializers.zeros
 
+GROUP_NORM_SUMS = ('reduce', 'dot')
+
+
+def _position_sums(*arrays):
+  """Per-(image, channel) sums over the positions of `[N, S, C]` arrays, each as a batched
+  `[1, S] @ [S, C]` dot: XLA:CPU hands these to YNNPACK, where a reduce over S is a loop of
+  XLA's own, several times slower."""
+  ones = jnp.ones((arrays[0].shape[0], 1, arrays[0].shape[1]), jnp.float32)
+  return [jnp.matmul(ones, a)[:, 0, :] for a in arrays]
+
+
+def _group_mean(v, groups: int, count: int):
+  """[N, C] per-channel sums -> [N, C]: each channel gets its group's sum / count."""
+  n, c = v.shape
+  return jnp.repeat(v.reshape(n, groups, c // groups).sum(-1), c // groups, axis=1) / count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_dots(x, scale, bias, groups: int, eps: float = 1e-6):
+  """GroupNorm of NHWC `x` with flax's formula (variance as E[x^2] - E[x]^2, clipped at 0, as
+  `use_fast_variance`), every sum over the positions a batched dot (`_position_sums`): in the
+  forward (sums of x and x^2) and in a hand-written backward (sums of dy and dy * x). The
+  normalisation and dx are each one elementwise pass with per-(image, channel) coefficients.
+  The output's dtype is that of x, scale and bias promoted together, as flax's."""
+  return _group_norm_fwd(x, scale, bias, groups, eps)[0]
+
+
+def _group_norm_stats(x, groups, eps):
+  n, h, w, c = x.shape
+  flat = x.reshape(n, h * w, c).astype(jnp.float32)
+  count = h * w * (c // groups)
+  s1, s2 = _position_sums(flat, flat * flat)
+  mean = _group_mean(s1, groups, count)
+  inv_std = jax.lax.rsqrt(jnp.maximum(_group_mean(s2, groups, count) - mean * mean, 0.0) + eps)
+  return mean, inv_std                                                       # [N, C] each
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps):
+  mean, inv_std = _group_norm_stats(x, groups, eps)
+  a = inv_std * scale
+  b = bias - mean * a
+  y = x * a[:, None, None, :] + b[:, None, None, :]
+  return y.astype(jnp.result_type(x, scale, bias)), (x, scale, mean, inv_std)
+
+
+def _group_norm_bwd(groups, eps, residuals, dy):
+  del eps
+  x, scale, mean, inv_std = residuals
+  n, h, w, c = x.shape
+  flat = x.reshape(n, h * w, c).astype(jnp.float32)
+  g = dy.reshape(n, h * w, c).astype(jnp.float32)
+  sum_dy, sum_dy_x = _position_sums(g, g * flat)
+  sum_dy_xhat = inv_std * (sum_dy_x - mean * sum_dy)      # sum over positions of dy * x_hat
+  count = h * w * (c // groups)
+  m1 = _group_mean(scale * sum_dy, groups, count)          # group means of d x_hat ...
+  m2 = _group_mean(scale * sum_dy_xhat, groups, count)     # ... and of d x_hat * x_hat
+  # dx = inv_std * (d x_hat - m1 - x_hat * m2), with x_hat = (x - mean) * inv_std.
+  k_dy, k_x = inv_std * scale, -inv_std * inv_std * m2
+  k_0 = -inv_std * m1 - k_x * mean
+  dx = (g.reshape(x.shape) * k_dy[:, None, None, :] + flat.reshape(x.shape) * k_x[:, None, None, :]
+        + k_0[:, None, None, :])
+  return (dx.astype(x.dtype), sum_dy_xhat.sum(0).astype(scale.dtype),
+          sum_dy.sum(0).astype(scale.dtype))
+
+
+group_norm_dots.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nnx.GroupNorm):
+  """`nnx.GroupNorm` (the same params) whose sums over the positions are XLA reductions
+  (`sums='reduce'`: flax's own code) or batched dots (`sums='dot'`: `group_norm_dots`)."""
+
+  def __init__(self, num_features: int, *, num_groups: int, sums: str = 'reduce',
+               rngs: nnx.Rngs):
+    if sums not in GROUP_NORM_SUMS:
+      raise ValueError(f'group_norm_sums={sums!r}: must be one of {GROUP_NORM_SUMS}')
+    super().__init__(num_features, num_groups=num_groups, rngs=rngs)
+    self.sums = sums
+
+  def __call__(self, x, *, mask=None):
+    if self.sums == 'reduce' or mask is not None:
+      return super().__call__(x, mask=mask)
+    return group_norm_dots(x, self.scale[...], self.bias[...], self.num_groups, self.epsilon)
+
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal embedding [B, dim] of timesteps t [B] (Transformer positions; DDPM's choice)."""
@@ -45,11 +135,11 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 class ResBlock(nnx.Module):
   def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, dropout: float, groups: int,
-               dtype, rngs: nnx.Rngs, dropout_bits: int = 32):
-    self.norm1 = nnx.GroupNorm(in_ch, num_groups=groups, rngs=rngs)
+               dtype, rngs: nnx.Rngs, dropout_bits: int = 32, norm_sums: str = 'reduce'):
+    self.norm1 = GroupNorm(in_ch, num_groups=groups, sums=norm_sums, rngs=rngs)
     self.conv1 = nnx.Conv(in_ch, out_ch, (3, 3), dtype=dtype, rngs=rngs)
     self.emb = nnx.Linear(emb_dim, out_ch, dtype=dtype, rngs=rngs)
-    self.norm2 = nnx.GroupNorm(out_ch, num_groups=groups, rngs=rngs)
+    self.norm2 = GroupNorm(out_ch, num_groups=groups, sums=norm_sums, rngs=rngs)
     self.conv2 = nnx.Conv(out_ch, out_ch, (3, 3), dtype=dtype, kernel_init=_zeros, rngs=rngs)
     self.skip = nnx.Conv(in_ch, out_ch, (1, 1), dtype=dtype, rngs=rngs) if in_ch != out_ch else None
     self.dropout, self.dropout_bits = dropout, dropout_bits
@@ -66,8 +156,8 @@ class ResBlock(nnx.Module):
 class Attention(nnx.Module):
   """Single-head self-attention over the H*W positions, residual."""
 
-  def __init__(self, ch: int, *, groups: int, dtype, rngs: nnx.Rngs):
-    self.norm = nnx.GroupNorm(ch, num_groups=groups, rngs=rngs)
+  def __init__(self, ch: int, *, groups: int, dtype, rngs: nnx.Rngs, norm_sums: str = 'reduce'):
+    self.norm = GroupNorm(ch, num_groups=groups, sums=norm_sums, rngs=rngs)
     self.qkv = nnx.Linear(ch, 3 * ch, dtype=dtype, rngs=rngs)
     self.proj = nnx.Linear(ch, ch, dtype=dtype, kernel_init=_zeros, rngs=rngs)
 
@@ -85,8 +175,8 @@ class CrossAttention(nnx.Module):
   """Residual multi-head attention from the H*W image positions to a context's tokens."""
 
   def __init__(self, ch: int, context_dim: int, *, heads: int, groups: int, dtype,
-               rngs: nnx.Rngs):
-    self.norm = nnx.GroupNorm(ch, num_groups=groups, rngs=rngs)
+               rngs: nnx.Rngs, norm_sums: str = 'reduce'):
+    self.norm = GroupNorm(ch, num_groups=groups, sums=norm_sums, rngs=rngs)
     # Output projection at zero: the block starts as the identity, like every residual branch.
     self.attn = layers.MultiHeadAttention(
         embed_dim=ch, num_heads=heads, cross=True, context_dim=context_dim,
@@ -122,6 +212,8 @@ class UNet(nnx.Module):
     num_classes: 0 for an unconditional model; else labels in [0, num_classes], where
       num_classes is the null label (classifier-free guidance).
     groups: GroupNorm groups.
+    group_norm_sums: 'reduce' (flax's GroupNorm) or 'dot' (its sums over the positions as
+      batched dots: faster on XLA:CPU, equal up to float rounding; `GroupNorm`).
     context_dim: 0 (no text); else the width of the context `__call__` takes, read by
       cross-attention with `context_heads` heads wherever there is self-attention.
   """
@@ -130,7 +222,8 @@ class UNet(nnx.Module):
                channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                attention_resolutions: tuple[int, ...] = (7,), dropout: float = 0.0,
                dropout_bits: int = 32, num_classes: int = 0, groups: int = 8, context_dim: int = 0,
-               context_heads: int = 4, dtype=jnp.float32, rngs: nnx.Rngs):
+               context_heads: int = 4, group_norm_sums: str = 'reduce', dtype=jnp.float32,
+               rngs: nnx.Rngs):
     size, _, in_ch = image_shape
     if size % 2 ** (len(channel_mult) - 1) or image_shape[1] % 2 ** (len(channel_mult) - 1):
       raise ValueError(f'image_shape {image_shape} is not divisible by 2^{len(channel_mult) - 1}')
@@ -150,13 +243,14 @@ class UNet(nnx.Module):
                         if context_dim else None)
     self.conv_in = nnx.Conv(in_ch, channels, (3, 3), dtype=dtype, rngs=rngs)
     layers.check_dropout_bits(dropout_bits)
+    sums = group_norm_sums
     block = lambda i, o: ResBlock(i, o, emb_dim, dropout=dropout, groups=groups, dtype=dtype,
-                                  rngs=rngs, dropout_bits=dropout_bits)
-    attn = lambda c, res: (Attention(c, groups=groups, dtype=dtype, rngs=rngs)
+                                  rngs=rngs, dropout_bits=dropout_bits, norm_sums=sums)
+    attn = lambda c, res: (Attention(c, groups=groups, dtype=dtype, rngs=rngs, norm_sums=sums)
                            if res in attention_resolutions else None)
     # Created only for a text model, so other models draw the same init keys as before.
     cross = lambda c, res: (CrossAttention(c, context_dim, heads=context_heads, groups=groups,
-                                           dtype=dtype, rngs=rngs)
+                                           dtype=dtype, rngs=rngs, norm_sums=sums)
                             if context_dim and res in attention_resolutions else None)
 
     # Down: a list of (ResBlock, Attention | None, CrossAttention | None) or (Conv stride 2,
@@ -176,9 +270,10 @@ class UNet(nnx.Module):
         skips.append(ch)
         res //= 2
     self.mid1, self.mid2 = block(ch, ch), block(ch, ch)
-    self.mid_attn = Attention(ch, groups=groups, dtype=dtype, rngs=rngs)
+    self.mid_attn = Attention(ch, groups=groups, dtype=dtype, rngs=rngs, norm_sums=sums)
     self.mid_cross = (CrossAttention(ch, context_dim, heads=context_heads, groups=groups,
-                                     dtype=dtype, rngs=rngs) if context_dim else None)
+                                     dtype=dtype, rngs=rngs, norm_sums=sums)
+                      if context_dim else None)
     # Up: (ResBlock, Attention | None, Conv after 2x upsampling | None, CrossAttention | None).
     self.up = nnx.List()
     for level, mult in reversed(list(enumerate(channel_mult))):
@@ -189,7 +284,7 @@ class UNet(nnx.Module):
                                  attn(channels * mult, res), up, cross(channels * mult, res)]))
         ch = channels * mult
       res *= 2 if level > 0 else 1
-    self.norm_out = nnx.GroupNorm(ch, num_groups=groups, rngs=rngs)
+    self.norm_out = GroupNorm(ch, num_groups=groups, sums=sums, rngs=rngs)
     self.conv_out = nnx.Conv(ch, in_ch, (3, 3), dtype=dtype, kernel_init=_zeros, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None, *,

@@ -54,38 +54,3 @@ def test_benchmark_gpt_times_a_train_step():
   # The default config's 6N + 12LTd per token, x 12 x 64 tokens: N = 801,664 (the params but
   # the 64 x 128 position table), L = 4, T = 64, d = 128 -> 3.996e9.
   assert len(line) == 1 and '3.996 GFLOP/step (6N+12LTd)' in line[0] and 'ms/step' in line[0]
-
-
-GROUP_NORM = '''
-import json
-import jax, jax.numpy as jnp, numpy as np
-from flax import nnx
-from experiments.benchmark_ops import group_norm_dots
-out = {}
-for shape, groups in (((3, 5, 4, 12), 4), ((2, 3, 3, 8), 8)):
-  keys = jax.random.split(jax.random.key(sum(shape)), 4)
-  x = 3.0 * jax.random.normal(keys[0], shape) + 1.5
-  dy = jax.random.normal(keys[1], shape)
-  norm = nnx.GroupNorm(shape[-1], num_groups=groups, rngs=nnx.Rngs(0))
-  norm.scale[...] = jax.random.normal(keys[2], norm.scale.shape)
-  norm.bias[...] = jax.random.normal(keys[3], norm.bias.shape)
-  graphdef, state = nnx.split(norm)
-  want, vjp = jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
-  d_state, want_dx = vjp(dy)
-  params = (norm.scale[...], norm.bias[...])
-  got, vjp = jax.vjp(lambda p, x: group_norm_dots(x, *p, groups, norm.epsilon), params, x)
-  (d_scale, d_bias), dx = vjp(dy)
-  err = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
-  out[str(shape)] = [err(got, want), err(dx, want_dx), err(d_scale, d_state['scale'][...]),
-                     err(d_bias, d_state['bias'][...])]
-print(json.dumps(out))
-'''
-
-
-def test_benchmark_ops_group_norm_candidate_equals_flax_and_its_autodiff():
-  # benchmark_ops' GroupNorm with batched-dot sums and a hand-written backward against flax's
-  # nnx.GroupNorm and JAX's autodiff of it: output, dx, d scale and d bias.
-  got = json.loads(run(['-c', GROUP_NORM]).strip().splitlines()[-1])
-  assert len(got) == 2
-  for shape, errors in got.items():
-    assert max(errors) < 1e-5, (shape, errors)

@@ -230,6 +230,55 @@ def test_unet_dropout_bits_change_the_masks_and_nothing_else():
     _random_unet(dropout_bits=4)
 
 
+@pytest.mark.parametrize('shape,groups', [((3, 5, 4, 12), 4), ((2, 3, 3, 8), 8)])
+def test_group_norm_dots_equals_flax_group_norm_and_its_autodiff(shape, groups):
+  """`group_norm_dots` (batched-dot sums, a hand-written backward) against flax's
+  `nnx.GroupNorm` and JAX's autodiff of it: output, dx, d scale and d bias."""
+  keys = jax.random.split(jax.random.key(sum(shape)), 4)
+  x = 3.0 * jax.random.normal(keys[0], shape) + 1.5
+  dy = jax.random.normal(keys[1], shape)
+  norm = nnx.GroupNorm(shape[-1], num_groups=groups, rngs=nnx.Rngs(0))
+  norm.scale[...] = jax.random.normal(keys[2], norm.scale.shape)
+  norm.bias[...] = jax.random.normal(keys[3], norm.bias.shape)
+  graphdef, state = nnx.split(norm)
+  want, vjp = jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+  d_state, want_dx = vjp(dy)
+  got, vjp = jax.vjp(lambda p, x: unet_lib.group_norm_dots(x, *p, groups, norm.epsilon),
+                     (norm.scale[...], norm.bias[...]), x)
+  (d_scale, d_bias), dx = vjp(dy)
+  for a, b in ((got, want), (dx, want_dx), (d_scale, d_state['scale'][...]),
+               (d_bias, d_state['bias'][...])):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert float(jnp.abs(a - b).max() / jnp.abs(b).max()) < 1e-5
+
+
+def test_unet_group_norm_sums_change_no_param_and_only_rounding():
+  """`group_norm_sums='dot'` builds the same param tree as flax's GroupNorms, and with the same
+  params gives the same output and gradients up to float rounding."""
+  (g_reduce, state), (g_dot, state_dot) = (_random_unet(group_norm_sums=s)
+                                           for s in ('reduce', 'dot'))
+  jax.tree.map(np.testing.assert_array_equal, state, state_dot)
+  assert sum(isinstance(m, unet_lib.GroupNorm) and m.sums == 'dot'
+             for _, m in nnx.graph.iter_graph(nnx.merge(g_dot, state))) >= 5
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  t, y = jnp.array([5, 700]), jnp.array([3, 1])
+  loss = lambda g: lambda s: jnp.sum(nnx.merge(g, s)(x, t, y) ** 2)
+  (want, want_grads), (got, grads) = (jax.value_and_grad(loss(g))(state)
+                                      for g in (g_reduce, g_dot))
+  # The dot UNet runs group_norm_dots (its custom VJP), the other flax's code.
+  jaxprs = [str(jax.make_jaxpr(loss(g))(state)) for g in (g_reduce, g_dot)]
+  assert 'custom_vjp_call' not in jaxprs[0] and 'custom_vjp_call' in jaxprs[1]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.abs(b).max()))
+  with pytest.raises(ValueError, match="group_norm_sums='sum'"):
+    _random_unet(group_norm_sums='sum')
+  config = ddpm_mnist.get_config('tiny')
+  config.model.group_norm_sums = 'sum'
+  with pytest.raises(UserError, match="config.model.group_norm_sums='sum': must be one of"):
+    DiffusionFamily(config)
+
+
 def test_guidance_scales():
   graphdef, state = _random_unet()
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))

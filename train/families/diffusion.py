@@ -93,6 +93,11 @@ class DiffusionFamily(images_lib.ImageFamily):
       raise UserError(f'config.sampling.batch={config.sampling.batch!r}: must be >= 1 (images '
                       'per jitted sampler call)')
     self.dropout_bits = family_lib.dropout_bits(config.model)
+    # Runs written before the key: flax's GroupNorm.
+    self.group_norm_sums = config.model.get('group_norm_sums', 'reduce')
+    if self.group_norm_sums not in unet_lib.GROUP_NORM_SUMS:
+      raise UserError(f'config.model.group_norm_sums={self.group_norm_sums!r}: must be one of '
+                      f'{unet_lib.GROUP_NORM_SUMS} (how the GroupNorms sum over positions)')
     if config.model.dtype not in _DTYPES:
       raise UserError(f'config.model.dtype={config.model.dtype!r}: use one of {sorted(_DTYPES)}')
     self._samplers: dict[tuple, Any] = {}
@@ -104,7 +109,7 @@ class DiffusionFamily(images_lib.ImageFamily):
         image_shape=self.image_shape, channels=m.channels, channel_mult=tuple(m.channel_mult),
         num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
         dropout=m.dropout, dropout_bits=self.dropout_bits, num_classes=self.num_classes,
-        groups=m.groups,
+        groups=m.groups, group_norm_sums=self.group_norm_sums,
         dtype=_DTYPES[m.dtype], rngs=rngs)}
 
   def _denoiser(self, model, labels, dropout_key=None):

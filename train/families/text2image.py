@@ -109,7 +109,7 @@ class TextToImageFamily(DiffusionFamily):
                   channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
                   attention_resolutions=tuple(m.attention_resolutions), dropout=m.dropout,
                   dropout_bits=self.dropout_bits, groups=m.groups,
-                  context_heads=m.context_heads),
+                  group_norm_sums=self.group_norm_sums, context_heads=m.context_heads),
         dtype=images_lib.activation_dtype(self.config), rngs=rngs)}
 
   # ---- sampling ----
