@@ -165,7 +165,7 @@ def main(argv):
     params = (flax_norm.scale.value, flax_norm.bias.value)
     dots = jax.jit(lambda p, x, g: jax.vjp(
         lambda p, x: unet_lib.group_norm_dots(x, *p, 8, flax_norm.epsilon), p, x)[1](g))
-    # The candidate must compute what flax's does before its time means anything.
+    # The dot form must compute what flax's does before its time means anything.
     (d_scale, d_bias), dx = dots(params, x, g)
     d_state, want_dx = both(state, x, g)
     for got, want in ((dx, want_dx), (d_scale, d_state['scale']), (d_bias, d_state['bias'])):
