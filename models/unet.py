@@ -21,8 +21,8 @@ Images are NHWC. 28x28 MNIST with channel_mult (1, 2, 2) runs at 28, 14 and 7 pi
 
 Every GroupNorm is flax's `nnx.GroupNorm` (the same params and formula); with
 `group_norm_sums='dot'` its sums over the positions are batched dots instead of XLA reductions
-(`group_norm_dots`), which XLA:CPU runs several times faster. The two differ by float rounding
-only, so a run trained with one samples with the other.
+(`group_norm_dots`), which XLA:CPU runs faster (2-3x for a GroupNorm alone, on one CPU:
+experiments/README.md). The two share their params and differ by float rounding only.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ GROUP_NORM_SUMS = ('reduce', 'dot')
 def _position_sums(*arrays):
   """Per-(image, channel) sums over the positions of `[N, S, C]` arrays, each as a batched
   `[1, S] @ [S, C]` dot: XLA:CPU hands these to YNNPACK, where a reduce over S is a loop of
-  XLA's own, several times slower."""
+  XLA's own, slower."""
   ones = jnp.ones((arrays[0].shape[0], 1, arrays[0].shape[1]), jnp.float32)
   return [jnp.matmul(ones, a)[:, 0, :] for a in arrays]
 
