@@ -259,7 +259,7 @@ def test_unet_group_norm_sums_change_no_param_and_only_rounding():
                                            for s in ('reduce', 'dot'))
   jax.tree.map(np.testing.assert_array_equal, state, state_dot)
   assert sum(isinstance(m, unet_lib.GroupNorm) and m.sums == 'dot'
-             for _, m in nnx.graph.iter_graph(nnx.merge(g_dot, state))) >= 5
+             for _, m in nnx.iter_graph(nnx.merge(g_dot, state))) >= 5
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   t, y = jnp.array([5, 700]), jnp.array([3, 1])
   loss = lambda g: lambda s: jnp.sum(nnx.merge(g, s)(x, t, y) ** 2)

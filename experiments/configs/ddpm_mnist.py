@@ -1,13 +1,13 @@
 r"""DDPM on MNIST: a small UNet through the shared loop, unconditional or class-conditional.
 
 UNet 16-32-64 channels at 28/14/7 pixels, one residual block per level, self-attention at 7x7,
-dropout 0.1 (0.69M params, 26.6 GFLOP per train step by XLA's cost analysis); cosine schedule
-over T = 1000 steps, eps prediction, simple loss; AdamW lr 1e-3 (100 warmup steps, cosine to
-1e-5), batch 64, 3600 steps (3.8 epochs), EMA 0.998. Dropout masks from
+dropout 0.1 (0.69M params; `cond`: 26.6 GFLOP per train step by XLA's cost analysis); cosine
+schedule over T = 1000 steps, eps prediction, simple loss; AdamW lr 1e-3 (100 warmup steps,
+cosine to 1e-5), batch 64, 3600 steps (3.8 epochs), EMA 0.998. Dropout masks from
 `jax.random.bernoulli` (`model.dropout_bits=32`; 8 draws cheaper masks, the rate rounded to
-26/256: `models.layers.dropout`; no result below used it). GroupNorms as flax's (`model.group_norm_sums='reduce'`; 'dot' sums over the positions
-as batched dots, faster on XLA:CPU and equal up to float rounding: `models.unet.GroupNorm`; no
-result below used it).
+26/256: `models.layers.dropout`; no result below used it). GroupNorms as flax's
+(`model.group_norm_sums='reduce'`; 'dot' sums over the positions as batched dots, faster on
+XLA:CPU and equal up to float rounding: `models.unet.GroupNorm`; no result below used it).
 
 The runtimes below were measured while XLA ran convolutions through YNNPACK, before the genlab
 commands turned that off (README "XLA:CPU convolutions"); the train step is ~1.5x faster since
