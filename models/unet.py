@@ -22,7 +22,8 @@ Images are NHWC. 28x28 MNIST with channel_mult (1, 2, 2) runs at 28, 14 and 7 pi
 Every GroupNorm is flax's `nnx.GroupNorm` (the same params and formula); with
 `group_norm_sums='dot'` its sums over the positions are batched dots instead of XLA reductions
 (`group_norm_dots`), which XLA:CPU runs faster (2-3x for a GroupNorm alone, on one CPU:
-experiments/README.md). The two share their params and differ by float rounding only.
+experiments/README.md). The two share their params and differ by float rounding only, so a
+trained model can sample with either (`with_group_norm_sums`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,18 @@ class GroupNorm(nnx.GroupNorm):
     if self.sums == 'reduce' or mask is not None:
       return super().__call__(x, mask=mask)
     return group_norm_dots(x, self.scale[...], self.bias[...], self.num_groups, self.epsilon)
+
+
+def with_group_norm_sums(model: nnx.Module, sums: str) -> nnx.Module:
+  """`model` with every `GroupNorm` in it summing by `sums`: a new module over the same param
+  arrays (the two forms have the same params); `model` itself is left as it was."""
+  if sums not in GROUP_NORM_SUMS:
+    raise ValueError(f'group_norm_sums={sums!r}: must be one of {GROUP_NORM_SUMS}')
+  copy = nnx.merge(*nnx.split(model))
+  for _, node in nnx.iter_graph(copy):
+    if isinstance(node, GroupNorm):
+      node.sums = sums
+  return copy
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

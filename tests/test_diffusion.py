@@ -279,6 +279,29 @@ def test_unet_group_norm_sums_change_no_param_and_only_rounding():
     DiffusionFamily(config)
 
 
+def test_with_group_norm_sums_switches_a_built_unet_and_leaves_it_alone():
+  """A UNet built with one form and switched to the other (what `train.sample
+  --group_norm_sums` does to a trained run) computes what a UNet built with that form computes,
+  bit for bit, over the same params; the model it was made from is unchanged."""
+  (g_reduce, state), (g_dot, _) = (_random_unet(group_norm_sums=s) for s in ('reduce', 'dot'))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  t, y = jnp.array([5, 700]), jnp.array([3, 1])
+  run = jax.jit(lambda g, s: nnx.merge(g, s)(x, t, y), static_argnums=0)
+  want_reduce, want_dot = run(g_reduce, state), run(g_dot, state)
+  assert float(jnp.abs(want_dot - want_reduce).max()) > 0   # the two forms round differently
+  model = nnx.merge(g_reduce, state)
+  switched = unet_lib.with_group_norm_sums(model, 'dot')
+  forms = lambda m: {n.sums for _, n in nnx.iter_graph(m) if isinstance(n, unet_lib.GroupNorm)}
+  assert forms(model) == {'reduce'} and forms(switched) == {'dot'}
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(switched), state)
+  np.testing.assert_array_equal(run(*nnx.split(switched)), want_dot)
+  np.testing.assert_array_equal(run(*nnx.split(model)), want_reduce)
+  back = unet_lib.with_group_norm_sums(switched, 'reduce')
+  np.testing.assert_array_equal(run(*nnx.split(back)), want_reduce)
+  with pytest.raises(ValueError, match="group_norm_sums='sum'"):
+    unet_lib.with_group_norm_sums(model, 'sum')
+
+
 def test_guidance_scales():
   graphdef, state = _random_unet()
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
@@ -487,7 +510,7 @@ def _run(*args):
 
 
 @needs_tfds
-def test_train_checkpoint_resume_sample(tmp_path):
+def test_train_checkpoint_resume_sample(tmp_path, monkeypatch):
   config = ddpm_mnist.get_config('cond,tiny')
   config.update_from_flattened_dict({'total_steps': 6, 'checkpoint_every': 3, 'eval_every': 3,
                                      'log_every': 1})
@@ -524,7 +547,8 @@ def test_train_checkpoint_resume_sample(tmp_path):
   assert step == 6 and family.conditional
   for options, fragment in (({'steps': 0}, '--steps=0'), ({'steps': 101}, '--steps=101'),
                             ({'eta': 1.5}, '--eta=1.5'), ({'labels': '10'}, 'label 10 is outside'),
-                            ({'guidance': -1.0}, '--guidance=-1.0')):
+                            ({'guidance': -1.0}, '--guidance=-1.0'),
+                            ({'group_norm_sums': 'sum'}, '--group_norm_sums=sum: must be one of')):
     with pytest.raises(UserError, match=fragment):
       family.sample(models, jax.random.key(0), str(tmp_path), dict(options))
   # What train.sample runs, in-process (a second process would compile it all again).
@@ -537,6 +561,17 @@ def test_train_checkpoint_resume_sample(tmp_path):
       models, jax.random.key(seed), 3, np.array([1, 2, 3]), **family.check_sample_options(kw))
   np.testing.assert_array_equal(gen(0), gen(0))
   assert not np.array_equal(gen(0), gen(1))
+  # Sampling a 'reduce' run with the dot GroupNorms: the same images up to float rounding, and
+  # the loaded model is left as trained.
+  assert family.group_norm_sums == 'reduce'
+  switches, switch = [], unet_lib.with_group_norm_sums
+  monkeypatch.setattr(unet_lib, 'with_group_norm_sums',
+                      lambda model, sums: switches.append(sums) or switch(model, sums))
+  dot = gen(0, group_norm_sums='dot')
+  assert switches == ['dot']
+  assert np.abs(dot.astype(np.int32) - gen(0)).max() <= 1
+  assert {m.sums for _, m in nnx.iter_graph(models['model'])
+          if isinstance(m, unet_lib.GroupNorm)} == {'reduce'}
   ddpm = gen(0, sampler='ddpm')
   assert ddpm.shape == (3, 28, 28, 1) and ddpm.dtype == np.uint8
   # train.evaluate's likelihood: the full bound on vlb_images (2) images, the estimate on all.

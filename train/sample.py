@@ -7,10 +7,10 @@ output.
   translation:     --prompt (a source sentence) --beam_size (1: greedy) --length_penalty
   RAG generator:   --prompt (a question) --retriever (dense | bm25 | none) --top_k (passages)
   image families:  --num_samples --labels (all | 3 | 1,7) --out (PNG path; default
-                   DIR/samples/sample.png), and for diffusion --sampler --steps --eta --guidance,
-                   for the GAN --truncation --best_of
+                   DIR/samples/sample.png), and for diffusion --sampler --steps --eta --guidance
+                   --group_norm_sums, for the GAN --truncation --best_of
   text2image:      --prompt (captions separated by ';') --num_samples (per prompt) --out
-                   --sampler --steps --eta --guidance
+                   --sampler --steps --eta --guidance --group_norm_sums
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ flags.DEFINE_string('sampler', None, 'Diffusion: reverse sampler name (e.g. ddpm
 flags.DEFINE_integer('steps', None, 'Diffusion: number of reverse steps.')
 flags.DEFINE_float('eta', None, 'Diffusion (DDIM): noise scale in [0, 1]; 0 is deterministic.')
 flags.DEFINE_float('guidance', None, 'Diffusion: classifier-free guidance scale w.')
+flags.DEFINE_string('group_norm_sums', None, "Diffusion, text2image: how the UNet's GroupNorms "
+                    'sum over positions while sampling: reduce (flax\'s GroupNorm) or dot '
+                    '(batched dots, faster on CPUs; the same params, equal up to float '
+                    'rounding); default the run\'s config.model.group_norm_sums.')
 flags.DEFINE_float('truncation', None, 'GAN: the truncation trick (Brock et al. 2019): latents '
                    'drawn from N(0, I) truncated to [-t, t] per coordinate (default: none).')
 flags.DEFINE_integer('best_of', None, 'GAN: each image is the one of this many generator '
@@ -56,8 +60,8 @@ flags.DEFINE_string('retriever', None, 'RAG generator: dense, bm25 or none (clos
                     'default the run\'s.')
 
 FAMILY_FLAGS = ('num_samples', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
-                'labels', 'out', 'sampler', 'steps', 'eta', 'guidance', 'truncation', 'best_of',
-                'beam_size', 'length_penalty', 'retriever')
+                'labels', 'out', 'sampler', 'steps', 'eta', 'guidance', 'group_norm_sums',
+                'truncation', 'best_of', 'beam_size', 'length_penalty', 'retriever')
 
 
 def family_options(family) -> dict:

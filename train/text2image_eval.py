@@ -3,7 +3,7 @@
 Generates one image for each of the first --num_samples (default 500) captions of the split's
 seen attribute combinations and as many of its unseen (held-out, train/captions.py `HELDOUT`)
 ones, from DIR's latest checkpoint (EMA weights) with the sampling flags of `train.sample`
-(--sampler --steps --eta --guidance), and reports for each group:
+(--sampler --steps --eta --guidance --group_norm_sums), and reports for each group:
 
   attribute_accuracy   share of (image, attribute) pairs where `captions.measure` of the
                        generated image gives the caption's category; per attribute, and
@@ -38,8 +38,8 @@ from train import storage
 from train.errors import UserError
 
 #: The `train.evaluate` flags of a text2image run.
-EVALUATE_FLAGS = ('num_samples', 'sampler', 'steps', 'eta', 'guidance', 'out', 'prompts',
-                  'classifier', 'clip', 'batch', 'report')
+EVALUATE_FLAGS = ('num_samples', 'sampler', 'steps', 'eta', 'guidance', 'group_norm_sums',
+                  'out', 'prompts', 'classifier', 'clip', 'batch', 'report')
 DEFAULT_NUM_SAMPLES = 500
 
 
@@ -91,7 +91,7 @@ def evaluate_prompts(family, models, workdir: str, step: int, options: dict[str,
     raise UserError(f'--num_samples={num} (>= 2 per group), --batch={batch} (>= 1): one is out '
                     'of range')
   sampling = family.check_sample_options(
-      {k: options.get(k) for k in ('sampler', 'steps', 'eta', 'guidance')
+      {k: options.get(k) for k in ('sampler', 'steps', 'eta', 'guidance', 'group_norm_sums')
        if options.get(k) is not None})
   data = prompt_split(family, split)
   dataset = family.config.data.name

@@ -70,7 +70,8 @@ class DiffusionFamily(images_lib.ImageFamily):
   not."""
 
   name = 'diffusion'
-  sample_flags = images_lib.ImageFamily.sample_flags + ('sampler', 'steps', 'eta', 'guidance')
+  sample_flags = images_lib.ImageFamily.sample_flags + ('sampler', 'steps', 'eta', 'guidance',
+                                                       'group_norm_sums')
   #: The config.diffusion key of the probability of the null condition in training.
   condition_dropout_key = 'label_dropout'
 
@@ -185,6 +186,13 @@ class DiffusionFamily(images_lib.ImageFamily):
       if guidance < 0:
         raise UserError(f'--guidance={guidance}: must be >= 0 (1: conditional, 0: unconditional)')
       out['guidance'] = guidance
+    sums = options.get('group_norm_sums')
+    if sums is not None:   # the same params either way: a sampling choice, not the run's
+      if sums not in unet_lib.GROUP_NORM_SUMS:
+        raise UserError(f'--group_norm_sums={sums}: must be one of '
+                        f'{", ".join(unet_lib.GROUP_NORM_SUMS)} (the run\'s: '
+                        f'{self.group_norm_sums})')
+      out['group_norm_sums'] = sums
     return out
 
   def sampler_fn(self, sampler: str, steps: int, eta: float, guidance: float):
@@ -211,14 +219,18 @@ class DiffusionFamily(images_lib.ImageFamily):
     return int(self.config.sampling.batch)
 
   def generate_images(self, models, rng, num, labels=None, *, sampler='ddim', steps=50,
-                      eta=0.0, guidance=1.0, **options) -> np.ndarray:
+                      eta=0.0, guidance=1.0, group_norm_sums=None, **options) -> np.ndarray:
     """uint8 [num, H, W, C] from `sampler` (options as `check_sample_options` returns them), in
     chunks of config.sampling.batch images (the last one padded, so one compiled shape);
-    `labels`: the condition per image ([num] class ids, or a text model's [num, L] tokens)."""
+    `labels`: the condition per image ([num] class ids, or a text model's [num, L] tokens);
+    `group_norm_sums`: how the UNet's GroupNorms sum while sampling (None: as trained)."""
     del options
     if labels is None and self.conditional:
       labels = self.default_labels(num)
-    graphdef, state = nnx.split(models['model'])
+    model = models['model']
+    if group_norm_sums not in (None, self.group_norm_sums):
+      model = unet_lib.with_group_norm_sums(model, group_norm_sums)
+    graphdef, state = nnx.split(model)
     run = self.sampler_fn(sampler, steps, eta, guidance)
     chunk = min(num, int(self.config.sampling.batch))
     out = []

@@ -38,7 +38,8 @@ class TextToImageFamily(DiffusionFamily):
   label_dropout. config.data.name: mnist or fashion_mnist."""
 
   name = 'text2image'
-  sample_flags = ('num_samples', 'prompt', 'out', 'sampler', 'steps', 'eta', 'guidance')
+  sample_flags = ('num_samples', 'prompt', 'out', 'sampler', 'steps', 'eta', 'guidance',
+                  'group_norm_sums')
   condition_dropout_key = 'caption_dropout'
 
   def __init__(self, config):
