@@ -14,8 +14,8 @@ Image model scores. Generates --num_samples images (default 10,000) from DIR's l
 checkpoint (EMA weights where kept) in batches of --batch, with the family's own sampling flags
 (as `train.sample`: --labels, for diffusion --sampler --steps --eta --guidance --group_norm_sums,
 for the GAN --truncation --best_of; a conditional model gets balanced labels over all classes
-unless --labels is given). A feature extractor (--features) maps generated and real test images to features and
-class probabilities, and the report gives:
+unless --labels is given). A feature extractor (--features) maps generated and real test images
+to features and class probabilities, and the report gives:
 
   frechet_distance   between Gaussian fits of generated and real test features (FID's formula)
   precision, recall  improved precision/recall (Kynkaanniemi et al. 2019, k = --pr_k)

@@ -47,7 +47,7 @@ flags.DEFINE_float('eta', None, 'Diffusion (DDIM): noise scale in [0, 1]; 0 is d
 flags.DEFINE_float('guidance', None, 'Diffusion: classifier-free guidance scale w.')
 flags.DEFINE_string('group_norm_sums', None, "Diffusion, text2image: how the UNet's GroupNorms "
                     'sum over positions while sampling: reduce (flax\'s GroupNorm) or dot '
-                    '(batched dots, faster on CPUs; the same params, equal up to float '
+                    '(batched dots, faster on XLA:CPU; the same params, equal up to float '
                     'rounding); default the run\'s config.model.group_norm_sums.')
 flags.DEFINE_float('truncation', None, 'GAN: the truncation trick (Brock et al. 2019): latents '
                    'drawn from N(0, I) truncated to [-t, t] per coordinate (default: none).')
