@@ -3,6 +3,7 @@ the plain UNet when its text paths are zero, guidance mixes the caption and null
 predictions; the family through the shared loop (8 devices vs one, exact resume), sampling from
 a prompt, `train.evaluate --prompts`, and their bad inputs."""
 
+import json
 import os
 import shutil
 
@@ -171,13 +172,17 @@ def test_prompt_sampling_evaluation_and_bad_input(resumed_run, tmp_path):
   assert text == f'wrote 2 x 2 samples to {out}' and os.path.isfile(out)
   with pytest.raises(UserError, match="--prompts=validation: split 'validation'"):
     text2image_eval.prompt_split(family, 'validation')
-  # train.evaluate --prompts=test: attribute accuracy of seen and unseen captions.
+  # train.evaluate --prompts=test: attribute accuracy of seen and unseen captions (sampled
+  # with the GroupNorms' dot form, which the run was not trained with).
   report = str(tmp_path / 'report.json')
   summary = family.evaluate(models, workdir, step, dict(
-      prompts='test', num_samples=3, steps=2, batch=3, report=report))
+      prompts='test', num_samples=3, steps=2, batch=3, report=report, group_norm_sums='dot'))
   assert 'seen (3 captions): attribute accuracy' in summary
   assert 'unseen (3 captions): attribute accuracy' in summary
   assert os.path.isfile(report) and os.path.isfile(report[:-5] + '.png')
+  with open(report, encoding='utf-8') as f:
+    assert json.load(f)['sampling_options']['group_norm_sums'] == 'dot'
+  assert family.group_norm_sums == 'reduce'
 
 
 def test_prompt_to_a_class_conditional_run_is_one_line():
