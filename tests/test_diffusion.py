@@ -213,6 +213,11 @@ def _random_unet(num_classes=10, shape=(8, 8, 1), **kw):
                                    for x in leaves])
 
 
+def _group_norm_forms(model) -> list[str]:
+  """The `sums` of every `models.unet.GroupNorm` in `model`."""
+  return [m.sums for _, m in nnx.iter_graph(model) if isinstance(m, unet_lib.GroupNorm)]
+
+
 def test_unet_dropout_bits_change_the_masks_and_nothing_else():
   """`dropout_bits` adds no param and changes no output without a dropout key; with one, 8-bit
   masks are other masks than bernoulli's, reproducible from the key."""
@@ -258,8 +263,7 @@ def test_unet_group_norm_sums_change_no_param_and_only_rounding():
   (g_reduce, state), (g_dot, state_dot) = (_random_unet(group_norm_sums=s)
                                            for s in ('reduce', 'dot'))
   jax.tree.map(np.testing.assert_array_equal, state, state_dot)
-  assert sum(isinstance(m, unet_lib.GroupNorm) and m.sums == 'dot'
-             for _, m in nnx.iter_graph(nnx.merge(g_dot, state))) >= 5
+  assert _group_norm_forms(nnx.merge(g_dot, state)).count('dot') >= 5
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   t, y = jnp.array([5, 700]), jnp.array([3, 1])
   loss = lambda g: lambda s: jnp.sum(nnx.merge(g, s)(x, t, y) ** 2)
@@ -291,8 +295,8 @@ def test_with_group_norm_sums_switches_a_built_unet_and_leaves_it_alone():
   assert float(jnp.abs(want_dot - want_reduce).max()) > 0   # the two forms round differently
   model = nnx.merge(g_reduce, state)
   switched = unet_lib.with_group_norm_sums(model, 'dot')
-  forms = lambda m: {n.sums for _, n in nnx.iter_graph(m) if isinstance(n, unet_lib.GroupNorm)}
-  assert forms(model) == {'reduce'} and forms(switched) == {'dot'}
+  assert set(_group_norm_forms(model)) == {'reduce'}
+  assert set(_group_norm_forms(switched)) == {'dot'}
   jax.tree.map(np.testing.assert_array_equal, nnx.state(switched), state)
   np.testing.assert_array_equal(run(*nnx.split(switched)), want_dot)
   np.testing.assert_array_equal(run(*nnx.split(model)), want_reduce)
@@ -570,8 +574,7 @@ def test_train_checkpoint_resume_sample(tmp_path, monkeypatch):
   dot = gen(0, group_norm_sums='dot')
   assert switches == ['dot']
   assert np.abs(dot.astype(np.int32) - gen(0)).max() <= 1
-  assert {m.sums for _, m in nnx.iter_graph(models['model'])
-          if isinstance(m, unet_lib.GroupNorm)} == {'reduce'}
+  assert set(_group_norm_forms(models['model'])) == {'reduce'}
   ddpm = gen(0, sampler='ddpm')
   assert ddpm.shape == (3, 28, 28, 1) and ddpm.dtype == np.uint8
   # train.evaluate's likelihood: the full bound on vlb_images (2) images, the estimate on all.
