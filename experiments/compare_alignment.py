@@ -16,7 +16,9 @@ with, in order (the pairs from the SFT run first, see experiments/configs/reward
       --config.init_from=SFT --config.rlhf.reference=SFT --config.rlhf.reward=REWARD \
       --config.preferences.path=PAIRS --config.rlhf.beta=0.01     (PPO_L: a larger beta)
 
-Every model answers the pairs file's test prompts (held out from every run) by sampling at
+Every model answers the pairs file's test prompts (held out from every run; --split=validation
+for its validation prompts instead, which no run trains on either: choose settings there and
+report the test prompts once) by sampling at
 --temperature (default 1, as the pairs and the PPO rollouts were drawn; 0 is greedy), up to
 --max_new_tokens tokens or [EOS], with one key per prompt shared by all models (common random
 numbers). Columns: win rate against SFT under the hidden judge (the judge's probability of
@@ -70,8 +72,11 @@ _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 60, 'Longer test prompts are le
 _SFT_TEMPERATURES = flags.DEFINE_list(
     'sft_temperatures', [], 'Rows "SFT at temperature T" (optional): the SFT model sampled at '
     'each of these temperatures (0: greedy), e.g. 0.8,0: what sharpening alone wins.')
-_NUM_PROMPTS = flags.DEFINE_integer('num_prompts', None, 'Only the first N test prompts '
+_NUM_PROMPTS = flags.DEFINE_integer('num_prompts', None, 'Only the first N prompts '
                                     '(default: all).')
+_SPLIT = flags.DEFINE_enum('split', 'test', ['test', 'validation'],
+                           'Which of the pairs file\'s held-out prompts the models answer: test '
+                           '(report) or validation (choose settings on it).')
 _CHUNK = 50   # prompts per scoring call (bounds the [chunk, seq, vocab] logits in memory)
 
 
@@ -158,10 +163,11 @@ def main(argv):
   t0 = time.perf_counter()
   cpu0 = time.process_time()
   manifest, splits = preferences.load(_PAIRS.value, culprit='--pairs')
-  records = [r for r in splits['test']
+  split = _SPLIT.value
+  records = [r for r in splits[split]
              if len(r['prompt_ids']) <= _PROMPT_LEN.value][:_NUM_PROMPTS.value]
   if not records:
-    raise UserError(f'--pairs={_PAIRS.value}: no test prompt of at most --prompt_len='
+    raise UserError(f'--pairs={_PAIRS.value}: no {split} prompt of at most --prompt_len='
                     f'{_PROMPT_LEN.value} tokens')
   sft_family, sft_models, sft_step = _load(_SFT.value, 'sft')
   sft_model = sft_models['model']
@@ -197,7 +203,7 @@ def main(argv):
       if family.tokenizer.to_str() != tokenizer.to_str():
         raise UserError(f'--{flag}={workdir}: its tokenizer differs from --sft={_SFT.value}\'s')
     metrics_lib.print_line(f'{label}: {workdir} (step {step}) answering {len(records)} '
-                           'test prompts')
+                           f'{split} prompts')
     result = evaluate_model(models['model'], sft_model, rewards, tokenizer, records, key,
                             temperature)
     if baseline is None:
@@ -224,7 +230,7 @@ def main(argv):
         'examples': [{'input': r['input'], 'reference': r['reference'], 'response': t}
                      for r, t in zip(records[:3], result['texts'][:3])]})
   report = {'pairs': storage.absolute(_PAIRS.value), 'reward': reward_runs,
-            'test_prompts': len(records), 'temperature': _temperature(),
+            'split': split, 'prompts': len(records), 'temperature': _temperature(),
             'max_new_tokens': _max_new_tokens(), 'seed': flags.FLAGS.seed,
             'judge_temperature': judge_t, 'rows': rows,
             'wall_s': time.perf_counter() - t0, 'process_cpu_s': time.process_time() - cpu0}
@@ -257,7 +263,9 @@ def _beta_cell(row) -> str:
 def markdown(report) -> str:
   head = ['model', 'beta', 'win rate vs SFT (judge, %, +- s.e.)', 'chrF', 'BLEU',
           'reward-model score', 'KL to SFT (nats)', 'response tokens']
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  lines = [f'{report["prompts"]} {report["split"]} prompts of {report["pairs"]}, sampled at temperature '
+           f'{report["temperature"]:g}', '',
+           '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in report['rows']:
     lines.append('| ' + ' | '.join([
         r['model'], _beta_cell(r),

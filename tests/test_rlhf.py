@@ -353,44 +353,62 @@ def test_compare_alignment_rows_of_the_sft_model_at_other_temperatures(sft, rewa
                                                                         adaptive_run, tmp_path):
   sft_dir, pairs_dir, _ = sft
   ppo_dir, ppo = adaptive_run
-  out = tmp_path / 'compare'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-  def compare(temperatures):
+  def compare(out, *flags):
     return subprocess.run(
         [sys.executable, '-m', 'experiments.compare_alignment', f'--pairs={pairs_dir}',
-         f'--sft={sft_dir}', f'--reward={reward_run}', f'--sft_temperatures={temperatures}',
-         f'--ppo={ppo_dir}', '--prompt_len=64', '--max_new_tokens=8', f'--out_dir={out}'],
+         f'--sft={sft_dir}', f'--reward={reward_run}', '--prompt_len=64', '--max_new_tokens=8',
+         f'--out_dir={out}', *flags],
         cwd=root, capture_output=True, text=True, timeout=600, check=False,
         env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
 
-  bad = compare('0.8,hot')
+  out = tmp_path / 'compare'
+  bad = compare(out, '--sft_temperatures=0.8,hot')
   assert bad.returncode == 1 and not out.exists()
   assert bad.stderr.strip().splitlines()[-1].endswith(
       "--sft_temperatures=0.8,hot: 'hot' is not a temperature >= 0"), bad.stderr[-2000:]
-  done = compare('1,0')
+  done = compare(out, '--sft_temperatures=1,0', f'--ppo={ppo_dir}', '--split=validation')
   assert done.returncode == 0, done.stderr[-2000:]
-  rows = json.loads((out / 'alignment.json').read_text(encoding='utf-8'))['rows']
+  report = json.loads((out / 'alignment.json').read_text(encoding='utf-8'))
+  rows = report['rows']
   assert [r['model'] for r in rows] == ['SFT', 'SFT at temperature 1', 'SFT at temperature 0',
                                         'PPO']
   # The adaptive run's row: its config's beta and the one its last step left in its state.
   final = float(ppo.state['rest']['kl_control']['beta'][...])
   assert rows[3]['beta'] == 0.1 and rows[3]['final_beta'] == pytest.approx(final, rel=1e-6)
-  assert f'| PPO | 0.1 -> {final:.3g} (adaptive) |' in (out / 'alignment.md').read_text('utf-8')
+  table = (out / 'alignment.md').read_text('utf-8')
+  assert f'| PPO | 0.1 -> {final:.3g} (adaptive) |' in table
   # The same model at the same temperature draws the same responses (one key per prompt).
   assert rows[1]['examples'] == rows[0]['examples'] and rows[1]['win_rate'] == 50.0
   # Temperature 0 is greedy: the first prompt's response equals an argmax decode by full
-  # recompute (no KV cache), written here.
+  # recompute (no KV cache), written here; --split picks whose prompts those are.
   _, models, _ = run_loader.load_models(sft_dir)
   tokenizer = text_lib.load_from_workdir(sft_dir)
   _, splits = preferences.load(pairs_dir)
-  first = next(r for r in splits['test'] if len(r['prompt_ids']) <= 64)
-  ids, new = list(first['prompt_ids']), []
-  for _ in range(8):
-    token = int(np.argmax(np.asarray(models['model'](jnp.asarray([ids])))[0, -1]))
-    if token == text_lib.EOS_ID:
-      break
-    ids.append(token)
-    new.append(token)
-  assert rows[2]['examples'][0]['response'] == tokenizer.decode(new).strip()
+
+  def greedy(split):
+    records = [r for r in splits[split] if len(r['prompt_ids']) <= 64]
+    ids, new = list(records[0]['prompt_ids']), []
+    for _ in range(8):
+      token = int(np.argmax(np.asarray(models['model'](jnp.asarray([ids])))[0, -1]))
+      if token == text_lib.EOS_ID:
+        break
+      ids.append(token)
+      new.append(token)
+    return records, tokenizer.decode(new).strip()
+
+  records, response = greedy('validation')
+  assert report['split'] == 'validation' and report['prompts'] == len(records)
+  assert rows[2]['examples'][0]['input'] == records[0]['input']
+  assert rows[2]['examples'][0]['response'] == response
+  assert table.startswith(f'{len(records)} validation prompts of ')
   assert rows[2]['temperature'] == 0.0 and rows[0]['temperature'] == 1.0
+  # The default: the test prompts.
+  done = compare(tmp_path / 'test_split', '--sft_temperatures=0', '--num_prompts=1')
+  assert done.returncode == 0, done.stderr[-2000:]
+  report = json.loads((tmp_path / 'test_split' / 'alignment.json').read_text(encoding='utf-8'))
+  records, response = greedy('test')
+  assert report['split'] == 'test' and report['prompts'] == 1
+  assert report['rows'][1]['examples'][0]['input'] == records[0]['input']
+  assert report['rows'][1]['examples'][0]['response'] == response
