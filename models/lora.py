@@ -17,6 +17,16 @@ B is drawn from N(0, 1 / D) (peft: N(0, 1)), so each of its rows has about unit 
 update's size does not grow with the width. Its rank can differ from the Linears'
 (`embed_rank`): a table has far more rows than a projection, so the same rank costs far more
 params. Modules read a table through `models.layers.embedding_table`, which sees the update.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"; `dora=True`) splits the
+adapted kernel V = W + (alpha / rank) A B into a direction V / ||V|| and a learned magnitude
+per output column (the norm over the input axis): W' = m * V / ||V||. Here m = g * ||W||, with
+a learned gain g '.../lora/lora_magnitude' `[out]` that starts at one (the paper starts m at
+||W||): W is frozen, so this is the same set of kernels, but it starts at the base model
+whatever order the base weights and the adapters are loaded in (a run's adapters are made
+before `init_from` loads its base). With B at zero, V = W and the layer is the base layer
+exactly. The gradient flows through ||V|| too (the paper's section 4.3 detaches it to save
+memory; these layers are small). Only Linears take it; an Embed target keeps plain LoRA.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ def _adopt(module: nnx.Module, base: nnx.Module) -> None:
 class LoRALinear(nnx.Linear):
   """An `nnx.Linear` that adopts a base Linear's Variables and adds a scaled `nnx.LoRA`."""
 
-  def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
+  def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs,
+               dora: bool = False):
     if not 1 <= rank <= min(base.in_features, base.out_features):
       raise ValueError(f'LoRA rank {rank} must be in [1, min(in, out) = '
                        f'{min(base.in_features, base.out_features)}] for a Linear '
@@ -47,13 +58,45 @@ class LoRALinear(nnx.Linear):
     self.scale = float(alpha) / rank
     self.lora = nnx.LoRA(base.in_features, rank, base.out_features, dtype=base.dtype,
                          param_dtype=base.param_dtype, rngs=rngs)
+    self.dora = bool(dora)
+    if self.dora:   # DoRA's gain g on the base's column norms (the module docstring)
+      self.lora.lora_magnitude = nnx.LoRAParam(jnp.ones((base.out_features,),
+                                                        base.param_dtype))
+
+  def _column_factor(self) -> jax.Array:
+    """DoRA: g * ||W|| / ||V|| `[out]` (float32), V = W + scale * A B; W' = V * factor."""
+    kernel = self.kernel[...].astype(jnp.float32)
+    adapted = kernel + self.scale * (self.lora.lora_a[...].astype(jnp.float32)
+                                     @ self.lora.lora_b[...].astype(jnp.float32))
+    squares = lambda w: jnp.sum(jnp.square(w), axis=0)
+    gain = self.lora.lora_magnitude[...].astype(jnp.float32)
+    # One square root of the ratio: exactly 1 where V = W (two roots divided need not be).
+    return gain * jnp.sqrt(squares(kernel) / squares(adapted))
 
   def __call__(self, inputs, out_sharding=None):
     """inputs `[..., in]` -> `[..., out]`."""
-    return super().__call__(inputs, out_sharding=out_sharding) + self.scale * self.lora(inputs)
+    if not self.dora:
+      return (super().__call__(inputs, out_sharding=out_sharding)
+              + self.scale * self.lora(inputs))
+    # x W' + b = (x W + scale x A B) * factor + b: the kernel is never rebuilt per call.
+    y = (self._linear(inputs, out_sharding) + self.scale * self.lora(inputs))
+    y = y * self._column_factor().astype(y.dtype)
+    if self.bias is not None:
+      y += jnp.reshape(self.bias[...].astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+  def _linear(self, inputs, out_sharding):
+    """x W without the bias, computed as nnx.Linear.__call__ computes x W + b."""
+    inputs, kernel = self.promote_dtype((inputs, self.kernel[...]), dtype=self.dtype)
+    kwargs = {'out_sharding': out_sharding}
+    if self.preferred_element_type is not None:
+      kwargs['preferred_element_type'] = self.preferred_element_type
+    return self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                            precision=self.precision, **kwargs)
 
   def merged(self) -> nnx.Linear:
-    """A plain Linear whose kernel is W + scale * A B (float32 products, param dtype kept)."""
+    """A plain Linear whose kernel is W + scale * A B (DoRA: times its column factor; float32
+    products, param dtype kept)."""
     linear = nnx.Linear(self.in_features, self.out_features, use_bias=self.use_bias,
                         dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                         dot_general=self.dot_general, promote_dtype=self.promote_dtype,
@@ -61,8 +104,10 @@ class LoRALinear(nnx.Linear):
                         rngs=nnx.Rngs(0))
     delta = self.lora.lora_a[...].astype(jnp.float32) @ self.lora.lora_b[...].astype(jnp.float32)
     kernel = self.kernel[...]
-    linear.kernel = nnx.Param((kernel.astype(jnp.float32) + self.scale * delta
-                               ).astype(kernel.dtype))
+    adapted = kernel.astype(jnp.float32) + self.scale * delta
+    if self.dora:
+      adapted = adapted * self._column_factor()
+    linear.kernel = nnx.Param(adapted.astype(kernel.dtype))
     linear.bias = self.bias
     return linear
 
@@ -124,11 +169,11 @@ def module_path(path: tuple, prefix: str = '') -> str:
 
 
 def apply_lora(model: nnx.Module, *, targets: str, rank: int, alpha: float, rngs: nnx.Rngs,
-               prefix: str = '', embed_rank: int = 0) -> list[str]:
+               prefix: str = '', embed_rank: int = 0, dora: bool = False) -> list[str]:
   """Wraps every `nnx.Linear` (in a `LoRALinear`) and `nnx.Embed` (in a `LoRAEmbed`) whose
   '/'-joined path (under `prefix`) `re.search`es `targets`, in place; returns the wrapped paths
   (possibly none). Embeds get rank `embed_rank` (0: `rank`) and alpha scaled to keep
-  alpha / rank.
+  alpha / rank. `dora`: the Linears are DoRA (the module docstring).
 
   Raises:
     ValueError: a rank outside [1, min(in, out)] of a target.
@@ -142,7 +187,7 @@ def apply_lora(model: nnx.Module, *, targets: str, rank: int, alpha: float, rngs
     if type(layer) is nnx.Embed:
       new = LoRAEmbed(layer, rank=embed_rank, alpha=alpha * embed_rank / rank, rngs=rngs)
     else:
-      new = LoRALinear(layer, rank=rank, alpha=alpha, rngs=rngs)
+      new = LoRALinear(layer, rank=rank, alpha=alpha, rngs=rngs, dora=dora)
     replace_submodule(model, path, new)
   return [module_path(path, prefix) for path, _ in chosen]
 

@@ -143,6 +143,43 @@ def test_lora_embedding_against_numpy_and_merge():
   np.testing.assert_allclose(np.asarray(model(tokens())), adapted, rtol=1e-4, atol=1e-4)
 
 
+def test_dora_with_zero_b_equals_base_exactly_and_against_numpy():
+  model = tiny_gpt()
+  forward = nnx.jit(lambda m, t: m(t))
+  base, base_eager = np.asarray(forward(model, tokens())), np.asarray(model(tokens()))
+  lora_lib.apply_lora(model, targets=TARGETS, rank=2, alpha=3.0, rngs=nnx.Rngs(1), dora=True)
+  layer = model.blocks[1].mlp.fc
+  gain = layer.lora.lora_magnitude
+  assert isinstance(gain, nnx.LoRAParam) and gain.shape == (64,) and np.all(gain[...] == 1)
+  assert re.search(tune.LORA_PARAMS, 'model/blocks/1/mlp/fc/lora/lora_magnitude')
+  # B = 0: the base model, bit for bit, jitted and eager.
+  np.testing.assert_array_equal(np.asarray(forward(model, tokens())), base)
+  np.testing.assert_array_equal(np.asarray(model(tokens())), base_eager)
+  keys = iter(jax.random.split(jax.random.key(9), 32))
+  for block in model.blocks:
+    for m in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+      m.lora.lora_b[...] = jax.random.normal(next(keys), m.lora.lora_b.shape)
+      m.lora.lora_magnitude[...] = 1 + 0.5 * jax.random.normal(next(keys), (m.out_features,))
+  # One layer by hand (the paper's eq. 5): W' = m V / ||V||, V = W + (alpha / rank) A B, the
+  # norms over the input axis, m = g ||W||; y = x W' + b.
+  x = np.asarray(jax.random.normal(jax.random.key(2), (5, 16)), np.float64)
+  w, b, a, bb, g = (np.asarray(v[...], np.float64) for v in (
+      layer.kernel, layer.bias, layer.lora.lora_a, layer.lora.lora_b, layer.lora.lora_magnitude))
+  v = w + 1.5 * a @ bb
+  adapted_w = g * np.linalg.norm(w, axis=0) * v / np.linalg.norm(v, axis=0)
+  np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x, jnp.float32))), x @ adapted_w + b,
+                             rtol=1e-5, atol=1e-5)
+  adapted = np.asarray(forward(model, tokens()))
+  assert np.abs(adapted - base).max() > 0.1
+  lora_lib.merge_lora(model)
+  assert type(model.blocks[1].mlp.fc) is nnx.Linear
+  np.testing.assert_allclose(np.asarray(model.blocks[1].mlp.fc.kernel[...]), adapted_w,
+                             rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(nnx.state(model, nnx.Param)) == jax.tree.structure(
+      nnx.state(tiny_gpt(), nnx.Param))
+  np.testing.assert_allclose(np.asarray(model(tokens())), adapted, rtol=1e-4, atol=1e-4)
+
+
 def test_lora_rank_out_of_range():
   for rank in (0, 17):
     with pytest.raises(ValueError, match=f'LoRA rank {rank} must be in'):
@@ -197,6 +234,26 @@ def test_lora_trains_only_adapters_with_exact_resume(tmp_path):
   assert np.abs(tuned['model/l2/lora/lora_b/value']).max() > 0
   opt = {x.shape for x in jax.tree.leaves(full.state['opt']) if x.ndim}
   assert opt == {(1, 1), (1, 32), (32, 1)}  # l1: A [1, 1], B [1, 32]; l2: A [32, 1], B [1, 1]
+
+
+def test_dora_in_the_loop_starts_at_its_base_and_trains_adapters_and_magnitudes(tmp_path):
+  # The adapters are made before init_from loads the base, so a magnitude kept as its own
+  # number (not a gain on the base's norms) would start from the random init's norms.
+  lora = {'lora.rank': 1, 'lora.targets': r'model/l[12]$', 'trainable': 'lora',
+          'init_from': str(tmp_path / 'base'), 'total_steps': 2}
+  base = loop.train(toy(total_steps=3), str(tmp_path / 'base'))
+  plain = loop.train(toy(**lora), str(tmp_path / 'plain'))
+  dora = loop.train(toy(**lora, **{'lora.dora': True}), str(tmp_path / 'dora'))
+  # Step 1's loss is the starting model's on the same batch: the base, for both.
+  assert dora.step_losses[1] == plain.step_losses[1]
+  assert dora.step_losses[2] != plain.step_losses[2]
+  tuned, started = leaves_by_path(dora.state['params']), leaves_by_path(base.state['params'])
+  for path, value in started.items():
+    assert tuned[path].tobytes() == value.tobytes(), path
+  for layer in ('l1', 'l2'):
+    assert not np.all(tuned[f'model/{layer}/lora/lora_magnitude/value'] == 1), layer
+  opt = {x.shape for x in jax.tree.leaves(dora.state['opt']) if x.ndim}
+  assert opt == {(1, 1), (1, 32), (32, 1), (32,), (1,)}   # A, B and a magnitude per layer
 
 
 def test_lora_plus_equals_adamw_with_a_larger_learning_rate_on_b():

@@ -43,7 +43,7 @@ from train import sharding as sharding_lib
 from train import storage
 from train.errors import UserError
 
-LORA_PARAMS = r'/lora/lora_[ab]$'
+LORA_PARAMS = r'/lora/lora_(a|b|magnitude)$'   # magnitude: DoRA's (models/lora.py)
 LORA_B = r'/lora/lora_b$'
 PROMPT_PARAMS = r'^model/prompt$'   # the GPT's soft prompt (config.model.prompt_tokens)
 NAMED = {'lora': LORA_PARAMS, 'prompt': PROMPT_PARAMS}
@@ -86,7 +86,7 @@ def apply_lora(models: dict[str, nnx.Module], config: ml_collections.ConfigDict,
     try:
       wrapped += lora_lib.apply_lora(model, targets=lora.targets, rank=rank,
                                      alpha=float(lora.alpha), rngs=rngs, prefix=name,
-                                     embed_rank=embed_rank)
+                                     embed_rank=embed_rank, dora=bool(lora.get('dora', False)))
     except ValueError as e:
       ranks = f'rank={rank}' + (f', embed_rank={embed_rank}' if embed_rank else '')
       raise UserError(f'config.lora.{ranks}: {e}') from None

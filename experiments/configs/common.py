@@ -50,10 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
   # 'model/blocks/0/attn/qkv') match `targets`; rank 0: none. Output x W + (alpha / rank) x A B.
   # nnx.Embed modules that match (e.g. 'model/wte') get a low-rank update of their table, of
   # rank embed_rank (0: rank), at the same alpha / rank. b_lr_ratio: B's learning rate over
-  # A's (LoRA+, train/tune.py's lora_plus; 1: plain LoRA).
+  # A's (LoRA+, train/tune.py's lora_plus; 1: plain LoRA). dora: the Linears' adapters are
+  # DoRA's (models/lora.py: a learned magnitude per output column, one more param each).
   c.lora = ml_collections.ConfigDict(dict(
       rank=0, alpha=8.0, targets=r'(attn/(qkv|proj)|mlp/(fc|proj))$', embed_rank=0,
-      b_lr_ratio=1.0))
+      b_lr_ratio=1.0, dora=False))
   # Pruning (train/prune.py) of the trained networks' params matching `params` (default: every
   # Linear/Conv kernel), with masks fixed at the run's first start (from init_from's weights):
   # method 'none' | 'magnitude' (global, unstructured: `sparsity` in [0, 1) of them set to 0) |
