@@ -488,8 +488,9 @@ def test_gpt_lora_from_base_then_export_merged(tmp_path):
 
 
 @needs_tfds
-def test_gpt_lora_tensor_parallel_equals_one_device():
-  lora = {'lora.rank': 2, 'trainable': 'lora'}
+@pytest.mark.parametrize('dora', [False, True])
+def test_gpt_lora_tensor_parallel_equals_one_device(dora):
+  lora = {'lora.rank': 2, 'trainable': 'lora', 'lora.dora': dora}
   ref_losses, init_state, _ = three_steps(sharding_gpt_config(**lora), jax.devices()[:1])
   assert ref_losses[2] < ref_losses[0] - 0.01  # the adapters learn
   losses, _, state = three_steps(sharding_gpt_config(**lora, **mesh_overrides(4, 1, 2)),
@@ -504,3 +505,6 @@ def test_gpt_lora_tensor_parallel_equals_one_device():
                                 (block['mlp']['proj'], P('tensor'), P())):
     assert layer['lora']['lora_a'][...].sharding.spec == a_spec
     assert layer['lora']['lora_b'][...].sharding.spec == b_spec
+    if dora:   # a magnitude per output column, split where the columns are
+      assert layer['lora']['lora_magnitude'][...].sharding.spec == (
+          P('tensor') if b_spec == P(None, 'tensor') else P())

@@ -12,13 +12,14 @@ from ml_collections import config_dict
 # 'model.num_heads'),). LoRA adapters (models/lora.py: x A B with A [in, r], B [r, out]) follow
 # their kernel: under a column-split kernel B is split by columns and A replicated (x A is
 # computed whole on every device), under a row-split kernel A is split by rows (x A is then
-# all-reduced, r numbers per token) and B replicated.
+# all-reduced, r numbers per token) and B replicated. DoRA's magnitudes (one per output column)
+# split like the bias.
 MEGATRON_RULES = (
     (r'attn/(qkv|q|kv)/(kernel|lora/lora_b)$', (None, 'tensor')),
-    (r'attn/(qkv|q|kv)/bias$', ('tensor',)),
+    (r'attn/(qkv|q|kv)/(bias|lora/lora_magnitude)$', ('tensor',)),
     (r'attn/proj/(kernel|lora/lora_a)$', ('tensor', None)),
     (r'mlp/fc/(kernel|lora/lora_b)$', (None, 'tensor')),
-    (r'mlp/fc/bias$', ('tensor',)),
+    (r'mlp/fc/(bias|lora/lora_magnitude)$', ('tensor',)),
     (r'mlp/proj/(kernel|lora/lora_a)$', ('tensor', None)),
 )
 
