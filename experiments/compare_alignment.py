@@ -263,8 +263,8 @@ def _beta_cell(row) -> str:
 def markdown(report) -> str:
   head = ['model', 'beta', 'win rate vs SFT (judge, %, +- s.e.)', 'chrF', 'BLEU',
           'reward-model score', 'KL to SFT (nats)', 'response tokens']
-  lines = [f'{report["prompts"]} {report["split"]} prompts of {report["pairs"]}, sampled at temperature '
-           f'{report["temperature"]:g}', '',
+  lines = [f'{report["prompts"]} {report["split"]} prompts of {report["pairs"]}, sampled at '
+           f'temperature {report["temperature"]:g}', '',
            '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in report['rows']:
     lines.append('| ' + ' | '.join([

@@ -68,10 +68,14 @@ class LoRALinear(nnx.Linear):
     kernel = self.kernel[...].astype(jnp.float32)
     adapted = kernel + self.scale * (self.lora.lora_a[...].astype(jnp.float32)
                                      @ self.lora.lora_b[...].astype(jnp.float32))
-    squares = lambda w: jnp.sum(jnp.square(w), axis=0)
+    base, now = (jnp.sum(jnp.square(w), axis=0) for w in (kernel, adapted))
     gain = self.lora.lora_magnitude[...].astype(jnp.float32)
-    # One square root of the ratio: exactly 1 where V = W (two roots divided need not be).
-    return gain * jnp.sqrt(squares(kernel) / squares(adapted))
+    # One square root of the ratio: exactly 1 where V = W (two roots divided need not be). A
+    # column that is all zeros (e.g. pruned) in W and V keeps the ratio 1, and its gradient
+    # finite; one zero in W only stays zero (its magnitude is g * 0).
+    nonzero = now > 0
+    ratio = jnp.where(nonzero, base / jnp.where(nonzero, now, 1.0), 1.0)
+    return gain * jnp.sqrt(ratio)
 
   def __call__(self, inputs, out_sharding=None):
     """inputs `[..., in]` -> `[..., out]`."""

@@ -178,6 +178,14 @@ def test_dora_with_zero_b_equals_base_exactly_and_against_numpy():
   assert jax.tree.structure(nnx.state(model, nnx.Param)) == jax.tree.structure(
       nnx.state(tiny_gpt(), nnx.Param))
   np.testing.assert_allclose(np.asarray(model(tokens())), adapted, rtol=1e-4, atol=1e-4)
+  # A column of zeros (a pruned output) stays finite, and so does its gradient.
+  linear = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  linear.kernel[...] = linear.kernel[...].at[:, 1].set(0.0)
+  dora = lora_lib.LoRALinear(linear, rank=1, alpha=1.0, rngs=nnx.Rngs(1), dora=True)
+  x = jnp.ones((2, 4))
+  np.testing.assert_array_equal(np.asarray(dora(x)), np.asarray(linear(x)))
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(dora)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
 def test_lora_rank_out_of_range():
