@@ -349,8 +349,8 @@ def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
 
 
 @needs_multi30k
-def test_compare_alignment_rows_of_the_sft_model_at_other_temperatures(sft, reward_run,
-                                                                        adaptive_run, tmp_path):
+def test_compare_alignment_sft_temperature_rows_and_prompt_split(sft, reward_run, adaptive_run,
+                                                                  tmp_path):
   sft_dir, pairs_dir, _ = sft
   ppo_dir, ppo = adaptive_run
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -408,7 +408,9 @@ def test_compare_alignment_rows_of_the_sft_model_at_other_temperatures(sft, rewa
   done = compare(tmp_path / 'test_split', '--sft_temperatures=0', '--num_prompts=1')
   assert done.returncode == 0, done.stderr[-2000:]
   report = json.loads((tmp_path / 'test_split' / 'alignment.json').read_text(encoding='utf-8'))
+  validation_input = records[0]['input']
   records, response = greedy('test')
   assert report['split'] == 'test' and report['prompts'] == 1
+  assert records[0]['input'] != validation_input   # so the two runs did read other prompts
   assert report['rows'][1]['examples'][0]['input'] == records[0]['input']
   assert report['rows'][1]['examples'][0]['response'] == response
