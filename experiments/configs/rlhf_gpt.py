@@ -98,9 +98,9 @@ to 1e-5), 100 steps of 16 rollouts.
             --config.rlhf.value_lr_scale=10.0: 57.2 / 57.8 / 56.1% (57.0); for 200 steps
             (--config.total_steps=200 --config.optimizer.decay_steps=200): 59.0 / 57.7 /
             55.2% (57.3); with --config.batch_size=32 (twice the rollouts per step; 2.0-2.6
-            min wall a run, alone): 58.7 / 57.0 / 57.7% (57.8), and at seeds 3 / 4 / 5 56.8 /
-            59.0 / 55.3% (57.4 over six seeds, against 57.1 for lr 5e-5 alone: within the
-            seeds' spread). Validation picks lr 5e-5, 1.4 points above the config's over
+            min wall a run, mostly alone): 58.7 / 57.0 / 57.7% (57.8), and at seeds 3 / 4 / 5
+            56.8 / 59.0 / 55.3% (57.4 over six seeds, against 57.1 for lr 5e-5 alone: within
+            the seeds' spread). Validation picks lr 5e-5, 1.4 points above the config's over
             their four shared seeds, and marginally lr 5e-5 with batch 32. Their test figures:
             lr 5e-5 the 59.5% above; with batch 32 60.4 / 60.4 / 60.2 / 57.4 / 59.8 / 58.8% at
             seeds 0-5 (mean 59.5%, 60.3 over seeds 0-2; KL 2.4-2.7 nats). The goal stays
