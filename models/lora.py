@@ -72,7 +72,7 @@ class LoRALinear(nnx.Linear):
     gain = self.lora.lora_magnitude[...].astype(jnp.float32)
     # One square root of the ratio: exactly 1 where V = W (two roots divided need not be). A
     # column that is all zeros (e.g. pruned) in W and V keeps the ratio 1, and its gradient
-    # finite; one zero in W only stays zero (its magnitude is g * 0).
+    # finite; a column zero in W but not in V stays zero (its magnitude is g * 0).
     nonzero = now > 0
     ratio = jnp.where(nonzero, base / jnp.where(nonzero, now, 1.0), 1.0)
     return gain * jnp.sqrt(ratio)
