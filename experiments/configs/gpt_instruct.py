@@ -155,7 +155,8 @@ loss 8.926. Four times the steps lift LoRA's count to full fine-tuning's and not
 while full fine-tuning learns to reverse and sort: the gap widens.
 Nor DoRA's decomposition (Liu et al. 2024) of the same rank-8 attention adapters, which the
 DoRA paper found to beat LoRA at equal rank. From the rebuilt long base above (Zen 5), en_de
-alone, then train.evaluate, each run beside one other of ours (4.0-4.6 min wall; 2.4 alone):
+alone, then train.evaluate, each run beside one other of ours (4.0-4.6 min wall; 2.4 beside
+only seconds of unit tests):
   python -m train --config=experiments/configs/gpt_instruct.py:dora8 --workdir=W \
       --config.init_from=/tmp/gpt_base_long --config.data.tasks='("en_de",)' [--config.seed=S]
   (26,624 params, 1.69%): BLEU 27.87 / 27.75 / 27.82 at seeds 0 / 1 / 2 (mean 27.81), LM

@@ -41,9 +41,10 @@ Hyperparameters were chosen, not tuned (AdamW lr 1e-4, cosine to lr/10, 600 step
             Nor a stricter filter: --config.preferences.min_confidence=0.8807970779778823
             (sigmoid(2): chrF gap >= 10, 3547 of the 8000 pairs), on the chain rebuilt on a Zen
             5 host (configs/rlhf_gpt.py's docstring), seeds 0 and 1 (2.3-2.5 min wall each,
-            alone): validation accuracy 0.563 / 0.563 / 0.556 and 0.606 / 0.581 / 0.581,
-            validation loss up to 1.04 and 1.07; PPO against the two (rlhf_gpt.py's ensemble
-            command with them and --config.optimizer.lr=5e-5 --config.optimizer.min_lr=5e-6,
+            beside only seconds of unit tests): validation accuracy 0.563 / 0.563 / 0.556 and
+            0.606 / 0.581 / 0.581, validation loss up to 1.04 and 1.07; PPO against the two
+            (rlhf_gpt.py's ensemble command with them and --config.optimizer.lr=5e-5
+            --config.optimizer.min_lr=5e-6,
             seeds 0 / 1 / 2, 1.3 min wall each), judged on the validation prompts
             (`compare_alignment --split=validation`): 55.4 / 56.3 / 56.1% (mean 55.9) against
             57.4% for the same PPO against the sigmoid(1) pair: fewer, clearer pairs overfit
