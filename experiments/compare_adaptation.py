@@ -58,12 +58,21 @@ def base_config():
   return gpt_base.get_config('tiny' if _TINY.value else None)
 
 
-def instruct_config(method: str, tasks: tuple[str, ...], base: str):
-  c = gpt_instruct.get_config(method + (',tiny' if _TINY.value else ''))
+def instruct_config(method: str, tasks: tuple[str, ...], base: str, *, tiny: bool = False,
+                    steps: int | None = None):
+  """gpt_instruct.py's config of `method` on `tasks`, fine-tuning the finished run `base`.
+
+  The model section is the base run's (its config.json), so a base of another shape than
+  gpt_base.py's default (e.g. ARG parallel_wide) fine-tunes as it is: its params restore by
+  path and must match in shape. steps: fine-tuning steps instead of the config's.
+  """
+  c = gpt_instruct.get_config(method + (',tiny' if tiny else ''))
   c.data.tasks = tasks
   c.init_from = base
-  if _STEPS.value:
-    c.total_steps = c.optimizer.decay_steps = _STEPS.value
+  base_model = storage.read_json(storage.join(base, 'config.json'), f'--base={base}')['model']
+  c.model.update({k: v for k, v in base_model.items() if k in c.model and c.model[k] != v})
+  if steps:
+    c.total_steps = c.optimizer.decay_steps = steps
   return c
 
 
@@ -91,9 +100,10 @@ def main(argv):
   if not _BASE.value:
     _train(bc, base)
   all_tasks = MIXES['multi']
+  tuning = dict(tiny=_TINY.value, steps=_STEPS.value)
   rows = []
   # The base, zero-shot: its own weights scored on every task.
-  probe = instruct_config('full', all_tasks, base)
+  probe = instruct_config('full', all_tasks, base, **tuning)
   _, base_models, base_step = run_loader.load_models(base)
   zero = _scores(probe, base_models['model'])
   setup = loop.setup(probe)
@@ -104,11 +114,11 @@ def main(argv):
   runs = []
   for mix in _MIXES.value:
     for method in _METHODS.value:
-      config = instruct_config(method, MIXES[mix], base)
+      config = instruct_config(method, MIXES[mix], base, **tuning)
       workdir = os.path.join(out, f'{mix}_{method}')
       _train(config, workdir)
       _, models, step = run_loader.load_models(workdir)
-      scored = instruct_config(method, all_tasks, base)
+      scored = instruct_config(method, all_tasks, base, **tuning)
       scored.model.prompt_tokens = config.model.prompt_tokens
       s = loop.setup(config)
       rows.append({'method': method, 'mix': mix,

@@ -246,3 +246,34 @@ def test_prompt_tuning_on_language_model_data(tmp_path):
   assert setup.family.train_batch(0)['inputs'].shape == (c.batch_size, c.model.block_size - 5)
   losses = loop.train(c, str(tmp_path)).step_losses
   assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())
+
+
+@needs_data
+def test_compare_adaptation_fine_tunes_a_base_of_another_width(tmp_path):
+  """compare_adaptation takes the model section from the base run's config.json: a base wider
+  than gpt_base.py's default (as ARG parallel_wide is) fine-tunes with the command as it is."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  base = str(tmp_path / 'base')
+  c = gpt_base.get_config('tiny')
+  width, layers = 48, c.model.num_layers
+  assert gpt_instruct.get_config('lora4,tiny').model.embed_dim != width
+  c.model.update(embed_dim=width, num_heads=3)
+  c.total_steps = c.optimizer.decay_steps = 2
+  c.eval_every = c.checkpoint_every = 2
+  loop.train(c, base)
+  out = tmp_path / 'compare'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, '-m', 'experiments.compare_adaptation', '--tiny', f'--base={base}',
+       '--methods=lora4', '--mixes=single', '--tune_steps=2', f'--out_dir={out}'],
+      cwd=root, capture_output=True, text=True, timeout=600, check=False,
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+  assert done.returncode == 0, done.stderr[-2000:]
+  report = json.loads((out / 'adaptation.json').read_text(encoding='utf-8'))
+  assert [(r['method'], r['mix']) for r in report['rows']] == [('base (zero-shot)', '-'),
+                                                                ('lora4', 'single')]
+  # Rank 4 on each layer's qkv [w, 3w] and proj [w, w]: r (w + 3w) + r (w + w) per layer.
+  assert report['rows'][1]['trained'] == layers * 4 * (4 * width + 2 * width)
+  assert _params(str(out / 'single_lora4'))['wte/embedding'].shape[1] == width

@@ -37,6 +37,9 @@ ARG `tiny`: a smoke run (2 layers, width 32, 96 positions, vocab 1000, 20 steps)
 
 from experiments.configs import gpt_shakespeare
 
+# ARG parallel_wide's model: 1.5x the width (head size 32 as before), ~1.9x the params.
+WIDE = dict(embed_dim=192, num_heads=6)
+
 
 def get_config(arg: str | None = None):
   c = gpt_shakespeare.get_config('tiny' if arg == 'tiny' else None)
@@ -46,19 +49,21 @@ def get_config(arg: str | None = None):
   c.data.tokenizer = 'subword'
   c.data.vocab_size = 6000
   c.sample_tokens = 64
-  if arg in ('parallel', 'parallel_long'):
+  if arg in ('parallel', 'parallel_long', 'parallel_wide'):
     c.data.sources = ('multi30k:en-de', 'multi30k:de-en', 'tiny_shakespeare')
-  if arg in (None, 'parallel', 'parallel_long'):
-    c.total_steps = c.optimizer.decay_steps = 6400 if arg == 'parallel_long' else 1600
+  if arg in (None, 'parallel', 'parallel_long', 'parallel_wide'):
+    c.total_steps = c.optimizer.decay_steps = 1600 if arg in (None, 'parallel') else 6400
     c.batch_size = 24
     c.eval_every = 400
     c.eval_batches = 20
     c.checkpoint_every = 400
     c.optimizer.update(lr=1.5e-3, warmup_steps=100, weight_decay=0.1)
     c.model.update(block_size=128, num_layers=4, num_heads=4, embed_dim=128, dropout=0.0)
+    if arg == 'parallel_wide':
+      c.model.update(WIDE)
   elif arg == 'tiny':
     c.data.vocab_size = 1000
     c.model.block_size = 96
   else:
-    raise ValueError(f'unknown ARG {arg!r} (use parallel, parallel_long or tiny)')
+    raise ValueError(f'unknown ARG {arg!r} (use parallel, parallel_long, parallel_wide or tiny)')
   return c

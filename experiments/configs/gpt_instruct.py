@@ -183,12 +183,14 @@ LORA_TARGETS = r'attn/(qkv|proj)$'
 
 def get_config(arg: str | None = None):
   words = [w for w in (arg or '').split(',') if w]
-  tiny = 'tiny' in words
-  methods = [w for w in words if w != 'tiny']
-  if len(methods) > 1 or (methods and methods[0] not in METHODS):
-    raise ValueError(f'ARG {arg!r}: use one of {", ".join(METHODS)} (and/or tiny)')
+  tiny, wide = 'tiny' in words, 'wide' in words
+  methods = [w for w in words if w not in ('tiny', 'wide')]
+  if len(methods) > 1 or (methods and methods[0] not in METHODS) or (tiny and wide):
+    raise ValueError(f'ARG {arg!r}: use one of {", ".join(METHODS)} (and tiny or wide)')
   method = METHODS[methods[0] if methods else 'full']
   c = gpt_base.get_config('tiny' if tiny else None)
+  if wide:  # the model of gpt_base.py:parallel_wide
+    c.model.update(gpt_base.WIDE)
   c.family = 'gpt_instruct'
   c.method = methods[0] if methods else 'full'
   c.data.tasks = ('en_de', 'de_en', 'reverse', 'sort', 'count')
