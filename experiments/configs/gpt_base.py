@@ -32,6 +32,16 @@ One run (Zen 4 host, cpu family 25, 2 cores, nothing else running):
 at steps 1600 / 3200 / 4800 / 6400 (train loss 2.45 against validation 3.00 at the end: it
 starts to overfit). What it changes for fine-tuning: experiments/README's second adaptation
 table (en_de BLEU: full fine-tuning 29.1, LoRA r=4 27.6).
+ARG `parallel_wide`: `parallel_long` at 1.5x the width (192, 6 heads of 32; 2.96M params
+against 1.58M), so that the base knows more of what fine-tuning teaches. One run (Zen 5 host,
+cpu family 26, 2 cores, nothing else of ours running):
+  python -m train --config=experiments/configs/gpt_base.py:parallel_wide \
+      --workdir=/tmp/gpt_base_wide
+37.4 min wall, 2691 s user + 1287 s system CPU; validation perplexity 27.6 / 20.9 / 19.5 / 19.3
+at steps 1600 / 3200 / 4800 / 6400 (train loss 2.05 at the end: it overfits more than
+parallel_long). Fine-tune it with gpt_instruct.py's ARG word `wide` (its model section), or
+with experiments/compare_adaptation.py --base, which takes the base run's; what it changes for
+fine-tuning: experiments/README's third adaptation table.
 ARG `tiny`: a smoke run (2 layers, width 32, 96 positions, vocab 1000, 20 steps).
 """
 
