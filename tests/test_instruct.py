@@ -248,6 +248,16 @@ def test_prompt_tuning_on_language_model_data(tmp_path):
   assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())
 
 
+def test_arg_wide_takes_the_model_of_the_wide_base():
+  """gpt_instruct.py's ARG word `wide` fine-tunes gpt_base.py:parallel_wide's model shape."""
+  wide_base = gpt_base.get_config('parallel_wide').model
+  tuned = gpt_instruct.get_config('lora8,wide').model
+  assert {k: tuned[k] for k in wide_base} == wide_base.to_dict()
+  assert gpt_instruct.get_config('lora8').model.embed_dim != wide_base.embed_dim
+  with pytest.raises(ValueError, match='tiny or wide'):
+    gpt_instruct.get_config('lora8,tiny,wide')
+
+
 @needs_data
 def test_compare_adaptation_fine_tunes_a_base_of_another_width(tmp_path):
   """compare_adaptation takes the model section from the base run's config.json: a base wider
