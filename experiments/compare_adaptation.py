@@ -58,18 +58,18 @@ def base_config():
   return gpt_base.get_config('tiny' if _TINY.value else None)
 
 
-def instruct_config(method: str, tasks: tuple[str, ...], base: str, *, tiny: bool = False,
-                    steps: int | None = None):
+def instruct_config(method: str, tasks: tuple[str, ...], base: str, base_model: dict, *,
+                    tiny: bool = False, steps: int | None = None):
   """gpt_instruct.py's config of `method` on `tasks`, fine-tuning the finished run `base`.
 
-  The model section is the base run's (its config.json), so a base of another shape than
-  gpt_base.py's default (e.g. ARG parallel_wide) fine-tunes as it is: its params restore by
-  path and must match in shape. steps: fine-tuning steps instead of the config's.
+  base_model: the base run's model section (its config.json), which the config takes, so a
+  base of another shape than gpt_base.py's default (e.g. ARG parallel_wide) fine-tunes as it
+  is: its params restore by path and must match in shape. steps: fine-tuning steps instead of
+  the config's.
   """
   c = gpt_instruct.get_config(method + (',tiny' if tiny else ''))
   c.data.tasks = tasks
   c.init_from = base
-  base_model = storage.read_json(storage.join(base, 'config.json'), f'--base={base}')['model']
   c.model.update({k: v for k, v in base_model.items() if k in c.model and c.model[k] != v})
   if steps:
     c.total_steps = c.optimizer.decay_steps = steps
@@ -100,7 +100,8 @@ def main(argv):
   if not _BASE.value:
     _train(bc, base)
   all_tasks = MIXES['multi']
-  tuning = dict(tiny=_TINY.value, steps=_STEPS.value)
+  base_model = storage.read_json(storage.join(base, 'config.json'), f'--base={base}')['model']
+  tuning = dict(base_model=base_model, tiny=_TINY.value, steps=_STEPS.value)
   rows = []
   # The base, zero-shot: its own weights scored on every task.
   probe = instruct_config('full', all_tasks, base, **tuning)
