@@ -9,7 +9,9 @@ it, of any ARG), then fine-tunes it with each method of experiments/configs/gpt_
 model, the base zero-shot included, on each task's test examples (sacreBLEU on Multi30k
 test2016; exact match on held-out synthetic examples) and on the LM loss over Tiny
 Shakespeare's validation split (forgetting: the base's value before, each tuned model's after).
-Runs that finished are reused (delete a run directory to redo it). Writes OUT/adaptation.md
+Runs that finished are reused (delete a run directory to redo it). With
+--space_starts_response every prompt leaves its trailing space to the response, whose first
+word is then tokenized as in running text (train/instruct.py). Writes OUT/adaptation.md
 (the table), OUT/adaptation.png (scores and forgetting per method) and OUT/adaptation.json.
 
 Columns: trained params (and % of the base's), optimizer-state bytes (Adam moments of the
@@ -36,6 +38,7 @@ from train import metrics as metrics_lib
 from train import run_loader
 from train import storage
 from train import tune
+from train.errors import UserError
 
 METHODS = ('full', 'lora4', 'lora16', 'prompt20')
 MIXES = {'single': ('en_de',), 'multi': ('en_de', 'de_en', 'reverse', 'sort', 'count')}
@@ -47,6 +50,10 @@ _METHODS = flags.DEFINE_list('methods', list(METHODS), 'gpt_instruct.py methods 
 _MIXES = flags.DEFINE_list('mixes', list(MIXES), 'Task mixes: single (en_de), multi (all).')
 _STEPS = flags.DEFINE_integer('tune_steps', None, 'Fine-tuning steps (default: the config\'s).')
 _TINY = flags.DEFINE_bool('tiny', False, 'Smoke test: the configs\' tiny variants.')
+_SPACE = flags.DEFINE_bool(
+    'space_starts_response', False, 'Every model, the base included, gets and learns the '
+    'prompt without its trailing space, which starts the response instead '
+    '(config.data.space_starts_response; train/instruct.py says why).')
 
 
 def _finished(workdir: str, steps: int) -> bool:
@@ -59,16 +66,18 @@ def base_config():
 
 
 def instruct_config(method: str, tasks: tuple[str, ...], base: str, base_model: dict, *,
-                    tiny: bool = False, steps: int | None = None):
+                    tiny: bool = False, steps: int | None = None,
+                    space_starts_response: bool = False):
   """gpt_instruct.py's config of `method` on `tasks`, fine-tuning the finished run `base`.
 
   base_model: the base run's model section (its config.json), which the config takes, so a
   base of another shape than gpt_base.py's default (e.g. ARG parallel_wide) fine-tunes as it
   is: its params restore by path and must match in shape. steps: fine-tuning steps instead of
-  the config's.
+  the config's. space_starts_response: config.data's.
   """
   c = gpt_instruct.get_config(method + (',tiny' if tiny else ''))
   c.data.tasks = tasks
+  c.data.space_starts_response = space_starts_response
   c.init_from = base
   c.model.update({k: v for k, v in base_model.items() if k in c.model and c.model[k] != v})
   if steps:
@@ -78,6 +87,11 @@ def instruct_config(method: str, tasks: tuple[str, ...], base: str, base_model: 
 
 def _train(config, workdir: str) -> None:
   if _finished(workdir, int(config.total_steps)):
+    done = storage.read_json(storage.join(workdir, 'config.json'), workdir)['data']
+    space = bool(config.data.space_starts_response)
+    if done.get('space_starts_response', False) != space:
+      raise UserError(f'{workdir}: a finished run trained with space_starts_response='
+                      f'{not space}; use another --out_dir for --space_starts_response={space}')
     metrics_lib.print_line(f'{workdir}: finished run, reused')
     return
   loop.train(config, workdir)
@@ -101,7 +115,8 @@ def main(argv):
     _train(bc, base)
   all_tasks = MIXES['multi']
   base_model = storage.read_json(storage.join(base, 'config.json'), f'--base={base}')['model']
-  tuning = dict(base_model=base_model, tiny=_TINY.value, steps=_STEPS.value)
+  tuning = dict(base_model=base_model, tiny=_TINY.value, steps=_STEPS.value,
+                space_starts_response=_SPACE.value)
   rows = []
   # The base, zero-shot: its own weights scored on every task.
   probe = instruct_config('full', all_tasks, base, **tuning)
@@ -133,7 +148,8 @@ def main(argv):
     row['step_ms'] = train_speed.measure(config, steps=5, chunks=3)['ms_per_step']
   for row in rows:
     row['trained_pct'] = 100.0 * row['trained'] / base_params
-  report = {'base': base, 'base_params': base_params, 'rows': rows}
+  report = {'base': base, 'base_params': base_params, 'space_starts_response': _SPACE.value,
+            'rows': rows}
   storage.write_text(os.path.join(out, 'adaptation.json'), json.dumps(report, indent=1))
   table = markdown(report)
   storage.write_text(os.path.join(out, 'adaptation.md'), table)

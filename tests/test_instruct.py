@@ -3,6 +3,7 @@
 
 import gzip
 import os
+import types
 
 import jax
 import ml_collections
@@ -91,6 +92,34 @@ def test_rows_weight_exactly_the_response_and_its_eos(tokenizer):
     prompt = f'{instruct.INSTRUCTIONS[example.task]} {example.input} => '
     assert text == '[EOS]' + prompt + example.response
     assert not weights[:len(tokenizer.encode(prompt))].any()
+
+
+def test_space_starts_response_tokenizes_the_first_word_as_in_running_text(tokenizer):
+  """With config.data.space_starts_response the response's first word is the token it is in the
+  input (a byte-level BPE word carries its leading space); by default the prompt ends in a lone
+  space token and the word is spelt otherwise. The rows spell the same text either way."""
+  example = instruct.Example('reverse', 'a red bike', 'bike red a')
+  template = instruct.DEFAULT_TEMPLATE
+  assert template.endswith(': {response}')
+  # Independent reference: the tokens of the input line, whose last word is 'bike' after a space.
+  line = tokenizer.encode('Input: a red bike')
+  bike = list(tokenizer.encode(' bike'))
+  assert list(line[-len(bike):]) == bike
+  filled = template.format(instruction=instruct.INSTRUCTIONS['reverse'], input='a red bike',
+                           response='bike red a')
+  first = {}
+  for space in (False, True):
+    task = instruct.EncodedTask([example], tokenizer, template, text_lib.EOS_ID, 96,
+                                space_starts_response=space)
+    first[space] = list(task.responses[0][:len(bike)])
+    assert tokenizer.decode(task.prompts[0][-1:]) == (':' if space else ' ')
+    batch = instruct.rows([task], [(0, 0)], 96)
+    n_in = int(np.sum(batch['inputs'][0] != text_lib.PAD_ID))
+    assert tokenizer.decode(batch['inputs'][0][:n_in], skip_special=False) == (
+        '[EOS]' + filled)
+    answer = batch['targets'][0][batch['weights'][0].astype(bool)]
+    assert tokenizer.decode(answer[:-1]) == (' ' if space else '') + example.response
+  assert first[True] == bike and first[False] != bike
 
 
 def test_masked_prompt_gets_no_gradient(tokenizer):
@@ -231,8 +260,42 @@ def test_bad_instruction_configs_are_one_line(base_run):
   c.data.template = '{instruction} {input}'
   with pytest.raises(UserError, match='response'):
     loop.setup(c)
+  c = _instruct('full', base_run)   # as a hand-edited config.json could say it
+  with c.unlocked():
+    del c.data['space_starts_response']
+    c.data.space_starts_response = 'yes'
+  with pytest.raises(UserError, match='space_starts_response') as e:
+    loop.setup(c)
+  assert '\n' not in str(e.value)
 
 
+@needs_data
+def test_scoring_prompts_are_the_training_prompts(base_run, monkeypatch):
+  """The greedy responses that score a run start from the very tokens its training rows put
+  before the response, with space_starts_response on or off."""
+  captured = []
+
+  def fake_continue(model, padded, lengths, max_new_tokens):
+    del model
+    captured.extend(row[:n].tolist() for row, n in zip(np.asarray(padded), lengths))
+    return np.full((len(padded), padded.shape[1] + max_new_tokens), text_lib.EOS_ID)
+
+  monkeypatch.setattr(family_lib.gpt_lib, 'greedy_continue', fake_continue)
+  last = {}
+  for space in (False, True):
+    family = loop.setup(_instruct('full', base_run,
+                                  **{'data.space_starts_response': space})).family
+    examples = family._examples()['test']['reverse'][:4]
+    # The rows' prompts: the tokens before the first weighted target.
+    batch = instruct.rows(family._encode({'count': [], 'reverse': examples}),
+                          [(1, i) for i in range(4)], family.max_len)
+    rows = [batch['inputs'][i][:int(np.argmax(batch['weights'][i])) + 1].tolist()
+            for i in range(4)]
+    captured.clear()
+    family.respond(types.SimpleNamespace(context_size=family.max_len + 8), examples)
+    assert captured == rows
+    last[space] = family.tokenizer.decode(rows[0][-1:])
+  assert last == {False: ' ', True: ':'}
 
 @pytest.mark.skipif(not os.environ.get('TFDS_DATA_DIR'), reason='TFDS_DATA_DIR is not set')
 def test_prompt_tuning_on_language_model_data(tmp_path):
@@ -256,6 +319,8 @@ def test_arg_wide_takes_the_model_of_the_wide_base():
   assert gpt_instruct.get_config('lora8').model.embed_dim != wide_base.embed_dim
   with pytest.raises(ValueError, match='tiny or wide'):
     gpt_instruct.get_config('lora8,tiny,wide')
+  assert gpt_instruct.get_config('lora8,wide,space').data.space_starts_response
+  assert not gpt_instruct.get_config('lora8,wide').data.space_starts_response
 
 
 @needs_data
@@ -287,3 +352,14 @@ def test_compare_adaptation_fine_tunes_a_base_of_another_width(tmp_path):
   # Rank 4 on each layer's qkv [w, 3w] and proj [w, w]: r (w + 3w) + r (w + w) per layer.
   assert report['rows'][1]['trained'] == layers * 4 * (4 * width + 2 * width)
   assert _params(str(out / 'single_lora4'))['wte/embedding'].shape[1] == width
+  # A finished run of the other prompt format is not reused as if it were of this one.
+  again = subprocess.run(
+      [sys.executable, '-m', 'experiments.compare_adaptation', '--tiny', f'--base={base}',
+       '--methods=lora4', '--mixes=single', '--tune_steps=2', f'--out_dir={out}',
+       '--space_starts_response'],
+      cwd=root, capture_output=True, text=True, timeout=600, check=False,
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+  assert again.returncode != 0
+  error = again.stderr.strip().splitlines()[-1]
+  assert 'single_lora4' in error and 'space_starts_response=False' in error, error
+  assert (out / 'single_lora4' / 'checkpoints' / '2').is_dir()

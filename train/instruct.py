@@ -13,6 +13,16 @@ A template (config.data.template) holds {instruction}, {input} and {response}, w
 the text before {response} is the prompt. A training row is [EOS] prompt response [EOS] (the
 subword stream's document boundary first, as in pretraining); the loss covers the response and
 its [EOS] only (`weights`), so the model is never trained to produce the prompt.
+
+Prompt and response are tokenized apart, so the boundary between them is a token boundary. With
+a byte-level BPE tokenizer (GPT-2's kind) a word carries the space before it ('Ġdogs'), so a
+prompt ending in a space ('Response: ') ends in a lone space token, and the response's first
+word is spelt in other, rarer tokens ('dogs' at the start of a text, often split into pieces)
+than the same word in the input: to copy it the model must learn a spelling, not a copy.
+config.data.space_starts_response=True moves the spaces that end the rendered prompt to the
+start of the response, so the first word is the token it is inside running text (the problem
+"token healing" mends at sampling time, here avoided in the data). Off by default, so that the
+runs recorded with the default before it existed reproduce.
 """
 
 from __future__ import annotations
@@ -74,9 +84,23 @@ def check_template(template: str) -> str:
   return template
 
 
-def render_prompt(template: str, example: Example) -> str:
-  prompt = template[:-len('{response}')]
-  return prompt.format(instruction=INSTRUCTIONS[example.task], input=example.input)
+def render_prompt(template: str, example: Example, space_starts_response: bool = False
+                  ) -> str:
+  """The prompt text: the template up to {response}, filled; without its trailing spaces
+  where `space_starts_response` (they start the response instead: `render_response`)."""
+  prompt = template[:-len('{response}')].format(instruction=INSTRUCTIONS[example.task],
+                                                input=example.input)
+  return prompt.rstrip(' ') if space_starts_response else prompt
+
+
+def render_response(template: str, example: Example, space_starts_response: bool = False
+                    ) -> str:
+  """The response text: the example's, after the prompt's trailing spaces where
+  `space_starts_response`. render_prompt + render_response is the filled template either way."""
+  if not space_starts_response:
+    return example.response
+  prompt = render_prompt(template, example)
+  return ' ' * (len(prompt) - len(prompt.rstrip(' '))) + example.response
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,9 +169,11 @@ class EncodedTask:
   """One task's examples as token ids: [EOS] prompt, and response [EOS]."""
 
   def __init__(self, examples: list[Example], tokenizer, template: str, eos_id: int,
-               max_len: int):
-    prompts = tokenizer.encode_batch([render_prompt(template, e) for e in examples])
-    responses = tokenizer.encode_batch([e.response for e in examples])
+               max_len: int, space_starts_response: bool = False):
+    prompts = tokenizer.encode_batch([render_prompt(template, e, space_starts_response)
+                                      for e in examples])
+    responses = tokenizer.encode_batch([render_response(template, e, space_starts_response)
+                                        for e in examples])
     self.examples, self.prompts, self.responses = [], [], []
     for example, p, r in zip(examples, prompts, responses):
       # Rows hold max_len + 1 tokens (inputs and targets are shifted views of them).

@@ -320,7 +320,7 @@ def generate(sft: str, out: str, *, num_prompts: int, num_held_out: int, seed: i
         len(pool), size=count, replace=False))
     chosen_examples, prompts = [], []
     for i in picks:
-      ids = family.tokenizer.encode(instruct.render_prompt(family.template, pool[i]))
+      ids = family.tokenizer.encode(family.prompt_text(pool[i]))
       prompt = np.concatenate([[family._eos_id], ids]).astype(np.int32)  # pylint: disable=protected-access
       if len(prompt) + max_new_tokens <= model.context_size:
         chosen_examples.append((int(i), pool[i]))
@@ -353,6 +353,7 @@ def generate(sft: str, out: str, *, num_prompts: int, num_held_out: int, seed: i
                       'response_ids': [ids[2 * n], ids[2 * n + 1]], **verdict})
   write(out, records, {
       'sft': f'{storage.absolute(sft)}:{step}', 'task': task, 'template': family.template,
+      'space_starts_response': family.space_starts_response,
       'seed': seed, 'temperature': temperature,
       **({} if second_temperature is None else {'second_temperature': second_temperature}),
       'max_new_tokens': max_new_tokens,

@@ -3,7 +3,8 @@ r"""Instruction fine-tuning of the gpt_base.py model: translation and synthetic 
 Starts from a gpt_base.py run (--config.init_from=BASE, whose tokenizer it inherits) and trains
 on train/instruct.py's tasks rendered with a template, the loss on the response tokens only.
 ARG picks the method (comma-separated with `tiny`, or with `wide` for a gpt_base.py:parallel_wide
-base, whose model is wider):
+base, whose model is wider; and with `space` for config.data.space_starts_response: the prompt
+ends with 'Response:' and the response starts with the space, train/instruct.py says why):
   full      every param trains (AdamW lr 1e-3)
   lora4     LoRA rank 4 (alpha 8) on the attention projections (qkv, proj); only the adapters
             train (lr 4e-3)
@@ -199,10 +200,11 @@ LORA_TARGETS = r'attn/(qkv|proj)$'
 
 def get_config(arg: str | None = None):
   words = [w for w in (arg or '').split(',') if w]
-  tiny, wide = 'tiny' in words, 'wide' in words
-  methods = [w for w in words if w not in ('tiny', 'wide')]
+  tiny, wide, space = 'tiny' in words, 'wide' in words, 'space' in words
+  methods = [w for w in words if w not in ('tiny', 'wide', 'space')]
   if len(methods) > 1 or (methods and methods[0] not in METHODS) or (tiny and wide):
-    raise ValueError(f'ARG {arg!r}: use one of {", ".join(METHODS)} (and tiny or wide)')
+    raise ValueError(f'ARG {arg!r}: use one of {", ".join(METHODS)} (and tiny or wide, '
+                     'and space)')
   method = METHODS[methods[0] if methods else 'full']
   c = gpt_base.get_config('tiny' if tiny else None)
   if wide:  # the model of gpt_base.py:parallel_wide
@@ -211,6 +213,7 @@ def get_config(arg: str | None = None):
   c.method = methods[0] if methods else 'full'
   c.data.tasks = ('en_de', 'de_en', 'reverse', 'sort', 'count')
   c.data.template = 'Instruction: {instruction}\nInput: {input}\nResponse: {response}'
+  c.data.space_starts_response = space   # ARG word space; train/instruct.py says why
   c.data.max_len = 80
   c.data.held_out = 500
   c.data.task_seed = 0

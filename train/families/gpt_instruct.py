@@ -38,12 +38,14 @@ def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 
 class InstructGPTFamily(gpt_family.GPTFamily):
   """config.data: tasks (train/instruct.py's names), template ({instruction}, {input},
-  {response} last), max_len (tokens per training row: [EOS] prompt response [EOS], longer
-  examples are dropped), held_out (validation and test examples per synthetic task),
-  task_seed (the synthetic tasks' data), max_response_tokens (decoding budget when scoring),
-  score_examples (test examples scored per task), forgetting_source (a GPT 'mix' source whose
-  validation split measures forgetting, '' for none). The model is config.model as in the GPT
-  family (block_size and widths must be the base run's when starting from it)."""
+  {response} last), space_starts_response (the prompt's trailing spaces start the response,
+  so that its first word is tokenized as in running text: train/instruct.py), max_len
+  (tokens per training row: [EOS] prompt response [EOS], longer examples are dropped),
+  held_out (validation and test examples per synthetic task), task_seed (the synthetic
+  tasks' data), max_response_tokens (decoding budget when scoring), score_examples (test
+  examples scored per task), forgetting_source (a GPT 'mix' source whose validation split
+  measures forgetting, '' for none). The model is config.model as in the GPT family
+  (block_size and widths must be the base run's when starting from it)."""
 
   name = 'gpt_instruct'
 
@@ -52,6 +54,11 @@ class InstructGPTFamily(gpt_family.GPTFamily):
     d = config.data
     self.tasks = instruct.check_tasks(d.tasks)
     self.template = instruct.check_template(str(d.template))
+    # Absent from the config.json of runs written before the key existed: their default.
+    self.space_starts_response = d.get('space_starts_response', False)
+    if not isinstance(self.space_starts_response, bool):
+      raise UserError(f'config.data.space_starts_response={self.space_starts_response!r}: '
+                      'must be True or False')
     if self.tokenizer_kind == 'char':
       raise UserError("config.data.tokenizer='char': instruction rows need an [EOS] token; use "
                       "'subword' (with config.init_from: the base run's)")
@@ -61,6 +68,11 @@ class InstructGPTFamily(gpt_family.GPTFamily):
                       f'prompt_tokens = {config.model.block_size - self.prompt_tokens}]')
 
   # ---- data ----
+  def prompt_text(self, example: instruct.Example) -> str:
+    """The prompt this run was trained on for `example` (config.data.space_starts_response
+    decides where the space before the response goes)."""
+    return instruct.render_prompt(self.template, example, self.space_starts_response)
+
   def _examples(self) -> dict[str, dict[str, list[instruct.Example]]]:
     d = self.config.data
     return instruct.load_examples(self.tasks, d.get('raw_dir'), int(d.get('task_seed', 0)),
@@ -68,7 +80,7 @@ class InstructGPTFamily(gpt_family.GPTFamily):
 
   def _encode(self, examples: dict[str, list[instruct.Example]]) -> list[instruct.EncodedTask]:
     return [instruct.EncodedTask(examples[t], self.tokenizer, self.template, self._eos_id,
-                                 self.max_len) for t in self.tasks]
+                                 self.max_len, self.space_starts_response) for t in self.tasks]
 
   def setup_data(self, process_index: int, process_count: int) -> None:
     c = self.config
@@ -108,7 +120,7 @@ class InstructGPTFamily(gpt_family.GPTFamily):
               batch_size: int = 256, progress: str = '') -> list[str]:
     """Greedy responses (text up to the first [EOS]) to `examples`' prompts."""
     prompts = self.tokenizer.encode_batch(
-        [instruct.render_prompt(self.template, e) for e in examples])
+        [self.prompt_text(e) for e in examples])
     prompts = [np.concatenate([[self._eos_id], p]).astype(np.int32) for p in prompts]
     budget = int(self.config.data.max_response_tokens)
     # A prompt that fills the context gets no response (an empty one, scored as such).
