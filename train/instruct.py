@@ -21,8 +21,10 @@ word is spelt in other, rarer tokens ('dogs' at the start of a text, often split
 than the same word in the input: to copy it the model must learn a spelling, not a copy.
 config.data.space_starts_response=True moves the spaces that end the rendered prompt to the
 start of the response, so the first word is the token it is inside running text (the problem
-"token healing" mends at sampling time, here avoided in the data). Off by default, so that the
-runs recorded with the default before it existed reproduce.
+"token healing" mends at sampling time, here avoided in the data). Off by default: the runs
+recorded before it existed reproduce, and translation, whose first word starts a line without a
+space in the pretraining documents, scored lower with it (experiments/README.md, "The space
+before the response", where the adapters learn to reverse word lists only with it).
 """
 
 from __future__ import annotations
