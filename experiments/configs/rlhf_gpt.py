@@ -108,6 +108,22 @@ to 1e-5), 100 steps of 16 rollouts.
             Each set judged by `python -m experiments.compare_alignment
             --pairs=$A/pairs --sft=$A/sft --reward=$A/reward_c73 --ppo=its runs
             [--split=validation]`.
+            Nor a wider SFT model. From gpt_base.py:parallel_wide (width 192; its full
+            fine-tune on en_de, gpt_instruct.py:full,wide at seed 0, is the SFT: its own
+            docstring's command, workdir $SFT), the chain rebuilt with the settings chosen on
+            validation above, decided before the runs (Zen 5 host, cpu family 26), each
+            command as in experiments/README.md's "RLHF with PPO" with $SFT for $A/sft and
+            --config.model.embed_dim=192 --config.model.num_heads=6 on the train commands:
+            the pairs (7.5 min wall; 83.3% of the verdicts for the higher chrF), the two
+            clear-pair reward models, seeds 0 and 1 (8.1-8.4 min wall each beside the unit
+            tests; validation accuracy 0.637 / 0.606 / 0.613 and 0.588 / 0.613 / 0.606), and
+            $PPO against the two (--config.rlhf.reward=R0,R1) with
+            --config.optimizer.lr=5e-5 --config.optimizer.min_lr=5e-6 --config.batch_size=32
+            at seeds 0-5 (2.8-3.0 min wall each, alone); then compare_alignment with
+            --sft=$SFT --reward=R0. Judged on the 199 test prompts (SFT chrF 47.2, BLEU 21.0
+            against the long-base SFT's 43.9 and 18.3): 55.8 / 56.6 / 54.3 / 55.8 / 56.1 /
+            57.2% (mean 56.0, KL 1.7-2.1 nats): below the narrower chain's 59.5%, with a
+            reward model no more accurate (0.61 at step 600).
 The model section must equal the SFT run's.
 
 ARG `tiny`: gpt_instruct.py:tiny's model, 4 steps of 8 rollouts of 8 tokens (tests).
