@@ -297,6 +297,7 @@ def test_scoring_prompts_are_the_training_prompts(base_run, monkeypatch):
     last[space] = family.tokenizer.decode(rows[0][-1:])
   assert last == {False: ' ', True: ':'}
 
+
 @pytest.mark.skipif(not os.environ.get('TFDS_DATA_DIR'), reason='TFDS_DATA_DIR is not set')
 def test_prompt_tuning_on_language_model_data(tmp_path):
   """The GPT family cuts windows that leave room for the soft prompt, and trains it alone."""
