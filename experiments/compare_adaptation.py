@@ -5,14 +5,15 @@ r"""Adapting a pretrained GPT: full fine-tuning, LoRA and prompt tuning, single-
 
 Pretrains experiments/configs/gpt_base.py in OUT/base (unless --base names a finished run of
 it, of any ARG), then fine-tunes it with each method of experiments/configs/gpt_instruct.py
-(full, lora4, lora16, prompt20) on one task (en_de) and on the five-task mix, and scores every
-model, the base zero-shot included, on each task's test examples (sacreBLEU on Multi30k
-test2016; exact match on held-out synthetic examples) and on the LM loss over Tiny
-Shakespeare's validation split (forgetting: the base's value before, each tuned model's after).
-Runs that finished are reused (delete a run directory to redo it). With
---space_starts_response every prompt leaves its trailing space to the response, whose first
-word is then tokenized as in running text (train/instruct.py). Writes OUT/adaptation.md
-(the table), OUT/adaptation.png (scores and forgetting per method) and OUT/adaptation.json.
+(full, lora4, lora16, prompt20) on one task (en_de) and on the five-task mix (--mixes also
+takes a task's name: that task alone), and scores every model, the base zero-shot included,
+on each task's test examples (sacreBLEU on Multi30k test2016; exact match on held-out
+synthetic examples) and on the LM loss over Tiny Shakespeare's validation split (forgetting:
+the base's value before, each tuned model's after). Runs that finished are reused (delete a
+run directory to redo it). With --space_starts_response every prompt leaves its trailing space
+to the response, whose first word is then tokenized as in running text (train/instruct.py).
+Writes OUT/adaptation.md (the table), OUT/adaptation.png (scores and forgetting per method)
+and OUT/adaptation.json.
 
 Columns: trained params (and % of the base's), optimizer-state bytes (Adam moments of the
 trained params), checkpoint bytes (the final checkpoint on disk), step time (the jitted train
@@ -33,6 +34,7 @@ from experiments.configs import gpt_instruct
 from train import checkpoint as ckpt_lib
 from train import cli
 from train import families
+from train import instruct
 from train import loop
 from train import metrics as metrics_lib
 from train import run_loader
@@ -47,13 +49,24 @@ _OUT = flags.DEFINE_string('out_dir', '/tmp/adaptation', 'Where runs and the tab
 _BASE = flags.DEFINE_string('base', None, 'A finished gpt_base.py run, any ARG (default: '
                             'OUT/base, trained if missing).')
 _METHODS = flags.DEFINE_list('methods', list(METHODS), 'gpt_instruct.py methods to run.')
-_MIXES = flags.DEFINE_list('mixes', list(MIXES), 'Task mixes: single (en_de), multi (all).')
+_MIXES = flags.DEFINE_list('mixes', list(MIXES), 'Task mixes: single (en_de), multi (all), or '
+                           'a task\'s name (that task alone).')
 _STEPS = flags.DEFINE_integer('tune_steps', None, 'Fine-tuning steps (default: the config\'s).')
 _TINY = flags.DEFINE_bool('tiny', False, 'Smoke test: the configs\' tiny variants.')
 _SPACE = flags.DEFINE_bool(
     'space_starts_response', False, 'Every model, the base included, gets and learns the '
     'prompt without its trailing space, which starts the response instead '
     '(config.data.space_starts_response; train/instruct.py says why).')
+
+
+def mix_tasks(mix: str) -> tuple[str, ...]:
+  """The tasks of --mixes entry `mix`: MIXES's, or the task of that name alone."""
+  if mix in MIXES:
+    return MIXES[mix]
+  if mix in instruct.INSTRUCTIONS:
+    return (mix,)
+  raise UserError(f'--mixes: unknown mix {mix!r}; known: {", ".join(MIXES)} or a task '
+                  f'({", ".join(instruct.INSTRUCTIONS)})')
 
 
 def _finished(workdir: str, steps: int) -> bool:
@@ -109,6 +122,7 @@ def _scores(config, model) -> dict:
 def main(argv):
   del argv
   out = _OUT.value
+  mixes = {mix: mix_tasks(mix) for mix in _MIXES.value}   # every name checked before training
   base = _BASE.value or os.path.join(out, 'base')
   bc = base_config()
   if not _BASE.value:
@@ -128,9 +142,9 @@ def main(argv):
                'opt_bytes': 0, 'ckpt_bytes': ckpt_lib.step_bytes(
                    storage.join(base, 'checkpoints'), base_step), **zero})
   runs = []
-  for mix in _MIXES.value:
+  for mix, tasks in mixes.items():
     for method in _METHODS.value:
-      config = instruct_config(method, MIXES[mix], base, **tuning)
+      config = instruct_config(method, tasks, base, **tuning)
       workdir = os.path.join(out, f'{mix}_{method}')
       _train(config, workdir)
       _, models, step = run_loader.load_models(workdir)

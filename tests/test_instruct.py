@@ -324,6 +324,27 @@ def test_arg_wide_takes_the_model_of_the_wide_base():
   assert not gpt_instruct.get_config('lora8,wide').data.space_starts_response
 
 
+def test_compare_adaptation_mixes_take_a_task_alone(tmp_path):
+  """--mixes takes single, multi or any task's name (that task alone); a name that is none
+  of these is refused in one line before anything trains (the base included)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from experiments import compare_adaptation  # pylint: disable=import-outside-toplevel
+  assert compare_adaptation.mix_tasks('single') == ('en_de',)
+  assert compare_adaptation.mix_tasks('multi') == ('en_de', 'de_en', 'reverse', 'sort', 'count')
+  for task in ('en_de', 'de_en', 'reverse', 'sort', 'count'):
+    assert compare_adaptation.mix_tasks(task) == (task,)
+  out = tmp_path / 'compare'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, '-m', 'experiments.compare_adaptation', '--tiny', '--mixes=single,sorted',
+       f'--out_dir={out}'], cwd=root, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode != 0
+  error = done.stderr.strip().splitlines()[-1]
+  assert "'sorted'" in error and 'sort' in error and 'Traceback' not in done.stderr, error
+  assert not out.exists()
+
+
 @needs_data
 def test_compare_adaptation_fine_tunes_a_base_of_another_width(tmp_path):
   """compare_adaptation takes the model section from the base run's config.json: a base wider
