@@ -219,7 +219,8 @@ def _params(workdir):
 
 @needs_data
 @pytest.mark.parametrize('method, trained', [('prompt20', r'^prompt$'),
-                                             ('lora4', r'lora_[ab]$')])
+                                             ('lora4', r'lora_[ab]$'),
+                                             ('lora4mt', r'lora_[ab]$')])
 def test_tuned_run_trains_only_its_params_and_scores(base_run, tmp_path, method, trained):
   import re  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / method)
@@ -229,6 +230,11 @@ def test_tuned_run_trains_only_its_params_and_scores(base_run, tmp_path, method,
   assert new and all(re.search(trained, p) for p in new), new
   for path, value in before.items():
     np.testing.assert_array_equal(after[path], value, err_msg=path)  # frozen: bit-identical
+  if method == 'lora4mt':  # the MLP's projections and a number per token of the table too
+    vocab, width = before['wte/embedding'].shape
+    assert after['wte/lora/lora_a'].shape == (vocab, 1)
+    assert after['wte/lora/lora_b'].shape == (1, width)
+    assert after['blocks/0/mlp/fc/lora/lora_a'].shape == (width, 4)
   # The tuned model's scores: the report names every task and the forgetting loss.
   family, models, step = run_loader.load_models(workdir)
   summary = family.evaluate(models, workdir, step, {'report': None})
