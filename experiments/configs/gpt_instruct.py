@@ -219,8 +219,8 @@ settings ARG lora4mt names. A learned number per token doubles what the adapters
 on the projections to read off. Trained on one synthetic task, every run here wrecks the
 Shakespeare LM (loss 7.8-11.3, against 3.89 before). With more steps (--config.total_steps=N
 --config.optimizer.decay_steps=N --config.eval_every=N/4 --config.checkpoint_every=N/4, the
-same seed): sort at N=3200, lora4mt 83.8% and full 96.2% (15.3 and 14.3 min wall; about 1.5 min
-of unit tests beside the first), 12.4 points apart (29.6 at 800 steps); reverse at N=1600,
+same seed): sort at N=3200, lora4mt 83.8% and full 96.2% (15.3 and 14.3 min wall; about 2 min of
+unit tests beside the first), 12.4 points apart (29.6 at 800 steps); reverse at N=1600,
 lora4mt 98.4% and full 100.0% (7.2 and 7.6 min wall, alone): 1.6 points apart, within the
 2-point goal on this task, with twice the steps.
 experiments/README's fifth table, "Each exact-match task alone", has the 800-step runs of
