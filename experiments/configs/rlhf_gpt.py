@@ -139,6 +139,7 @@ def get_config(arg: str | None = None):
   c.rlhf = dict(reward='', reference='', beta=0.1, clip=0.2, ppo_epochs=2, gae_lambda=0.95,
                 vf_coef=0.5, temperature=1.0, max_new_tokens=48, prompt_len=60,
                 group_size=1, value_lr_scale=1.0,   # value head's lr / the policy's
+                reference_logp_weight=0.0,   # > 0: + w * the reference's mean token log-prob
                 target_kl=0.0, kl_gain=0.1)   # target_kl > 0: beta adapts to hold that KL
   c.batch_size = 16
   c.total_steps = c.optimizer.decay_steps = 100

@@ -32,6 +32,12 @@ needs no other hook, and the loop is not forked):
      policy is further than T nats from the reference, lowered while it is nearer. The new
      value applies from the next step; it lives in the train state (network 'kl_control', a
      non-param variable), so a resumed run goes on with the value it had.
+     With config.rlhf.reference_logp_weight = w > 0 the score is the reward model's plus w
+     times the reference's mean token log-probability of the response (its tokens and [EOS]):
+     a second scorer that needs no training, as the SFT model's likelihood agrees with the
+     judge about as often as a trained reward model does (experiments/pair_accuracy.py
+     measures both and their sum). With the reference = the SFT model it pulls the policy
+     towards answers the SFT model finds more likely per token.
      With config.rlhf.group_size = k > 1 each prompt is answered k times in the batch
      and the score in r_t is replaced by its leave-one-out difference, score - (mean of the
      other k - 1 scores of the same prompt) (the REINFORCE leave-one-out baseline of Ahmadian
@@ -51,6 +57,7 @@ needs no other hook, and the loop is not forked):
      updates are multiplied by config.rlhf.value_lr_scale (> 0; 1: the policy's learning rate),
      as a critic that starts at zero may need to learn faster than the policy moves.
 Logs: beta (the coefficient of the step's rewards), reward (the reward model's mean score),
+reference_logp (the reference's mean token log-probability of the responses, mean over them),
 kl (the exact KL(pi || ref) of each response position's next-token distribution, summed over
 the response, mean over rollouts), kl_sampled
 (sum of the log-ratios of the sampled tokens, the estimator in the reward), entropy (per
@@ -129,6 +136,12 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, lam: float,
   swap = lambda x: jnp.swapaxes(x, 0, 1)[::-1]           # [seq, n], last position first
   _, advantages = jax.lax.scan(step, (zeros, zeros), (swap(rewards), swap(values), swap(mask)))
   return jnp.swapaxes(advantages[::-1], 0, 1)
+
+
+def response_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
+  """x `[n, S]` averaged over each row's response positions (weights 1) `[n]`; 0 for a row
+  without any."""
+  return jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
 def whiten(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -219,8 +232,9 @@ class RLHFFamily(pairs.PairsFamily):
   an adaptive beta steers to) and kl_gain (in (0, 1]: its step size), clip, ppo_epochs,
   gae_lambda, vf_coef, temperature, max_new_tokens, prompt_len (the prompts' padded width;
   longer prompts are dropped; prompt_len + max_new_tokens <= model.block_size), group_size
-  (answers per train prompt, dividing batch_size; 1: one each, no leave-one-out baseline) and
-  value_lr_scale (the value head's learning rate over the policy's).
+  (answers per train prompt, dividing batch_size; 1: one each, no leave-one-out baseline),
+  value_lr_scale (the value head's learning rate over the policy's) and reference_logp_weight
+  (>= 0: the weight of the reference's mean token log-probability in the score; 0: none).
   Training prompts are the pairs file's train split, evaluation prompts its validation split."""
 
   name = 'rlhf'
@@ -259,6 +273,12 @@ class RLHFFamily(pairs.PairsFamily):
     if not self.value_lr_scale > 0:
       raise UserError(f'config.rlhf.value_lr_scale={r.value_lr_scale}: must be > 0 (the value '
                       'head\'s learning rate over the policy\'s)')
+    # Absent in runs written before the key: the reward model's score alone.
+    self.reference_logp_weight = float(r.get('reference_logp_weight', 0.0))
+    if not self.reference_logp_weight >= 0:
+      raise UserError(f'config.rlhf.reference_logp_weight={r.reference_logp_weight}: must be '
+                      '>= 0 (the weight of the reference\'s mean token log-probability in the '
+                      'score)')
     group = r.get('group_size')   # runs written before the key: one answer per prompt
     self.group_size = 1 if group is None else int(group)
     if self.group_size < 1 or config.batch_size % self.group_size:
@@ -367,7 +387,8 @@ class RLHFFamily(pairs.PairsFamily):
     coefficient `beta`."""
     w = ro['weights']
     last = jax.nn.one_hot(reward_lib.last_response_index(w), w.shape[1]) * w
-    score = leave_one_out(ro['score'], self.group_size)
+    score = ro['score'] + self.reference_logp_weight * response_mean(ro['ref_logp'], w)
+    score = leave_one_out(score, self.group_size)
     rewards = -beta * (ro['old_logp'] - ro['ref_logp']) * w + score[:, None] * last
     adv = gae(rewards, ro['values'], w, float(self.config.rlhf.gae_lambda))
     return rewards, whiten(adv, w), (adv + ro['values']) * w
@@ -412,7 +433,8 @@ class RLHFFamily(pairs.PairsFamily):
   def _rollout_metrics(self, ro) -> dict[str, jax.Array]:
     w = ro['weights']
     return {'reward': jnp.mean(ro['score']), 'kl': jnp.mean(jnp.sum(ro['kl'] * w, axis=1)),
-            'response_tokens': jnp.mean(jnp.sum(w, axis=1))}
+            'response_tokens': jnp.mean(jnp.sum(w, axis=1)),
+            'reference_logp': jnp.mean(response_mean(ro['ref_logp'], w))}
 
   def eval_step(self, models, batch):
     ro = self.rollout(models, batch, jax.random.key(0))
