@@ -4,6 +4,7 @@ model that tests/test_alignment.py's helpers make."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,35 @@ def test_leave_one_out_scores_and_the_rewards_they_enter():
   kl_part = -0.5 * (np.asarray(ro['old_logp']) - np.asarray(ro['ref_logp'])) * w
   np.testing.assert_allclose(rewards[:, 3] - kl_part[:, 3], [-2.0, 2.0, 1.0, -1.0], rtol=1e-5)
   np.testing.assert_allclose(rewards[:, :3], kl_part[:, :3], rtol=1e-6)
+
+
+def test_reference_logp_weight_adds_the_references_mean_log_prob_to_the_score():
+  rng = np.random.default_rng(1)
+  w = np.zeros((4, 6), np.float32)
+  for i, (start, stop) in enumerate([(1, 4), (2, 6), (0, 1), (3, 5)]):
+    w[i, start:stop] = 1
+  old, ref = rng.normal(size=(2, 4, 6)).astype(np.float32)
+  score = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+  ro = {'weights': jnp.asarray(w), 'old_logp': jnp.asarray(old), 'ref_logp': jnp.asarray(ref),
+        'values': jnp.zeros((4, 6)), 'score': jnp.asarray(score)}
+  kl_part = -0.3 * (old - ref) * w
+  for group, weight in ((1, 0.0), (1, 2.5), (2, 2.5)):
+    rewards = np.asarray(rlhf_family(reference_logp_weight=weight, group_size=group)
+                         .advantages(ro, 0.3)[0])
+    # Row by row: the score plus weight x the mean of ref_logp over the response's positions,
+    # then (group 2) less the other answer's, on the response's last position only.
+    total = []
+    for i in range(4):
+      picked = [ref[i, t] for t in range(6) if w[i, t]]
+      total.append(score[i] + weight * sum(picked) / len(picked))
+    if group == 2:
+      total = [total[0] - total[1], total[1] - total[0], total[2] - total[3], total[3] - total[2]]
+    last = [3, 5, 0, 4]
+    np.testing.assert_allclose(rewards[range(4), last] - kl_part[range(4), last], total,
+                               rtol=1e-5, atol=1e-6)
+    others = np.ones_like(w, bool)
+    others[range(4), last] = False
+    np.testing.assert_allclose(rewards[others], kl_part[others], rtol=1e-6, atol=1e-7)
 
 
 def test_adaptive_beta_is_zieglers_proportional_controller():
@@ -330,6 +360,9 @@ def test_bad_rlhf_inputs_are_one_line(sft, reward_run):
                     r'config.rlhf.beta=-0.1: must be > 0')
   fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{'rlhf.value_lr_scale': 0.0}),
                     r'config.rlhf.value_lr_scale=0.0: must be > 0')
+  fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run,
+                                **{'rlhf.reference_logp_weight': -1.0}),
+                    r'config.rlhf.reference_logp_weight=-1.0: must be >= 0')
   for key, value in (('target_kl', -1.0), ('kl_gain', 0.0)):
     fails_in_one_line(rlhf_config(sft_dir, pairs_dir, reward_run, **{f'rlhf.{key}': value}),
                       rf'config.rlhf.target_kl=.*config.rlhf.kl_gain=.*: the target must be '
@@ -414,3 +447,53 @@ def test_compare_alignment_sft_temperature_rows_and_prompt_split(sft, reward_run
   assert records[0]['input'] != validation_input   # so the two runs did read other prompts
   assert report['rows'][1]['examples'][0]['input'] == records[0]['input']
   assert report['rows'][1]['examples'][0]['response'] == response
+
+
+@needs_multi30k
+def test_pair_accuracy_counts_agreement_as_computed_here(sft, reward_run, tmp_path):
+  sft_dir, pairs_dir, _ = sft
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def run(*flags):
+    return subprocess.run(
+        [sys.executable, '-m', 'experiments.pair_accuracy', f'--pairs={pairs_dir}',
+         f'--sft={sft_dir}', f'--reward={reward_run},{reward_run}', *flags],
+        cwd=root, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+
+  bad = run('--weights=1,-2')
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1].endswith("--weights=1,-2: '-2' is not a weight > 0")
+  done = run('--weights=3', '--split=train')   # 40 pairs (8 in validation)
+  assert done.returncode == 0, done.stderr[-2000:]
+  printed = dict(re.findall(r'^\| (.+?) \| ([0-9.]+) \+- [0-9.]+ \|$', done.stdout, re.M))
+  # Each train pair scored here one response at a time, unpadded: the SFT model's
+  # log-softmax picked at the response's tokens and [EOS], averaged; the reward model's score
+  # where the response's last token is the input.
+  _, sft_models, _ = run_loader.load_models(sft_dir)
+  reward = run_loader.load_models(reward_run)[1]['model']
+  _, splits = preferences.load(pairs_dir)
+  agree = {'logp': [], 'reward': [], 'both': [], 'chrf': []}
+  for r in splits['train']:
+    good, bad_ids = r['response_ids'][r['chosen']], r['response_ids'][1 - r['chosen']]
+    if good == bad_ids:
+      continue
+    values = []
+    for response in (good, bad_ids):
+      ids = np.asarray(list(r['prompt_ids']) + list(response))
+      logits = np.asarray(sft_models['model'](jnp.asarray(ids[None, :-1])))[0].astype(np.float64)
+      logp = logits - logits.max(-1, keepdims=True)
+      logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+      picked = logp[np.arange(len(ids) - 1), ids[1:]][len(r['prompt_ids']) - 1:]
+      score = float(reward.score(jnp.asarray(ids[None, :-1]), jnp.asarray([len(ids) - 2]))[0])
+      values.append((picked.mean(), score))
+    (lg, sg), (lb, sb) = values
+    agree['logp'].append(lg > lb)
+    agree['reward'].append(sg > sb)
+    agree['both'].append(sg + 3 * lg > sb + 3 * lb)
+    agree['chrf'].append(r['chrf'][r['chosen']] > r['chrf'][1 - r['chosen']])
+  assert done.stdout.startswith(f'{len(agree["logp"])} train pairs of ')
+  for name, key in (('reward models (mean score)', 'reward'), ('SFT mean token log-prob', 'logp'),
+                    ('reward + 3 x SFT mean log-prob', 'both'),
+                    ('higher sentence chrF (the judge before its noise)', 'chrf')):
+    assert float(printed[name]) == pytest.approx(100 * np.mean(agree[key]), abs=0.051), name
