@@ -131,7 +131,7 @@ def test_leave_one_out_scores_and_the_rewards_they_enter():
   np.testing.assert_allclose(rewards[:, :3], kl_part[:, :3], rtol=1e-6)
 
 
-def test_reference_logp_weight_adds_the_references_mean_log_prob_to_the_score():
+def test_reference_logp_weight_pays_the_references_mean_log_prob_per_token():
   rng = np.random.default_rng(1)
   w = np.zeros((4, 6), np.float32)
   for i, (start, stop) in enumerate([(1, 4), (2, 6), (0, 1), (3, 5)]):
@@ -144,20 +144,26 @@ def test_reference_logp_weight_adds_the_references_mean_log_prob_to_the_score():
   for group, weight in ((1, 0.0), (1, 2.5), (2, 2.5)):
     rewards = np.asarray(rlhf_family(reference_logp_weight=weight, group_size=group)
                          .advantages(ro, 0.3)[0])
-    # Row by row: the score plus weight x the mean of ref_logp over the response's positions,
-    # then (group 2) less the other answer's, on the response's last position only.
-    total = []
-    for i in range(4):
-      picked = [ref[i, t] for t in range(6) if w[i, t]]
-      total.append(score[i] + weight * sum(picked) / len(picked))
+    # Position by position: on each response token weight x its ref_logp / the response's
+    # length; on the last one also the score (group 2: less the other answer's).
     if group == 2:
-      total = [total[0] - total[1], total[1] - total[0], total[2] - total[3], total[3] - total[2]]
-    last = [3, 5, 0, 4]
-    np.testing.assert_allclose(rewards[range(4), last] - kl_part[range(4), last], total,
-                               rtol=1e-5, atol=1e-6)
-    others = np.ones_like(w, bool)
-    others[range(4), last] = False
-    np.testing.assert_allclose(rewards[others], kl_part[others], rtol=1e-6, atol=1e-7)
+      score_in = [score[0] - score[1], score[1] - score[0], score[2] - score[3],
+                  score[3] - score[2]]
+    else:
+      score_in = score
+    want = np.zeros_like(w)
+    for i, last in enumerate([3, 5, 0, 4]):
+      length = sum(w[i])
+      for t in range(6):
+        if w[i, t]:
+          want[i, t] = weight * ref[i, t] / length
+      want[i, last] += score_in[i]
+    np.testing.assert_allclose(rewards - kl_part, want, rtol=1e-5, atol=1e-6)
+    # The weighted part sums over a response to weight x the mean of its ref_logp.
+    np.testing.assert_allclose(
+        (rewards - kl_part).sum(1),
+        [score_in[i] + weight * ref[i][w[i] > 0].mean() for i in range(4)], rtol=1e-5,
+        atol=1e-6)
 
 
 def test_adaptive_beta_is_zieglers_proportional_controller():

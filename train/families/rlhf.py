@@ -32,12 +32,13 @@ needs no other hook, and the loop is not forked):
      policy is further than T nats from the reference, lowered while it is nearer. The new
      value applies from the next step; it lives in the train state (network 'kl_control', a
      non-param variable), so a resumed run goes on with the value it had.
-     With config.rlhf.reference_logp_weight = w > 0 the score is the reward model's plus w
-     times the reference's mean token log-probability of the response (its tokens and [EOS]):
-     a second scorer that needs no training, as the SFT model's likelihood agrees with the
-     judge about as often as a trained reward model does (experiments/pair_accuracy.py
-     measures both and their sum). With the reference = the SFT model it pulls the policy
-     towards answers the SFT model finds more likely per token.
+     With config.rlhf.reference_logp_weight = w > 0 the response's return gains w times
+     the reference's mean token log-probability of it (its tokens and [EOS]), paid per token:
+     r_t += w * log ref(y_t) / (response length). A second scorer that needs no training, as
+     the SFT model's likelihood agrees with the judge about as often as a trained reward
+     model does (experiments/pair_accuracy.py measures both and their sum); with the
+     reference = the SFT model it pulls the policy towards answers the SFT model finds more
+     likely per token.
      With config.rlhf.group_size = k > 1 each prompt is answered k times in the batch
      and the score in r_t is replaced by its leave-one-out difference, score - (mean of the
      other k - 1 scores of the same prompt) (the REINFORCE leave-one-out baseline of Ahmadian
@@ -387,9 +388,11 @@ class RLHFFamily(pairs.PairsFamily):
     coefficient `beta`."""
     w = ro['weights']
     last = jax.nn.one_hot(reward_lib.last_response_index(w), w.shape[1]) * w
-    score = ro['score'] + self.reference_logp_weight * response_mean(ro['ref_logp'], w)
-    score = leave_one_out(score, self.group_size)
+    score = leave_one_out(ro['score'], self.group_size)
     rewards = -beta * (ro['old_logp'] - ro['ref_logp']) * w + score[:, None] * last
+    if self.reference_logp_weight:   # w x the mean over the response, spread over its tokens
+      length = jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
+      rewards += self.reference_logp_weight * ro['ref_logp'] * w / length
     adv = gae(rewards, ro['values'], w, float(self.config.rlhf.gae_lambda))
     return rewards, whiten(adv, w), (adv + ro['values']) * w
 
