@@ -235,7 +235,8 @@ class RLHFFamily(pairs.PairsFamily):
   longer prompts are dropped; prompt_len + max_new_tokens <= model.block_size), group_size
   (answers per train prompt, dividing batch_size; 1: one each, no leave-one-out baseline),
   value_lr_scale (the value head's learning rate over the policy's) and reference_logp_weight
-  (>= 0: the weight of the reference's mean token log-probability in the score; 0: none).
+  (>= 0: the weight of the reference's mean token log-probability in the return, paid per
+  token; 0: none).
   Training prompts are the pairs file's train split, evaluation prompts its validation split."""
 
   name = 'rlhf'
@@ -274,12 +275,12 @@ class RLHFFamily(pairs.PairsFamily):
     if not self.value_lr_scale > 0:
       raise UserError(f'config.rlhf.value_lr_scale={r.value_lr_scale}: must be > 0 (the value '
                       'head\'s learning rate over the policy\'s)')
-    # Absent in runs written before the key: the reward model's score alone.
+    # Absent in runs written before the key: no such term.
     self.reference_logp_weight = float(r.get('reference_logp_weight', 0.0))
     if not self.reference_logp_weight >= 0:
       raise UserError(f'config.rlhf.reference_logp_weight={r.reference_logp_weight}: must be '
                       '>= 0 (the weight of the reference\'s mean token log-probability in the '
-                      'score)')
+                      'return)')
     group = r.get('group_size')   # runs written before the key: one answer per prompt
     self.group_size = 1 if group is None else int(group)
     if self.group_size < 1 or config.batch_size % self.group_size:
