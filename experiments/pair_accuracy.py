@@ -79,9 +79,6 @@ def _weights() -> list[float]:
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  for name, value in (('pairs', _PAIRS.value), ('sft', _SFT.value), ('reward', _REWARD.value)):
-    if not value:
-      raise UserError(f'--{name} is required')
   weights = _weights()
   manifest, splits = preferences.load(_PAIRS.value, culprit='--pairs')
   family, models, step = run_loader.load_models(_SFT.value, name='--sft')
@@ -110,4 +107,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.mark_flags_as_required(['pairs', 'sft', 'reward'])
   cli.run(main)
