@@ -86,8 +86,15 @@ def main(argv):
   if manifest.get('tokenizer_sha256') != preferences.sha256(family.tokenizer.to_str()):
     raise UserError(f'--pairs={_PAIRS.value}: its pairs were tokenized by another tokenizer '
                     f'than --sft={_SFT.value}\'s')
-  rewards = tuple(run_loader.load_models(spec, name='--reward')[1]['model']
-                  for spec in rlhf_lib.reward_runs(_REWARD.value))
+  rewards = []
+  for spec in rlhf_lib.reward_runs(_REWARD.value):
+    reward_family, reward_models, _ = run_loader.load_models(spec, name='--reward')
+    if reward_family.name != 'reward':
+      raise UserError(f'--reward={spec}: a {reward_family.name!r} run, not a reward-family run')
+    if reward_family.tokenizer.to_str() != family.tokenizer.to_str():
+      raise UserError(f'--reward={spec}: its tokenizer differs from --sft={_SFT.value}\'s')
+    rewards.append(reward_models['model'])
+  rewards = tuple(rewards)
   pairs = preferences.PairRows(splits[_SPLIT.value], sft.context_size)
   if not len(pairs):
     raise UserError(f'--pairs={_PAIRS.value}: no usable {_SPLIT.value} pair')

@@ -470,6 +470,19 @@ def test_pair_accuracy_counts_agreement_as_computed_here(sft, reward_run, tmp_pa
   bad = run('--weights=1,-2')
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1].endswith("--weights=1,-2: '-2' is not a weight > 0")
+  # A copy of the reward run whose tokenizer swaps two tokens' ids: as many, other ids.
+  other = tmp_path / 'other_ids'
+  shutil.copytree(reward_run, other)
+  tokenizer = json.loads((other / text_lib.TOKENIZER_FILE).read_text('utf-8'))
+  vocab = tokenizer['model']['vocab']
+  (a, ia), (b, ib) = list(vocab.items())[-2:]
+  vocab[a], vocab[b] = ib, ia
+  (other / text_lib.TOKENIZER_FILE).write_text(json.dumps(tokenizer), 'utf-8')
+  for reward, message in ((sft_dir, "a 'gpt_instruct' run, not a reward-family run"),
+                          (str(other), 'its tokenizer differs from --sft=')):
+    bad = run(f'--reward={reward}')
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith(f'error: --reward={reward}: {message}')
   done = run('--weights=3', '--split=train')   # 40 pairs (8 in validation)
   assert done.returncode == 0, done.stderr[-2000:]
   printed = dict(re.findall(r'^\| (.+?) \| ([0-9.]+) \+- [0-9.]+ \|$', done.stdout, re.M))
