@@ -34,8 +34,8 @@ needs no other hook, and the loop is not forked):
      non-param variable), so a resumed run goes on with the value it had.
      With config.rlhf.reference_logp_weight = w > 0 the response's return gains w times
      the reference's mean token log-probability of it (its tokens and [EOS]), paid per token:
-     r_t += w * log ref(y_t) / (response length). A second scorer that needs no training, as
-     the SFT model's likelihood agrees with the judge about as often as a trained reward
+     r_t += w * log ref(y_t) / (response length). A second scorer that needs no training:
+     the SFT model's likelihood can agree with the judge about as often as a trained reward
      model does (experiments/pair_accuracy.py measures both and their sum); with the
      reference = the SFT model it pulls the policy towards answers the SFT model finds more
      likely per token.
