@@ -1,6 +1,7 @@
 """Every bad input is one line naming the culprit (a UserError; the CLIs print it and exit 1)
 and writes nothing; bfloat16 activations in every image family."""
 
+import glob
 import json
 import os
 import subprocess
@@ -74,6 +75,30 @@ def test_cli_damaged_run_files_are_one_line(tmp_path):
   assert_cli_one_line(run_cli('train.evaluate', f'--workdir={workdir}', f'--classifier={workdir}'),
                       f'--workdir={workdir}', 'config.json is damaged')
   assert sorted(os.listdir(workdir)) == before
+
+
+def test_cli_unreadable_array_is_one_line_naming_it(tmp_path):
+  """A checkpoint whose arrays cannot be read: Orbax raises while the other reads are in
+  flight, and their leftovers (tracebacks of a closed event loop, never-retrieved futures) once
+  followed the error. Now stderr is the error alone, naming the array, for a run's own
+  checkpoint and for a base run read by `init_from`; the damaged checkpoint is kept."""
+  config = gpt_shakespeare.get_config('tiny')
+  workdir = tmp_path / 'run'
+  loop.train(config, str(workdir))
+  step = config.total_steps
+  data = glob.glob(str(workdir / f'checkpoints/{step}/state/ocdbt.process_0/d/*'))
+  assert data
+  for path in data:
+    with open(path, 'wb') as f:
+      f.write(b'garbage')
+  for proc, culprit in [
+      (run_cli('train.sample', f'--workdir={workdir}'), f'checkpoint {workdir}/checkpoints/{step}'),
+      (run_cli('train', f'--config={ROOT}/experiments/configs/gpt_shakespeare.py:tiny',
+               f'--workdir={tmp_path / "tuned"}', f'--config.init_from={workdir}'),
+       f'config.init_from={workdir}: checkpoint {step}')]:
+    assert_cli_one_line(proc, culprit, 'cannot be restored', 'Error reading "', '.value/')
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+  assert sorted(glob.glob(str(workdir / f'checkpoints/{step}/state/ocdbt.process_0/d/*'))) == sorted(data)
 
 
 # ---- the same checks, in process ----

@@ -19,6 +19,9 @@ a run keeps, e.g. to compare fine-tuning methods (train/tuned_checkpoint.py).
 
 from __future__ import annotations
 
+import logging
+import sys
+import warnings
 from typing import Any
 
 import jax
@@ -104,18 +107,18 @@ class Checkpointer:
 
     `abstract_state` leaves are `jax.ShapeDtypeStruct`s carrying a `sharding`.
     """
+    quiet_restore_leftovers()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       # Orbax raises many types (ValueError, FileNotFoundError, tensorstore errors) for a
       # damaged or incompatible checkpoint; all mean the same to the user. Nothing is deleted.
-      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
       others = [s for s in self.all_steps() if s != step]
       hint = (f'; other checkpoints: steps {others} (move the damaged one aside to use them)'
               if others else '; move it aside to start afresh')
       raise UserError(f'checkpoint {self.directory}/{step} cannot be restored '
-                      f'({type(e).__name__}: {first_line}){hint}') from None
+                      f'({failed_restore(e)}){hint}') from None
     return restored['state'], dict(restored['meta'])
 
   def wait(self) -> None:
@@ -124,6 +127,59 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def failed_restore(error: BaseException, limit: int = 300) -> str:
+  """'Type: first line' of the root cause of a failed Orbax restore, for a one-line error.
+
+  Orbax wraps a shard's read error (tensorstore's, which names the array and the file, e.g.
+  'OUT_OF_RANGE: Error reading "params.model.wte.embedding.value/0.0" in OCDBT database ...')
+  in an exception whose own text is the read's whole TensorStore spec; the root cause is the
+  informative line.
+  """
+  root, seen = error, {id(error)}
+  while root.__cause__ is not None and id(root.__cause__) not in seen:
+    root = root.__cause__
+    seen.add(id(root))
+  first_line = (str(root).strip().splitlines() or [''])[0][:limit]
+  return f'{type(root).__name__}: {first_line}' if first_line else type(root).__name__
+
+
+_quieted = False
+
+
+def quiet_restore_leftovers() -> None:
+  """Keeps a failed restore's leftovers off stderr, so its error stays one line; call it
+  before a restore.
+
+  When one array of a checkpoint cannot be read, Orbax's restore raises while the reads of the
+  other arrays are still in flight, and returns after closing its event loop. Those reads then
+  end as noise, printed after the error (or between the restore and it), from the threads and
+  the garbage collector: RuntimeError('Event loop is closed') from tensorstore's callbacks,
+  asyncio's "exception was never retrieved" records, the closing of Orbax's coroutines, and
+  "coroutine ... was never awaited" warnings, some of them before the restore has raised. From
+  the first call on, this process drops exactly these: unraisable 'Event loop is closed' errors, unraisable errors of Orbax's
+  coroutines, asyncio's never-retrieved records, and never-awaited warnings. Everything else
+  still reaches stderr.
+  """
+  global _quieted
+  if _quieted:
+    return
+  _quieted = True
+  previous = sys.unraisablehook
+
+  def unraisable(info):
+    code = getattr(info.object, 'cr_code', None)
+    if ((isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == 'Event loop is closed')
+        or (code is not None and '/orbax/' in code.co_filename.replace('\\', '/'))):
+      return
+    previous(info)
+
+  sys.unraisablehook = unraisable
+  logging.getLogger('asyncio').addFilter(
+      lambda record: 'exception was never retrieved' not in record.getMessage())
+  warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
 
 
 def step_bytes(directory: str, step: int) -> int:

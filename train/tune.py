@@ -38,6 +38,7 @@ from flax import nnx
 from models import lora as lora_lib
 from models import quantize as quantize_lib
 from models import rngs as rngs_lib
+from train import checkpoint as checkpoint_lib
 from train import optim
 from train import sharding as sharding_lib
 from train import storage
@@ -414,13 +415,14 @@ def _read_run(spec: str, now: dict[str, Any], now_shardings: dict[str, Any],
     item = _prune(saved_tree, '', keep)
     if item is None:
       return loaded, f'{directory}:{step}'
+    checkpoint_lib.quiet_restore_leftovers()
     try:
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
           partial_restore=True), meta=ocp.args.JsonRestore()))['state']
     except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f'{culprit}: checkpoint {step} cannot be restored ({type(e).__name__}: '
-                      f'{(str(e).strip().splitlines() or [""])[0][:200]})') from None
+      raise UserError(f'{culprit}: checkpoint {step} cannot be restored '
+                      f'({checkpoint_lib.failed_restore(e)})') from None
   finally:
     manager.close()
   loaded.update({here(p.removesuffix('/value')): x for p, x in _flat(restored).items()})
