@@ -16,11 +16,11 @@ train/families/rlhf.py describes, with gain --config.rlhf.kl_gain, default 0.1),
 0.2, 2 PPO epochs per rollout, GAE lambda 0.95, value coefficient 0.5, AdamW lr 1e-4 (cosine
 to 1e-5), 100 steps of 16 rollouts.
   Result:   on the pairs, SFT and reward runs of experiments/README.md ("RLHF with PPO"),
-            judged by `experiments.compare_alignment`: win rate against SFT 55.3% +- 1.6%
-            (beta 0.1), 57.2% (0.05), 54.6% (0.2), and 48.8% at beta 0.005, where the reward
-            model's score is highest (0.995 vs SFT's 0.309) and the judge's chrF falls below
-            SFT's: reward hacking. 4.3-4.8 min wall per run (233-245 s user + 23-25 s system
-            CPU, beside one other training run). The commands and the table are there.
+            judged by `experiments.compare_alignment`: win rate against SFT 55.1% +- 1.7%
+            (beta 0.1), 57.3% (0.05), 54.2% (0.2), and 47.3% at beta 0.005, where the reward
+            model's score is highest (0.979 vs SFT's 0.309) and the judge's chrF falls below
+            SFT's: reward hacking. 1.0-1.1 min wall per run (89-95 s user + 15-16 s system
+            CPU, alone, on a Zen 5 host). The commands and the table are there.
   Pilot:    --config.rlhf.group_size=4 (4 answers to each of 4 prompts per step, the reward
             model's score centred by the leave-one-out mean of the others) at beta 0.05,
             against group_size 1 on the same freshly rebuilt chain (experiments/README.md,
@@ -154,7 +154,7 @@ to 1e-5), 100 steps of 16 rollouts.
             --config.batch_size=32, seeds 0-5, 2.0-2.1 min wall each, alone; compare_alignment
             with --reward=/tmp/al/reward_c73): SFT chrF 33.38 / BLEU 10.57 as in the README's
             table, PPO 57.3 / 55.6 / 56.3 / 57.1 / 56.2 / 56.7% (mean 56.5, KL 2.7-3.3 nats),
-            against 57.2% for the table's single run at the config's lr 1e-4 and beta 0.05.
+            against 57.3% for the table's single run at the config's lr 1e-4 and beta 0.05.
 The model section must equal the SFT run's.
 
 ARG `tiny`: gpt_instruct.py:tiny's model, 4 steps of 8 rollouts of 8 tokens (tests).
