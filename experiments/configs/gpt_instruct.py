@@ -23,9 +23,9 @@ Tasks: --config.data.tasks='("en_de",)' for single-task; the default is all five
                 --workdir=/tmp/instruct_lora4 --config.init_from=/tmp/gpt_base
             python -m train.evaluate --workdir=/tmp/instruct_lora4   # task scores, forgetting
 experiments/compare_adaptation.py runs every method and writes the comparison table; its run
-(experiments/README.md, Zen 4 host) gave, on en_de alone: test2016 BLEU 19.0 (full), 5.9 (lora4),
+(experiments/README.md, Zen 5 host) gave, on en_de alone: test2016 BLEU 19.0 (full), 5.9 (lora4),
 11.3 (lora16), 1.5 (prompt20), with Tiny Shakespeare's LM loss up from 4.32 by 2.11, 0.81, 1.03
-and 2.65 (the eight fine-tunings, their scoring and timing: 53 min wall on 2 cores).
+and 2.65 (the eight fine-tunings, their scoring and timing: 24 min wall on 2 cores).
 
 Hyperparameters were chosen, not tuned (one pilot of full fine-tuning at lr 3e-4 and 1e-3):
 800 steps of 32 rows (max 80 tokens), cosine decay to lr/10 after 50 warmup steps. The model
