@@ -172,18 +172,44 @@ def main(argv):
   print(f'wrote {out}/adaptation.md, adaptation.png and adaptation.json')
 
 
+def method_label(method: str) -> str:
+  """How the tables name a gpt_instruct.py method: 'LoRA r=4' for ARG lora4 (plain adapters on
+  the default targets), 'DoRA r=8', 'prompt (20 vectors)'; any other (e.g. lora4mt) by name."""
+  spec = gpt_instruct.METHODS.get(method, {})
+  if spec.get('trainable') == 'prompt':
+    return f'prompt ({spec["prompt_tokens"]} vectors)'
+  if spec.get('trainable') == 'lora' and 'targets' not in spec and 'embed_rank' not in spec:
+    return f'{"DoRA" if spec.get("dora") else "LoRA"} r={spec["rank"]}'
+  return method
+
+
+def mix_label(mix: str) -> str:
+  """How the tables name a --mixes entry: its task(s) ('en_de' for single), 'all five' for
+  the mix of MIXES['multi']."""
+  if mix == 'multi':
+    return f'all {_WORDS.get(len(MIXES["multi"]), len(MIXES["multi"]))}'
+  return ', '.join(MIXES.get(mix, (mix,)))
+
+
+_WORDS = {2: 'two', 3: 'three', 4: 'four', 5: 'five', 6: 'six'}
+
+
 def markdown(report) -> str:
+  """The table (trained share of the base: '0', '100%' or two decimals; sizes in MiB)."""
   tasks = list(MIXES['multi'])
   head = (['method', 'tasks', 'trained params (% of base)', 'optimizer state', 'checkpoint',
            'step ms'] + [f'{t} {"BLEU" if t.endswith(("_de", "_en")) else "EM %"}'
-                         for t in tasks] + ['Shakespeare LM loss'])
+                         for t in tasks] + ['Shakespeare LM loss (change)'])
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   base_loss = report['rows'][0]['forgetting_loss']
   mb = lambda b: f'{b / 2**20:.2f} MiB' if b else '0'
   for r in report['rows']:
     loss = r['forgetting_loss']
-    cells = [r['method'], r['mix'], f'{r["trained"]:,} ({r["trained_pct"]:.2f}%)',
-             mb(r['opt_bytes']), mb(r['ckpt_bytes']),
+    share = ('' if not r['trained'] else ' (100%)' if r['trained'] == report['base_params']
+             else f' ({r["trained_pct"]:.2f}%)')
+    cells = ([r['method'], '-'] if r['mix'] == '-' else [method_label(r['method']),
+                                                         mix_label(r['mix'])])
+    cells += [f'{r["trained"]:,}{share}', mb(r['opt_bytes']), mb(r['ckpt_bytes']),
              f'{r["step_ms"]:.0f}' if 'step_ms' in r else '-']
     cells += [f'{r["tasks"][t]:.1f}' for t in tasks]
     cells.append(f'{loss:.3f}' + ('' if r is report['rows'][0] else f' ({loss - base_loss:+.3f})'))
@@ -197,7 +223,8 @@ def plot(report, path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   rows = report['rows']
   tasks = list(MIXES['multi'])
-  labels = [r['method'] if r['mix'] == '-' else f'{r["method"]}\n{r["mix"]}' for r in rows]
+  labels = [r['method'] if r['mix'] == '-'
+            else f'{method_label(r["method"])}\n{mix_label(r["mix"])}' for r in rows]
   fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={'width_ratios': [3, 1]})
   width = 0.8 / len(tasks)
   for i, task in enumerate(tasks):

@@ -358,6 +358,40 @@ def test_compare_adaptation_mixes_take_a_task_alone(tmp_path):
   assert not out.exists()
 
 
+def test_compare_adaptation_table_names_methods_and_mixes_as_experiments_readme_does():
+  """The command's Markdown rows read as experiments/README's tables: methods by adapter and
+  rank, mixes by their tasks, the trained share as '0', '100%' or two decimals."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tasks = {'en_de': 19.04, 'de_en': 0.0, 'reverse': 96.2, 'sort': 0.04, 'count': 99.0}
+  row = lambda method, mix, trained, **kw: {
+      'method': method, 'mix': mix, 'trained': trained, 'trained_pct': 100.0 * trained / 4000,
+      'opt_bytes': 2 * 4 * trained, 'ckpt_bytes': 3 * 2**20, 'tasks': tasks,
+      'forgetting_loss': 4.5, **kw}
+  report = {'base_params': 4000, 'rows': [
+      row('base (zero-shot)', '-', 0, forgetting_loss=4.25),
+      row('full', 'single', 4000, step_ms=174.4), row('lora4', 'multi', 31, step_ms=135.6),
+      row('dora8', 'sort', 40, step_ms=1.0), row('lora4mt', 'reverse', 55, step_ms=2.0),
+      row('prompt20', 'multi', 20, step_ms=3.0)]}
+  # In a process of its own, as above (the module's absl flags).
+  done = subprocess.run(
+      [sys.executable, '-c', 'import json, sys; from experiments import compare_adaptation as c; '
+       'print(c.markdown(json.loads(sys.argv[1])))', json.dumps(report)],
+      cwd=root, capture_output=True, text=True, timeout=600, check=True)
+  lines = done.stdout.strip().splitlines()
+  assert lines[0].endswith('| count EM % | Shakespeare LM loss (change) |')
+  assert lines[2:] == [
+      '| base (zero-shot) | - | 0 | 0 | 3.00 MiB | - | 19.0 | 0.0 | 96.2 | 0.0 | 99.0 | 4.250 |',
+      '| full | en_de | 4,000 (100%) | 0.03 MiB | 3.00 MiB | 174 | 19.0 | 0.0 | 96.2 | 0.0 | 99.0 | 4.500 (+0.250) |',
+      '| LoRA r=4 | all five | 31 (0.78%) | 0.00 MiB | 3.00 MiB | 136 | 19.0 | 0.0 | 96.2 | 0.0 | 99.0 | 4.500 (+0.250) |',
+      '| DoRA r=8 | sort | 40 (1.00%) | 0.00 MiB | 3.00 MiB | 1 | 19.0 | 0.0 | 96.2 | 0.0 | 99.0 | 4.500 (+0.250) |',
+      '| lora4mt | reverse | 55 (1.38%) | 0.00 MiB | 3.00 MiB | 2 | 19.0 | 0.0 | 96.2 | 0.0 | 99.0 | 4.500 (+0.250) |',
+      '| prompt (20 vectors) | all five | 20 (0.50%) | 0.00 MiB | 3.00 MiB | 3 | 19.0 | 0.0 | 96.2 | 0.0 | 99.0 | 4.500 (+0.250) |',
+  ]
+
+
 @needs_data
 def test_compare_adaptation_fine_tunes_a_base_of_another_width(tmp_path):
   """compare_adaptation takes the model section from the base run's config.json: a base wider
