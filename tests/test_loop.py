@@ -226,6 +226,39 @@ def test_damaged_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
   assert os.path.isdir(tmp_path / 'checkpoints/2')
 
 
+def test_quiet_restore_leftovers_drops_only_a_failed_restores_leftovers(monkeypatch):
+  """The unraisable hook drops 'Event loop is closed' and errors of Orbax's coroutines, and
+  hands anything else to the hook it replaced; asyncio's never-retrieved records are
+  filtered; two calls install each piece once."""
+  import logging  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda info: seen.append(info.exc_value))
+  asyncio_logger = logging.getLogger('asyncio')
+  monkeypatch.setattr(asyncio_logger, 'filters', [])
+  ckpt_lib.quiet_restore_leftovers()
+  ckpt_lib.quiet_restore_leftovers()
+  assert len(asyncio_logger.filters) == 1
+  namespace = {}
+  exec(compile('async def read(): pass', '/site-packages/orbax/checkpoint/x.py', 'exec'),
+       namespace)
+  async def ours():
+    pass
+  orbax_coroutine, our_coroutine = namespace['read'](), ours()
+  other, ours_failed = RuntimeError('Event loop is running'), ValueError('ours')
+  for exc, obj in [(RuntimeError('Event loop is closed'), None), (other, None),
+                   (ValueError('orbax'), orbax_coroutine), (ours_failed, our_coroutine)]:
+    sys.unraisablehook(types.SimpleNamespace(exc_value=exc, object=obj))
+  orbax_coroutine.close()
+  our_coroutine.close()
+  assert seen == [other, ours_failed]
+  record = lambda msg: logging.LogRecord('asyncio', logging.ERROR, __file__, 1, msg, None, None)
+  assert not asyncio_logger.filter(record('Task exception was never retrieved'))
+  assert asyncio_logger.filter(record('Executing <Task> took 0.2 seconds'))
+
+
 def test_flat_train_step_equals_the_pytree_step_and_rebuilds_the_same_arrays():
   """The loop's `TrainStep` (over the state's leaves, on the 8-device FSDP mesh) computes what
   the step over the state as a pytree of Variables does, bit for bit; `unflatten` puts the very

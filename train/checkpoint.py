@@ -145,7 +145,16 @@ def failed_restore(error: BaseException, limit: int = 300) -> str:
   return f'{type(root).__name__}: {first_line}' if first_line else type(root).__name__
 
 
-_quieted = False
+def _is_restore_leftover(info) -> bool:
+  """An unraisable error left by a failed restore (`quiet_restore_leftovers`)."""
+  code = getattr(info.object, 'cr_code', None)
+  return ((isinstance(info.exc_value, RuntimeError)
+           and str(info.exc_value) == 'Event loop is closed')
+          or (code is not None and '/orbax/' in code.co_filename.replace('\\', '/')))
+
+
+def _not_never_retrieved(record: logging.LogRecord) -> bool:
+  return 'exception was never retrieved' not in record.getMessage()
 
 
 def quiet_restore_leftovers() -> None:
@@ -154,30 +163,24 @@ def quiet_restore_leftovers() -> None:
 
   When one array of a checkpoint cannot be read, Orbax's restore raises while the reads of the
   other arrays are still in flight, and returns after closing its event loop. Those reads then
-  end as noise, printed after the error (or between the restore and it), from the threads and
-  the garbage collector: RuntimeError('Event loop is closed') from tensorstore's callbacks,
-  asyncio's "exception was never retrieved" records, the closing of Orbax's coroutines, and
-  "coroutine ... was never awaited" warnings, some of them before the restore has raised. From
-  the first call on, this process drops exactly these: unraisable 'Event loop is closed' errors, unraisable errors of Orbax's
-  coroutines, asyncio's never-retrieved records, and never-awaited warnings. Everything else
-  still reaches stderr.
+  end as noise from the threads and the garbage collector, printed after the error and some of
+  it before: RuntimeError('Event loop is closed') from tensorstore's callbacks, asyncio's
+  "exception was never retrieved" records, the closing of Orbax's coroutines, and "coroutine
+  ... was never awaited" warnings. From the first call on, this process drops exactly these;
+  everything else still reaches stderr. Each call reinstalls what a test harness may have
+  reset (the unraisable hook, the warnings filter); none is installed twice.
   """
-  global _quieted
-  if _quieted:
-    return
-  _quieted = True
-  previous = sys.unraisablehook
-
-  def unraisable(info):
-    code = getattr(info.object, 'cr_code', None)
-    if ((isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == 'Event loop is closed')
-        or (code is not None and '/orbax/' in code.co_filename.replace('\\', '/'))):
-      return
-    previous(info)
-
-  sys.unraisablehook = unraisable
-  logging.getLogger('asyncio').addFilter(
-      lambda record: 'exception was never retrieved' not in record.getMessage())
+  hook = sys.unraisablehook
+  if not getattr(hook, 'drops_restore_leftovers', False):
+    def unraisable(info):
+      if not _is_restore_leftover(info):
+        hook(info)
+    unraisable.drops_restore_leftovers = True
+    sys.unraisablehook = unraisable
+  asyncio_logger = logging.getLogger('asyncio')
+  if _not_never_retrieved not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_not_never_retrieved)
+  # An identical filter is moved to the front, not added again.
   warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
                           category=RuntimeWarning)
 
