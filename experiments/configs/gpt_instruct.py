@@ -238,8 +238,9 @@ lora4mt (1.87% of the params) is 0.60 BLEU behind on en_de and 0.95 on de_en ove
 seeds: within the 1-BLEU goal on the means, not at every seed (seed 2: 1.64 and 2.03 behind).
 Nor is it only the adapters' rank that keeps them from reversing and sorting in the mix: one
 part of the model fine-tuned at full rank falls short as well. ARG full,wide,space, seed 0, the
-mix, --config.init_from=/tmp/gpt_base_wide --config.trainable=REGEX (Zen 5 host, one run at a time, 3.1-3.5 min wall each; then
-train.evaluate), against full fine-tuning's reverse 94.6%, sort 30.8% (seed 0 above):
+mix, --config.init_from=/tmp/gpt_base_wide --config.trainable=REGEX (Zen 5 host, one run at a
+time, 3.1-3.5 min wall each; then train.evaluate), against full fine-tuning's reverse 94.6%,
+sort 30.8% (seed 0 above):
   '/attn/(qkv|proj)/(kernel|bias)$' (592,896 params, 20%): reverse 58.2%, sort 8.6%, count
       99.6%, en_de 28.18, de_en 31.28, LM loss 5.277
   '/mlp/(fc|proj)/(kernel|bias)$' (1,183,488, 40%):        reverse 36.0%, sort 13.4%, count
