@@ -88,9 +88,7 @@ def main(argv):
                     f'than --sft={_SFT.value}\'s')
   rewards = []
   for spec in rlhf_lib.reward_runs(_REWARD.value):
-    reward_family, reward_models, _ = run_loader.load_models(spec, name='--reward')
-    if reward_family.name != 'reward':
-      raise UserError(f'--reward={spec}: a {reward_family.name!r} run, not a reward-family run')
+    reward_family, reward_models, _ = run_loader.load_run_of('reward', spec, '--reward')
     if reward_family.tokenizer.to_str() != family.tokenizer.to_str():
       raise UserError(f'--reward={spec}: its tokenizer differs from --sft={_SFT.value}\'s')
     rewards.append(reward_models['model'])

@@ -478,7 +478,7 @@ def test_pair_accuracy_counts_agreement_as_computed_here(sft, reward_run, tmp_pa
   (a, ia), (b, ib) = list(vocab.items())[-2:]
   vocab[a], vocab[b] = ib, ia
   (other / text_lib.TOKENIZER_FILE).write_text(json.dumps(tokenizer), 'utf-8')
-  for reward, message in ((sft_dir, "a 'gpt_instruct' run, not a reward-family run"),
+  for reward, message in ((sft_dir, "a 'gpt_instruct' run, not a reward run"),
                           (str(other), 'its tokenizer differs from --sft=')):
     bad = run(f'--reward={reward}')
     assert bad.returncode == 1, bad.stderr[-2000:]
